@@ -1,0 +1,98 @@
+"""The exceptions configbus raises, in one tree.
+
+    ConfigBusError                  root of everything configbus raises on purpose
+    ├── SettingsError               an option or environment variable has a bad value
+    └── TreeError                   the environment tree cannot be resolved; carries problems
+        ├── UnknownNameError        an environment, tenant or override that does not exist
+        └── SchemaError             a resolved config breaks the JSON Schema
+
+Every error that is about a place in a file carries `Problem`s, each of which prints
+as one line: ``path/to/file.yml:LINE: dotted.key: message``. Messages never contain
+secret values.
+
+`retriable` says whether trying the same call again later may succeed (a broker that
+is down: yes; a YAML syntax error: no, somebody has to edit the file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ConfigBusError",
+    "Problem",
+    "SchemaError",
+    "SettingsError",
+    "TreeError",
+    "UnknownNameError",
+    "display_path",
+]
+
+
+def display_path(path: str | Path) -> str:
+    """A path as a person wants to read it: relative to the working directory when
+    it lies below it, absolute otherwise. Store keys and other non-paths pass as is."""
+    text = str(path)
+    if "://" in text or not os.path.isabs(text):
+        return text
+    try:
+        relative = os.path.relpath(text)
+    except ValueError:  # another drive on Windows
+        return text
+    return text if relative.startswith("..") else relative
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in the tree, pinned to the source that caused it."""
+
+    source: str
+    line: int | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        place = display_path(self.source)
+        if self.line is not None:
+            place = f"{place}:{self.line}"
+        if self.key:
+            return f"{place}: {self.key}: {self.message}"
+        return f"{place}: {self.message}"
+
+    def sort_key(self) -> tuple[str, int, str]:
+        return (self.source, self.line or 0, self.key or "")
+
+
+class ConfigBusError(Exception):
+    """Root of the exceptions configbus raises."""
+
+    retriable: bool = False
+
+
+class SettingsError(ConfigBusError):
+    """A setting (argument or ``CONFIGBUS_*`` variable) is missing or malformed."""
+
+
+class TreeError(ConfigBusError):
+    """The environment tree cannot be resolved. `problems` lists every reason found."""
+
+    def __init__(self, problems: Iterable[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem(source="", line=None, key=None, message=problems)]
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(_one_line(p) for p in self.problems))
+
+
+class UnknownNameError(TreeError):
+    """An environment, tenant or override was named that the tree does not have."""
+
+
+class SchemaError(TreeError):
+    """A resolved config does not satisfy the tree's JSON Schema."""
+
+
+def _one_line(problem: Problem) -> str:
+    return str(problem) if problem.source else problem.message

@@ -1,0 +1,450 @@
+"""The environment tree on disk, and resolving its streams.
+
+Layout (file names are the contract; see the README for the full rules)::
+
+    <root>/schema.json                       JSON Schema of a resolved config (optional)
+    <root>/<env>/<env>.yml                   an environment; may `extends:` a parent file
+    <root>/<env>/overrides/<name>.yml        overrides a tenant may select for <env>
+    <root>/tenants/<tenant>/tenant.yml       the tenant: its environments and overrides
+    <root>/tenants/<tenant>/<env>.yml        the tenant's own layer for <env> (optional)
+
+A stream is a (tenant, environment) pair. Its layers, lowest first: the environment
+file's `extends:` ancestors, the environment file, the selected overrides in order,
+the tenant's layer, then any run-time layers the caller adds (tenant store, emergency
+overrides). Parsed files are cached and re-read only when their stat changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+from typing import Final
+
+from configbus.errors import Problem, SchemaError, TreeError, UnknownNameError
+from configbus.tree.layer import Layer, LayerKind
+from configbus.tree.merge import MergeCache
+from configbus.tree.resolved import ResolvedConfig
+from configbus.tree.schema import SchemaValidator
+from configbus.tree.values import Path as KeyPath
+from configbus.tree.yamlfile import ParsedFile, parse_yaml
+
+__all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
+
+TENANTS_DIR: Final = "tenants"
+TENANT_FILE: Final = "tenant.yml"
+SCHEMA_FILE: Final = "schema.json"
+TENANT_ID: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+ENV_ALIASES: Final = {"development": "dev", "production": "prod"}
+_TENANT_KEYS: Final = frozenset({"tenant", "name", "environments"})
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSpec:
+    """A tenant as `tenants/<id>/tenant.yml` declares it."""
+
+    id: str
+    name: str
+    environments: Mapping[str, tuple[str, ...]]  # environment -> selected overrides
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What `EnvironmentTree.check` looked at and found."""
+
+    streams: int
+    files: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+_Signature = tuple[int, int, int, int]
+
+
+class _Files:
+    """Parsed files (or their problems) keyed by path, re-read when the stat changes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[_Signature, ParsedFile | TreeError]] = {}
+        self._lock = Lock()
+
+    def get(self, path: str) -> ParsedFile:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise TreeError([Problem(path, None, None, "file not found")]) from None
+        except OSError as exc:
+            raise TreeError([Problem(path, None, None, f"cannot read: {exc.strerror}")]) from None
+        signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        cached = self._entries.get(path)
+        if cached is None or cached[0] != signature:
+            cached = (signature, self._parse(path))
+            with self._lock:
+                self._entries[path] = cached
+        result = cached[1]
+        if isinstance(result, TreeError):
+            raise result
+        return result
+
+    @staticmethod
+    def _parse(path: str) -> ParsedFile | TreeError:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as exc:
+            return TreeError([Problem(path, None, None, f"not UTF-8 text: {exc.reason}")])
+        except OSError as exc:
+            return TreeError([Problem(path, None, None, f"cannot read: {exc.strerror}")])
+        try:
+            return parse_yaml(path, text)
+        except TreeError as exc:
+            return exc
+
+
+class _Listings:
+    """Directory listings, re-read when the directory's mtime changes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, frozenset[str]]] = {}
+
+    def names(self, directory: str) -> frozenset[str]:
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except OSError:
+            return frozenset()
+        cached = self._entries.get(directory)
+        if cached is None or cached[0] != mtime:
+            try:
+                names = frozenset(os.listdir(directory))
+            except OSError:
+                names = frozenset()
+            cached = (mtime, names)
+            self._entries[directory] = cached
+        return cached[1]
+
+
+class EnvironmentTree:
+    """An environment tree rooted at `root`: discovery, resolution, validation."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        if not self.root.is_dir():
+            raise TreeError([Problem(str(self.root), None, None, "not a directory")])
+        self._files = _Files()
+        self._listings = _Listings()
+        self._layers: dict[tuple[str, LayerKind, str], tuple[ParsedFile, Layer]] = {}
+        self._merges = MergeCache()
+        self._schema: tuple[_Signature, SchemaValidator] | None = None
+
+    def __repr__(self) -> str:
+        return f"EnvironmentTree({str(self.root)!r})"
+
+    # -- discovery ------------------------------------------------------------------
+    def environments(self) -> list[str]:
+        """Names of the environments: folders `<env>` holding `<env>/<env>.yml`."""
+        found = []
+        for name in self._listings.names(str(self.root)):
+            if name.startswith((".", "_")) or name == TENANTS_DIR:
+                continue
+            if f"{name}.yml" in self._listings.names(str(self.root / name)):
+                found.append(name)
+        return sorted(found)
+
+    def environment(self, name: str) -> str:
+        """The canonical name of environment `name`, accepting the usual aliases."""
+        known = self.environments()
+        wanted = name.strip().lower()
+        wanted = wanted if wanted in known else ENV_ALIASES.get(wanted, wanted)
+        if wanted not in known:
+            raise UnknownNameError(
+                f"unknown environment {name!r} (the tree has: {', '.join(known) or 'none'})"
+            )
+        return wanted
+
+    def overrides(self, env: str) -> list[str]:
+        """Names of the overrides available to `env`."""
+        names = self._listings.names(str(self.root / env / "overrides"))
+        return sorted(n[:-4] for n in names if n.endswith(".yml") and not n.startswith("."))
+
+    def tenants(self) -> list[str]:
+        """Ids of the tenants: folders under `tenants/` holding `tenant.yml`."""
+        base = self.root / TENANTS_DIR
+        return sorted(
+            name
+            for name in self._listings.names(str(base))
+            if TENANT_FILE in self._listings.names(str(base / name))
+        )
+
+    def tenant(self, tenant_id: str) -> TenantSpec:
+        """The tenant's declaration. Raises `UnknownNameError` or `TreeError`."""
+        if tenant_id not in self.tenants():
+            raise UnknownNameError(
+                f"unknown tenant {tenant_id!r} "
+                f"(the tree has: {', '.join(self.tenants()) or 'none'})"
+            )
+        source = str(self.root / TENANTS_DIR / tenant_id / TENANT_FILE)
+        return self._tenant_spec(tenant_id, source, self._files.get(source))
+
+    def streams(self) -> Iterator[tuple[str, str]]:
+        """Every declared (tenant, environment) stream. Skips tenants that fail to load."""
+        for tenant_id in self.tenants():
+            try:
+                spec = self.tenant(tenant_id)
+            except TreeError:
+                continue
+            for env in spec.environments:
+                yield tenant_id, env
+
+    # -- resolution -----------------------------------------------------------------
+    def layers(
+        self,
+        env: str,
+        tenant: str | None = None,
+        overrides: Sequence[str] | None = None,
+    ) -> list[Layer]:
+        """The file layers of a stream, lowest first.
+
+        `overrides=None` takes the tenant's declared overrides for `env` (none without
+        a tenant); a list replaces them."""
+        env = self.environment(env)
+        selected: Sequence[str] = ()
+        if tenant is not None:
+            spec = self.tenant(tenant)
+            if env not in spec.environments:
+                raise UnknownNameError(
+                    f"tenant {tenant!r} does not run in environment {env!r} "
+                    f"(it declares: {', '.join(spec.environments) or 'none'})"
+                )
+            selected = spec.environments[env]
+        if overrides is not None:
+            selected = overrides
+        available = self.overrides(env)
+        unknown = [name for name in selected if name not in available]
+        if unknown:
+            raise UnknownNameError(
+                f"unknown override {unknown[0]!r} for environment {env!r} "
+                f"(it has: {', '.join(available) or 'none'})"
+            )
+        stack = self._file_layers(self.root / env / f"{env}.yml", LayerKind.ENVIRONMENT, env)
+        for name in selected:
+            path = self.root / env / "overrides" / f"{name}.yml"
+            stack += self._file_layers(path, LayerKind.OVERRIDE, name)
+        if tenant is not None:
+            tenant_dir = self.root / TENANTS_DIR / tenant
+            if f"{env}.yml" in self._listings.names(str(tenant_dir)):
+                stack += self._file_layers(tenant_dir / f"{env}.yml", LayerKind.TENANT, tenant)
+        return stack
+
+    def resolve(
+        self,
+        env: str,
+        tenant: str | None = None,
+        overrides: Sequence[str] | None = None,
+        runtime: Iterable[Layer] = (),
+    ) -> ResolvedConfig:
+        """The stream's effective config, not yet validated (see `validate`).
+
+        `runtime` layers (tenant store, emergency overrides) go on top, in order."""
+        stack = self.layers(env, tenant, overrides)
+        stack += runtime
+        names = tuple(layer.name for layer in stack if layer.kind is LayerKind.OVERRIDE)
+        return ResolvedConfig(
+            self._merges.merge(stack),
+            stack,
+            env=self.environment(env),
+            tenant=tenant,
+            overrides=names,
+        )
+
+    def problems(self, config: ResolvedConfig) -> list[Problem]:
+        """Every schema violation and plain-text secret in `config`."""
+        validator = self.schema()
+        return validator.problems(config) if validator is not None else []
+
+    def validate(self, config: ResolvedConfig) -> ResolvedConfig:
+        """`config` itself when valid; otherwise raises `SchemaError` with every problem."""
+        found = self.problems(config)
+        if found:
+            raise SchemaError(found)
+        return config
+
+    def schema(self) -> SchemaValidator | None:
+        """The tree's schema (`schema.json`), re-read when it changes; None without one."""
+        path = self.root / SCHEMA_FILE
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TreeError([Problem(str(path), None, None, f"cannot read: {exc}")]) from None
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        if self._schema is None or self._schema[0] != stamp:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TreeError([Problem(str(path), None, None, f"cannot read: {exc}")]) from None
+            self._schema = (stamp, SchemaValidator.from_text(text, str(path)))
+        return self._schema[1]
+
+    # -- the whole tree -------------------------------------------------------------
+    def check(self) -> CheckReport:
+        """Parse every file, resolve and validate every environment alone, with each of
+        its overrides, and every tenant's declared streams. Reports every problem."""
+        problems: list[Problem] = []
+        files = 0
+        for path in sorted(self.root.rglob("*.yml")):
+            files += 1
+            try:
+                self._files.get(str(path))
+            except TreeError as exc:
+                problems += exc.problems
+        try:
+            self.schema()
+        except TreeError as exc:
+            return CheckReport(
+                0, files, sorted(set(problems + list(exc.problems)), key=Problem.sort_key)
+            )
+
+        combos: list[tuple[str, str | None, Sequence[str] | None]] = []
+        for env in self.environments():
+            combos.append((env, None, ()))
+            combos += [(env, None, (name,)) for name in self.overrides(env)]
+        for tenant_id in self.tenants():
+            try:
+                spec = self.tenant(tenant_id)
+            except TreeError as exc:
+                problems += exc.problems
+                continue
+            combos += [(env, tenant_id, None) for env in spec.environments]
+            problems += self._stray_tenant_layers(spec)
+        for env, tenant, overrides in combos:
+            try:
+                problems += self.problems(self.resolve(env, tenant, overrides))
+            except TreeError as exc:
+                problems += exc.problems
+        return CheckReport(len(combos), files, sorted(set(problems), key=Problem.sort_key))
+
+    # -- internals ------------------------------------------------------------------
+    def _file_layers(self, path: Path, kind: LayerKind, name: str) -> list[Layer]:
+        """The layer of `path`, preceded by its `extends:` ancestors (kind BASE)."""
+        chain: list[tuple[str, ParsedFile]] = []
+        current = os.path.normpath(path)
+        while True:
+            if any(seen == current for seen, _ in chain):
+                cycle = (
+                    " -> ".join(self._short(p) for p, _ in chain) + f" -> {self._short(current)}"
+                )
+                last, parsed = chain[-1]
+                raise TreeError([Problem(last, parsed.extends_line, "extends", f"cycle: {cycle}")])
+            parsed = self._files.get(current)
+            chain.append((current, parsed))
+            if parsed.extends is None:
+                break
+            parent = os.path.normpath(os.path.join(os.path.dirname(current), parsed.extends))
+            if not os.path.isfile(parent):
+                raise TreeError(
+                    [
+                        Problem(
+                            current,
+                            parsed.extends_line,
+                            "extends",
+                            f"parent file {parsed.extends!r} not found",
+                        )
+                    ]
+                )
+            current = parent
+        layers = []
+        for depth, (source, parsed) in enumerate(reversed(chain)):
+            own = depth == len(chain) - 1
+            layer_kind, layer_name = (kind, name) if own else (LayerKind.BASE, self._short(source))
+            layers.append(self._layer(source, parsed, layer_kind, layer_name))
+        return layers
+
+    def _layer(self, source: str, parsed: ParsedFile, kind: LayerKind, name: str) -> Layer:
+        key = (source, kind, name)
+        cached = self._layers.get(key)
+        if cached is not None and cached[0] is parsed:
+            return cached[1]
+        layer = Layer(kind, name, source, parsed.data, parsed.lines)
+        self._layers[key] = (parsed, layer)
+        return layer
+
+    def _short(self, path: str) -> str:
+        try:
+            return os.path.relpath(path, self.root)
+        except ValueError:
+            return path
+
+    def _tenant_spec(self, tenant_id: str, source: str, parsed: ParsedFile) -> TenantSpec:
+        data, lines = parsed.data, parsed.lines
+        problems: list[Problem] = []
+
+        def problem(path: KeyPath, message: str) -> None:
+            line = lines.get(path, 1)
+            problems.append(Problem(source, line, ".".join(map(str, path)) or None, message))
+
+        if not TENANT_ID.fullmatch(tenant_id):
+            problem((), f"tenant id {tenant_id!r} must be lowercase letters, digits and '-'")
+        for key in data:
+            if key not in _TENANT_KEYS:
+                problem((key,), f"unknown key (allowed: {', '.join(sorted(_TENANT_KEYS))})")
+        if data.get("tenant") != tenant_id:
+            problem(("tenant",), f"must be {tenant_id!r}, the name of the tenant's folder")
+        name = data.get("name", tenant_id)
+        if not isinstance(name, str):
+            problem(("name",), "must be a string")
+        envs = data.get("environments")
+        declared: dict[str, tuple[str, ...]] = {}
+        if not isinstance(envs, Mapping) or not envs:
+            problem(
+                ("environments",), "must map each environment the tenant runs in to its overrides"
+            )
+            envs = {}
+        known = self.environments()
+        for env, spec in envs.items():
+            where: KeyPath = ("environments", env)
+            if env not in known:
+                problem(where, f"unknown environment (the tree has: {', '.join(known)})")
+                continue
+            selected = spec.get("overrides", ()) if isinstance(spec, Mapping) else None
+            if not isinstance(spec, Mapping) or set(spec) - {"overrides"}:
+                problem(where, "must be a mapping with one key, overrides: [names]")
+                continue
+            if not isinstance(selected, tuple) or not all(isinstance(s, str) for s in selected):
+                problem((*where, "overrides"), "must be a list of override names")
+                continue
+            available = self.overrides(env)
+            for index, override in enumerate(selected):
+                if override not in available:
+                    problem(
+                        (*where, "overrides", index),
+                        f"unknown override {override!r} "
+                        f"(available: {', '.join(available) or 'none'})",
+                    )
+            declared[env] = tuple(str(s) for s in selected)
+        if problems:
+            raise TreeError(problems)
+        return TenantSpec(tenant_id, str(name), declared, source)
+
+    def _stray_tenant_layers(self, spec: TenantSpec) -> list[Problem]:
+        tenant_dir = self.root / TENANTS_DIR / spec.id
+        strays = []
+        for name in sorted(self._listings.names(str(tenant_dir))):
+            if name.endswith(".yml") and name != TENANT_FILE and name[:-4] not in spec.environments:
+                strays.append(
+                    Problem(
+                        str(tenant_dir / name),
+                        None,
+                        None,
+                        f"tenant {spec.id!r} does not declare environment {name[:-4]!r}, "
+                        "so this layer is never used",
+                    )
+                )
+        return strays

@@ -1,0 +1,191 @@
+"""The values a config is made of, and their canonical encoding.
+
+A config is a tree of immutable values: mappings (`types.MappingProxyType` over a
+dict whose keys are strings), tuples, strings, numbers, booleans, None, and
+`SecretRef`. Immutable all the way down, so resolved configs can share subtrees with
+each other and with the parsed files, and a reader can never change what another
+reader sees.
+
+Canonical JSON (sorted keys, no spaces, a secret as ``{"$secret": NAME}``) is what a
+config hash is computed over: the same config gives the same bytes whatever the key
+order in the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final, TypeAlias, final
+
+import msgspec
+
+__all__ = [
+    "DELETE",
+    "EMPTY",
+    "SECRET_KEY",
+    "SECRET_NAME",
+    "LayerValue",
+    "Path",
+    "SecretRef",
+    "Value",
+    "canonical_json",
+    "config_hash",
+    "format_path",
+    "freeze",
+    "looks_secret",
+    "redacted",
+    "thaw",
+    "walk",
+]
+
+SECRET_KEY: Final = "$secret"
+SECRET_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_./-]*")
+# Key names that must hold a secret reference, never a plain value.
+_SECRET_KEY_NAME: Final = re.compile(
+    r"(password|passwd|secret|token|api_?key|private_?key|credential)s?$", re.IGNORECASE
+)
+
+
+@final
+class SecretRef:
+    """A reference to a secret by name (``!secret NAME`` in YAML). Never a value."""
+
+    __slots__ = ("name",)
+    name: str
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("SecretRef is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretRef) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((SecretRef, self.name))
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.name!r})"
+
+
+@final
+class _Delete:
+    """The ``!delete`` marker: removes its key from the layers below."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE: Final = _Delete()
+
+Value: TypeAlias = (
+    "bool | int | float | str | SecretRef | tuple[Value, ...] | Mapping[str, Value] | None"
+)
+# What a layer holds: values, plus `DELETE` markers (never inside lists).
+LayerValue: TypeAlias = (
+    "bool | int | float | str | SecretRef | tuple[LayerValue, ...]"
+    " | Mapping[str, LayerValue] | _Delete | None"
+)
+Path: TypeAlias = tuple[str | int, ...]
+
+EMPTY: Final[Mapping[str, Value]] = MappingProxyType({})
+
+
+def format_path(path: Path) -> str:
+    """``("cache", "redis", "nodes", 0)`` as ``cache.redis.nodes.0``."""
+    return ".".join(str(part) for part in path)
+
+
+def walk(node: LayerValue, path: Path) -> tuple[Path, LayerValue, bool]:
+    """Follow `path` into `node` as far as the data goes.
+
+    Returns the path as the data spells it, the value reached, and whether all of
+    `path` was followed. A key that itself holds dots (a logger name such as
+    ``uvicorn.access``) matches consecutive parts of a dotted path joined again.
+    """
+    spelt: list[str | int] = []
+    i = 0
+    while i < len(path):
+        part = path[i]
+        if isinstance(node, Mapping):
+            key, i = str(part), i + 1
+            while key not in node and i < len(path):
+                key, i = f"{key}.{path[i]}", i + 1
+            if key not in node:
+                return tuple(spelt), node, False
+            node = node[key]
+            spelt.append(key)
+        elif isinstance(node, tuple) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            spelt.append(part)
+            i += 1
+        else:
+            return tuple(spelt), node, False
+    return tuple(spelt), node, True
+
+
+def looks_secret(key: str | int) -> bool:
+    """Whether a key's name says it holds a secret (password, api_key, token, ...)."""
+    return isinstance(key, str) and _SECRET_KEY_NAME.search(key) is not None
+
+
+def freeze(value: Any) -> Value:
+    """Plain JSON-like data (dicts, lists) as an immutable config value.
+    ``{"$secret": NAME}`` becomes a `SecretRef`."""
+    if isinstance(value, Mapping):
+        if len(value) == 1 and SECRET_KEY in value and isinstance(value[SECRET_KEY], str):
+            return SecretRef(value[SECRET_KEY])
+        return MappingProxyType({str(k): freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    if value is None or isinstance(value, bool | int | float | str | SecretRef):
+        return value
+    raise TypeError(f"not a config value: {type(value).__name__}")
+
+
+def thaw(value: Value) -> Any:
+    """A config value as plain, mutable JSON-compatible data (secrets as ``{"$secret": NAME}``)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    if isinstance(value, SecretRef):
+        return {SECRET_KEY: value.name}
+    return value
+
+
+def redacted(value: Value) -> Any:
+    """Like `thaw`, but every secret reference shows as ``<secret:NAME>``: safe to print."""
+    if isinstance(value, Mapping):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [redacted(v) for v in value]
+    if isinstance(value, SecretRef):
+        return f"<secret:{value.name}>"
+    return value
+
+
+def _encode_hook(obj: Any) -> Any:
+    if isinstance(obj, MappingProxyType):
+        return dict(obj)
+    if isinstance(obj, SecretRef):
+        return {SECRET_KEY: obj.name}
+    raise TypeError(f"not a config value: {type(obj).__name__}")
+
+
+_encoder: Final = msgspec.json.Encoder(enc_hook=_encode_hook, order="sorted")
+
+
+def canonical_json(value: Value) -> bytes:
+    """Sorted-key, compact JSON of a config value: the input of its hash."""
+    return _encoder.encode(value)
+
+
+def config_hash(value: Value) -> str:
+    """Hex SHA-256 of the canonical JSON."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()

@@ -1,0 +1,196 @@
+"""Reading one YAML file of the tree into immutable values plus the line of every key.
+
+PyYAML (with libyaml when present) composes the file into nodes, which carry their
+line; we build the values from the nodes ourselves, so that every key's line is known
+and every problem in the file is reported, not only the first:
+
+- ``!secret NAME`` becomes a `SecretRef`; ``!delete`` the `DELETE` marker.
+- Keys must be non-empty strings, unique within their mapping (YAML itself lets the
+  last one win, silently).
+- Timestamps stay the strings they were written as; binary, sets and unknown tags are
+  refused. Anchors, aliases and ``<<`` merge keys work as YAML defines them.
+- A top-level ``extends: PATH`` names the parent file, relative to this file's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+import yaml
+
+from configbus.errors import Problem, TreeError
+from configbus.tree.values import (
+    DELETE,
+    EMPTY,
+    SECRET_NAME,
+    LayerValue,
+    Path,
+    SecretRef,
+    format_path,
+)
+
+__all__ = ["ParsedFile", "parse_yaml"]
+
+_Loader: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_STR: Final = "tag:yaml.org,2002:str"
+_MAP: Final = "tag:yaml.org,2002:map"
+_SEQ: Final = "tag:yaml.org,2002:seq"
+_TIMESTAMP: Final = "tag:yaml.org,2002:timestamp"
+_PLAIN_SCALARS: Final = frozenset(
+    [_STR] + [f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "null")]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFile:
+    data: Mapping[str, LayerValue]
+    lines: Mapping[Path, int]
+    extends: str | None = None
+    extends_line: int | None = None
+
+
+def parse_yaml(source: str, text: str) -> ParsedFile:
+    """Parse `text` read from `source`. Raises `TreeError` listing every problem found."""
+    loader = _Loader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            what = exc.problem or exc.context or "invalid YAML"
+            raise TreeError([Problem(source, line, None, f"YAML syntax error: {what}")]) from None
+        except yaml.YAMLError as exc:
+            raise TreeError([Problem(source, None, None, f"YAML error: {exc}")]) from None
+        if root is None:
+            return ParsedFile(EMPTY, {})
+        if not isinstance(root, yaml.MappingNode) or root.tag != _MAP:
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            raise TreeError(
+                [Problem(source, _line(root), None, f"top level must be a mapping, not {kind}")]
+            )
+        builder = _Builder(loader, source)
+        value = builder.build(root, ())
+        if builder.problems:
+            raise TreeError(builder.problems)
+    finally:
+        loader.dispose()
+
+    if not isinstance(value, Mapping):  # pragma: no cover - guarded by the root check above
+        raise TreeError([Problem(source, 1, None, "top level must be a mapping")])
+    extends = value.get("extends")
+    if "extends" not in value:
+        return ParsedFile(value, builder.lines)
+    extends_line = builder.lines.get(("extends",))
+    if not isinstance(extends, str) or not extends:
+        raise TreeError([Problem(source, extends_line, "extends", "must be a file path")])
+    rest = MappingProxyType({k: v for k, v in value.items() if k != "extends"})
+    lines = {p: n for p, n in builder.lines.items() if p[0] != "extends"}
+    return ParsedFile(rest, lines, extends, extends_line)
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class _Builder:
+    """Turns composed nodes into values, noting lines and collecting problems."""
+
+    def __init__(self, loader: Any, source: str) -> None:
+        self.loader = loader
+        self.source = source
+        self.lines: dict[Path, int] = {}
+        self.problems: list[Problem] = []
+        self._open: set[int] = set()  # nodes being built, to refuse recursive aliases
+
+    def problem(self, node: yaml.Node, path: Path, message: str) -> None:
+        self.problems.append(Problem(self.source, _line(node), format_path(path) or None, message))
+
+    def build(self, node: yaml.Node, path: Path) -> LayerValue:
+        if id(node) in self._open:
+            self.problem(node, path, "recursive alias")
+            return None
+        tag = node.tag
+        if tag == "!secret":
+            return self._secret(node, path)
+        if tag == "!delete":
+            if not path:
+                self.problem(node, path, "!delete cannot stand at the top level")
+            elif any(isinstance(part, int) for part in path):
+                self.problem(node, path, "!delete cannot stand inside a list")
+            elif not isinstance(node, yaml.ScalarNode) or node.value:
+                self.problem(node, path, "!delete takes no value")
+            return DELETE
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode) and tag == _MAP:
+                return self._mapping(node, path)
+            if isinstance(node, yaml.SequenceNode) and tag == _SEQ:
+                return self._sequence(node, path)
+            if isinstance(node, yaml.ScalarNode):
+                return self._scalar(node, path)
+        finally:
+            self._open.discard(id(node))
+        self.problem(node, path, f"unsupported YAML tag {tag}")
+        return None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path) -> LayerValue:
+        try:
+            self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
+        except yaml.MarkedYAMLError as exc:
+            self.problem(node, path, f"bad merge key: {exc.problem}")
+            return EMPTY
+        out: dict[str, LayerValue] = {}
+        for key_node, value_node in node.value:
+            key = self._key(key_node, path)
+            if key is None:
+                continue
+            child = (*path, key)
+            if key in out:
+                first = self.lines[child]
+                self.problem(key_node, child, f"duplicate key (first set on line {first})")
+                continue
+            self.lines[child] = _line(key_node)
+            out[key] = self.build(value_node, child)
+        return MappingProxyType(out)
+
+    def _key(self, node: yaml.Node, path: Path) -> str | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
+            shown = node.value if isinstance(node, yaml.ScalarNode) else "a collection"
+            self.problem(node, path, f"key {shown!r} is not a string (quote it to use it as a key)")
+            return None
+        key = str(node.value)
+        if not key:
+            self.problem(node, path, "empty key")
+            return None
+        return key
+
+    def _sequence(self, node: yaml.SequenceNode, path: Path) -> LayerValue:
+        items: list[LayerValue] = []
+        for index, item in enumerate(node.value):
+            child = (*path, index)
+            self.lines[child] = _line(item)
+            items.append(self.build(item, child))
+        return tuple(items)
+
+    def _scalar(self, node: yaml.ScalarNode, path: Path) -> LayerValue:
+        if node.tag == _TIMESTAMP:
+            return str(node.value)  # keep dates as written; JSON has no date type
+        if node.tag not in _PLAIN_SCALARS:
+            self.problem(node, path, f"unsupported YAML tag {node.tag}")
+            return None
+        value: LayerValue = self.loader.construct_object(node)
+        return value
+
+    def _secret(self, node: yaml.Node, path: Path) -> LayerValue:
+        name = node.value if isinstance(node, yaml.ScalarNode) else None
+        if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+            self.problem(
+                node, path, "!secret needs a name of lowercase letters, digits and _ . / -"
+            )
+            return None
+        return SecretRef(name)
