@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from configbus.errors import display_path
-from configbus.tree.values import EMPTY, LayerValue, Path, walk
+from configbus.tree.values import EMPTY, LayerValue, Path, plain_secret_paths, walk
 
 __all__ = ["MISSING", "Layer", "LayerKind", "Origin"]
 
@@ -69,6 +69,11 @@ class Layer:
     source: str
     data: Mapping[str, LayerValue] = field(default_factory=lambda: EMPTY)
     lines: Mapping[Path, int] = field(default_factory=dict)
+    # Paths where this layer writes a plain string under a secret-named key.
+    plain_secrets: tuple[Path, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain_secrets", tuple(plain_secret_paths(self.data)))
 
     def lookup(self, path: Path) -> LayerValue | _Missing:
         """The value this layer writes at exactly `path` (possibly `DELETE`), or MISSING."""

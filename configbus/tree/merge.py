@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from threading import Lock
-from types import MappingProxyType
 from typing import cast
 
 from configbus.tree.layer import Layer
-from configbus.tree.values import DELETE, EMPTY, LayerValue, Value
+from configbus.tree.values import DELETE, EMPTY, FrozenDict, LayerValue, Value
 
 __all__ = ["MergeCache", "merge"]
 
@@ -31,12 +30,12 @@ def merge(lower: Mapping[str, Value], higher: Mapping[str, LayerValue]) -> Mappi
         if value is DELETE:
             out.pop(key, None)
             continue
-        below = out.get(key)
-        if isinstance(value, Mapping):
-            out[key] = merge(below if isinstance(below, Mapping) else EMPTY, value)
+        if isinstance(value, dict):
+            below = out.get(key)
+            out[key] = merge(below if isinstance(below, dict) else EMPTY, value)
         else:
             out[key] = cast(Value, value)  # no DELETE inside lists: the parser refuses it
-    return MappingProxyType(out)
+    return FrozenDict(out)
 
 
 class MergeCache:

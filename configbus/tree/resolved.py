@@ -107,7 +107,7 @@ class ResolvedConfig(Mapping[str, Value]):
         stream = f"{self.tenant or '-'}/{self.env or '-'}"
         return f"<ResolvedConfig {stream} {self.hash[:12]}>"
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str | Path, default: Any = None) -> Any:
         """The value at a dotted key (list items by index), or `default` when missing."""
         value = self._lookup(parse_key(key))
         return default if value is MISSING else value

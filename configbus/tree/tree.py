@@ -135,12 +135,15 @@ class EnvironmentTree:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
+        self._root = str(self.root)
+        self._tenants_dir = os.path.join(self._root, TENANTS_DIR)
         if not self.root.is_dir():
             raise TreeError([Problem(str(self.root), None, None, "not a directory")])
         self._files = _Files()
         self._listings = _Listings()
         self._layers: dict[tuple[str, LayerKind, str], tuple[ParsedFile, Layer]] = {}
         self._merges = MergeCache()
+        self._tenants: dict[str, tuple[ParsedFile, TenantSpec]] = {}
         self._schema: tuple[_Signature, SchemaValidator] | None = None
 
     def __repr__(self) -> str:
@@ -150,10 +153,10 @@ class EnvironmentTree:
     def environments(self) -> list[str]:
         """Names of the environments: folders `<env>` holding `<env>/<env>.yml`."""
         found = []
-        for name in self._listings.names(str(self.root)):
+        for name in self._listings.names(self._root):
             if name.startswith((".", "_")) or name == TENANTS_DIR:
                 continue
-            if f"{name}.yml" in self._listings.names(str(self.root / name)):
+            if f"{name}.yml" in self._listings.names(os.path.join(self._root, name)):
                 found.append(name)
         return sorted(found)
 
@@ -170,7 +173,7 @@ class EnvironmentTree:
 
     def overrides(self, env: str) -> list[str]:
         """Names of the overrides available to `env`."""
-        names = self._listings.names(str(self.root / env / "overrides"))
+        names = self._listings.names(os.path.join(self._root, env, "overrides"))
         return sorted(n[:-4] for n in names if n.endswith(".yml") and not n.startswith("."))
 
     def tenants(self) -> list[str]:
@@ -184,13 +187,20 @@ class EnvironmentTree:
 
     def tenant(self, tenant_id: str) -> TenantSpec:
         """The tenant's declaration. Raises `UnknownNameError` or `TreeError`."""
-        if tenant_id not in self.tenants():
+        folder = os.path.join(self._tenants_dir, tenant_id)
+        if "/" in tenant_id or TENANT_FILE not in self._listings.names(folder):
             raise UnknownNameError(
                 f"unknown tenant {tenant_id!r} "
                 f"(the tree has: {', '.join(self.tenants()) or 'none'})"
             )
-        source = str(self.root / TENANTS_DIR / tenant_id / TENANT_FILE)
-        return self._tenant_spec(tenant_id, source, self._files.get(source))
+        source = os.path.join(folder, TENANT_FILE)
+        parsed = self._files.get(source)
+        cached = self._tenants.get(tenant_id)
+        if cached is not None and cached[0] is parsed:
+            return cached[1]  # overrides that vanished since are caught by `layers`
+        spec = self._tenant_spec(tenant_id, source, parsed)
+        self._tenants[tenant_id] = (parsed, spec)
+        return spec
 
     def streams(self) -> Iterator[tuple[str, str]]:
         """Every declared (tenant, environment) stream. Skips tenants that fail to load."""
@@ -232,14 +242,16 @@ class EnvironmentTree:
                 f"unknown override {unknown[0]!r} for environment {env!r} "
                 f"(it has: {', '.join(available) or 'none'})"
             )
-        stack = self._file_layers(self.root / env / f"{env}.yml", LayerKind.ENVIRONMENT, env)
+        env_dir = os.path.join(self._root, env)
+        stack = self._file_layers(os.path.join(env_dir, f"{env}.yml"), LayerKind.ENVIRONMENT, env)
         for name in selected:
-            path = self.root / env / "overrides" / f"{name}.yml"
+            path = os.path.join(env_dir, "overrides", f"{name}.yml")
             stack += self._file_layers(path, LayerKind.OVERRIDE, name)
         if tenant is not None:
-            tenant_dir = self.root / TENANTS_DIR / tenant
-            if f"{env}.yml" in self._listings.names(str(tenant_dir)):
-                stack += self._file_layers(tenant_dir / f"{env}.yml", LayerKind.TENANT, tenant)
+            tenant_dir = os.path.join(self._tenants_dir, tenant)
+            if f"{env}.yml" in self._listings.names(tenant_dir):
+                path = os.path.join(tenant_dir, f"{env}.yml")
+                stack += self._file_layers(path, LayerKind.TENANT, tenant)
         return stack
 
     def resolve(
@@ -255,12 +267,9 @@ class EnvironmentTree:
         stack = self.layers(env, tenant, overrides)
         stack += runtime
         names = tuple(layer.name for layer in stack if layer.kind is LayerKind.OVERRIDE)
+        env = next(layer.name for layer in stack if layer.kind is LayerKind.ENVIRONMENT)
         return ResolvedConfig(
-            self._merges.merge(stack),
-            stack,
-            env=self.environment(env),
-            tenant=tenant,
-            overrides=names,
+            self._merges.merge(stack), stack, env=env, tenant=tenant, overrides=names
         )
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
@@ -332,7 +341,7 @@ class EnvironmentTree:
         return CheckReport(len(combos), files, sorted(set(problems), key=Problem.sort_key))
 
     # -- internals ------------------------------------------------------------------
-    def _file_layers(self, path: Path, kind: LayerKind, name: str) -> list[Layer]:
+    def _file_layers(self, path: str, kind: LayerKind, name: str) -> list[Layer]:
         """The layer of `path`, preceded by its `extends:` ancestors (kind BASE)."""
         chain: list[tuple[str, ParsedFile]] = []
         current = os.path.normpath(path)

@@ -1,7 +1,7 @@
 """The values a config is made of, and their canonical encoding.
 
-A config is a tree of immutable values: mappings (`types.MappingProxyType` over a
-dict whose keys are strings), tuples, strings, numbers, booleans, None, and
+A config is a tree of immutable values: mappings (`FrozenDict`, a dict that refuses
+changes, with string keys), tuples, strings, numbers, booleans, None, and
 `SecretRef`. Immutable all the way down, so resolved configs can share subtrees with
 each other and with the parsed files, and a reader can never change what another
 reader sees.
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, TypeAlias, final
 
 import msgspec
@@ -26,6 +25,7 @@ __all__ = [
     "EMPTY",
     "SECRET_KEY",
     "SECRET_NAME",
+    "FrozenDict",
     "LayerValue",
     "Path",
     "SecretRef",
@@ -35,6 +35,7 @@ __all__ = [
     "format_path",
     "freeze",
     "looks_secret",
+    "plain_secret_paths",
     "redacted",
     "thaw",
     "walk",
@@ -71,6 +72,31 @@ class SecretRef:
         return f"SecretRef({self.name!r})"
 
 
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses changes. Being a real dict, it encodes at C speed with
+    msgspec and json, and `isinstance(value, dict)` holds for code that expects one."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError("config mappings are immutable; use to_dict() for a mutable copy")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: object) -> FrozenDict:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({dict.__repr__(self)})"
+
+
 @final
 class _Delete:
     """The ``!delete`` marker: removes its key from the layers below."""
@@ -93,7 +119,7 @@ LayerValue: TypeAlias = (
 )
 Path: TypeAlias = tuple[str | int, ...]
 
-EMPTY: Final[Mapping[str, Value]] = MappingProxyType({})
+EMPTY: Final[Mapping[str, Value]] = FrozenDict()
 
 
 def format_path(path: Path) -> str:
@@ -112,7 +138,7 @@ def walk(node: LayerValue, path: Path) -> tuple[Path, LayerValue, bool]:
     i = 0
     while i < len(path):
         part = path[i]
-        if isinstance(node, Mapping):
+        if isinstance(node, dict):
             key, i = str(part), i + 1
             while key not in node and i < len(path):
                 key, i = f"{key}.{path[i]}", i + 1
@@ -140,7 +166,7 @@ def freeze(value: Any) -> Value:
     if isinstance(value, Mapping):
         if len(value) == 1 and SECRET_KEY in value and isinstance(value[SECRET_KEY], str):
             return SecretRef(value[SECRET_KEY])
-        return MappingProxyType({str(k): freeze(v) for k, v in value.items()})
+        return FrozenDict({str(k): freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(freeze(v) for v in value)
     if value is None or isinstance(value, bool | int | float | str | SecretRef):
@@ -150,7 +176,7 @@ def freeze(value: Any) -> Value:
 
 def thaw(value: Value) -> Any:
     """A config value as plain, mutable JSON-compatible data (secrets as ``{"$secret": NAME}``)."""
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, tuple):
         return [thaw(v) for v in value]
@@ -161,7 +187,7 @@ def thaw(value: Value) -> Any:
 
 def redacted(value: Value) -> Any:
     """Like `thaw`, but every secret reference shows as ``<secret:NAME>``: safe to print."""
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: redacted(v) for k, v in value.items()}
     if isinstance(value, tuple):
         return [redacted(v) for v in value]
@@ -170,9 +196,20 @@ def redacted(value: Value) -> Any:
     return value
 
 
+def plain_secret_paths(value: LayerValue, path: Path = ()) -> Iterator[Path]:
+    """Paths of non-empty plain strings held under keys that name a secret."""
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            if isinstance(child, str) and child and looks_secret(key):
+                yield (*path, key)
+            else:
+                yield from plain_secret_paths(child, (*path, key))
+    elif isinstance(value, tuple):
+        for index, child in enumerate(value):
+            yield from plain_secret_paths(child, (*path, index))
+
+
 def _encode_hook(obj: Any) -> Any:
-    if isinstance(obj, MappingProxyType):
-        return dict(obj)
     if isinstance(obj, SecretRef):
         return {SECRET_KEY: obj.name}
     raise TypeError(f"not a config value: {type(obj).__name__}")

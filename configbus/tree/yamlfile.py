@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Final
 
 import yaml
@@ -26,6 +25,7 @@ from configbus.tree.values import (
     DELETE,
     EMPTY,
     SECRET_NAME,
+    FrozenDict,
     LayerValue,
     Path,
     SecretRef,
@@ -88,7 +88,7 @@ def parse_yaml(source: str, text: str) -> ParsedFile:
     extends_line = builder.lines.get(("extends",))
     if not isinstance(extends, str) or not extends:
         raise TreeError([Problem(source, extends_line, "extends", "must be a file path")])
-    rest = MappingProxyType({k: v for k, v in value.items() if k != "extends"})
+    rest = FrozenDict({k: v for k, v in value.items() if k != "extends"})
     lines = {p: n for p, n in builder.lines.items() if p[0] != "extends"}
     return ParsedFile(rest, lines, extends, extends_line)
 
@@ -156,7 +156,7 @@ class _Builder:
                 continue
             self.lines[child] = _line(key_node)
             out[key] = self.build(value_node, child)
-        return MappingProxyType(out)
+        return FrozenDict(out)
 
     def _key(self, node: yaml.Node, path: Path) -> str | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
