@@ -11,12 +11,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from configbus import __version__
-from configbus.errors import ConfigBusError, TreeError, UnknownNameError
+from configbus import __version__, cli_bus
+from configbus.crypto import SigningKey, TrustStore, check_kid, generate_keypair
+from configbus.errors import ConfigBusError, KeyringError, TreeError, UnknownNameError
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.resolved import ResolvedConfig, Step
 from configbus.tree.values import DELETE, redacted
@@ -86,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("key", metavar="KEY", help="dotted key, e.g. database.postgresql.port")
     explain.set_defaults(func=_explain)
+
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    generate = keys.add_parser(
+        "generate", help="write a new Ed25519 key pair: DIR/KID.key (0600) and DIR/KID.pub"
+    )
+    generate.add_argument("--kid", required=True, help="key id: 1-64 of a-z 0-9 . _ -")
+    generate.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
+    generate.add_argument(
+        "--trust",
+        metavar="FILE",
+        help="also add the public key to this trust file (created when missing)",
+    )
+    generate.set_defaults(func=_keys_generate)
+
+    cli_bus.register(commands, root)  # daemon, publish, tail, tenant
     return parser
 
 
@@ -155,6 +174,23 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
         print("=> not in the resolved config (deleted)", file=out)
     else:
         print(f"=> {_value(config.get(args.key))}  from {origin}", file=out)
+    return 0
+
+
+def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        check_kid(args.kid)
+    except KeyringError as exc:
+        raise UnknownNameError(str(exc)) from None  # a bad argument: usage error
+    private, public = generate_keypair(args.kid, args.out)
+    print(f"wrote {private} (private, mode 0600) and {public}", file=out)
+    if args.trust:
+        path = Path(args.trust)
+        trust = TrustStore.load(path) if path.exists() else TrustStore()
+        signing = SigningKey.load(private, args.kid)
+        trust = TrustStore([*trust.entries(), *TrustStore.of(signing.public).entries()])
+        path.write_text(trust.dump(), encoding="utf-8")
+        print(f"trusted {args.kid} in {path}", file=out)
     return 0
 
 

@@ -2,9 +2,12 @@
 
     ConfigBusError                  root of everything configbus raises on purpose
     ├── SettingsError               an option or environment variable has a bad value
-    └── TreeError                   the environment tree cannot be resolved; carries problems
-        ├── UnknownNameError        an environment, tenant or override that does not exist
-        └── SchemaError             a resolved config breaks the JSON Schema
+    ├── TreeError                   the environment tree cannot be resolved; carries problems
+    │   ├── UnknownNameError        an environment, tenant or override that does not exist
+    │   └── SchemaError             a resolved config breaks the JSON Schema
+    ├── KeyringError                a signing key, public key or trust file is unusable
+    ├── VerificationError           an event failed verification; `reason` says why
+    └── BusError                    Kafka unreachable or refusing (retriable)
 
 Every error that is about a place in a file carries `Problem`s, each of which prints
 as one line: ``path/to/file.yml:LINE: dotted.key: message``. Messages never contain
@@ -22,12 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "BusError",
     "ConfigBusError",
+    "KeyringError",
     "Problem",
     "SchemaError",
     "SettingsError",
     "TreeError",
     "UnknownNameError",
+    "VerificationError",
     "display_path",
 ]
 
@@ -96,3 +102,23 @@ class SchemaError(TreeError):
 
 def _one_line(problem: Problem) -> str:
     return str(problem) if problem.source else problem.message
+
+
+class KeyringError(ConfigBusError):
+    """A signing key, public key or trust file is missing, unreadable or malformed."""
+
+
+class VerificationError(ConfigBusError):
+    """An event failed verification. `reason` is a short stable code (for metrics and
+    acknowledgements): bad_signature, unknown_key, untrusted_scope, malformed,
+    unknown_schema, hash_mismatch, wrong_stream, stale_version."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+class BusError(ConfigBusError):
+    """Kafka could not be reached or refused a request. Usually retriable."""
+
+    retriable = True

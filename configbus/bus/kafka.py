@@ -1,0 +1,341 @@
+"""A small typed adapter over aiokafka, which has no type hints.
+
+Only what configbus needs: an admin client that creates topics on demand, an
+idempotent (optionally transactional) producer, a reader that takes topics from the
+beginning to their current end, and a follower that keeps reading. Everything else
+in configbus talks to these classes, never to aiokafka directly, so the untyped
+surface stays in this one file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
+
+from configbus.errors import BusError
+
+__all__ = [
+    "Admin",
+    "FencedError",
+    "KafkaSettings",
+    "Producer",
+    "Record",
+    "follow",
+    "read_to_end",
+]
+
+log = logging.getLogger(__name__)
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+class FencedError(BusError):
+    """Another publisher with the same transactional id took over. Not retriable:
+    this process must stop publishing."""
+
+    retriable = False
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """Where the cluster is and how topics are created."""
+
+    bootstrap_servers: str
+    client_id: str = "configbus"
+    request_timeout_ms: int = 15_000
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+    def header(self, name: str) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def _record(message: Any) -> Record:
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=tuple((k, bytes(v) if v is not None else b"") for k, v in message.headers or ()),
+        timestamp_ms=message.timestamp,
+    )
+
+
+def _bus_error(exc: BaseException, doing: str) -> BusError:
+    if isinstance(exc, ProducerFenced):
+        return FencedError(f"{doing}: fenced by a newer publisher ({exc})")
+    error = BusError(f"{doing}: {exc.__class__.__name__}: {exc}")
+    error.retriable = bool(getattr(exc, "retriable", True))
+    return error
+
+
+class Admin:
+    """Topic creation and listing."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._client: Any = None
+
+    async def start(self) -> Admin:
+        if self._client is None:
+            client = AIOKafkaAdminClient(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                client_id=f"{self.settings.client_id}-admin",
+                request_timeout_ms=self.settings.request_timeout_ms,
+            )
+            try:
+                await client.start()
+            except KafkaError as exc:
+                await client.close()
+                raise _bus_error(exc, "connecting the admin client") from exc
+            self._client = client
+        return self
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def __aenter__(self) -> Admin:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def topics(self) -> set[str]:
+        try:
+            names = await self._client.list_topics()
+        except KafkaError as exc:
+            raise _bus_error(exc, "listing topics") from exc
+        return set(names)
+
+    async def ensure_topics(self, names: Iterable[str], *, compact: bool) -> list[str]:
+        """Create the topics in `names` that do not exist yet (one partition each).
+        Returns the names created."""
+        wanted = sorted(set(names) - await self.topics())
+        configs = {"min.insync.replicas": str(self.settings.min_insync_replicas)}
+        configs["cleanup.policy"] = "compact" if compact else "delete"
+        created = []
+        for start in range(0, len(wanted), 500):
+            batch = [
+                NewTopic(
+                    name,
+                    num_partitions=1,
+                    replication_factor=self.settings.replication_factor,
+                    topic_configs=configs,
+                )
+                for name in wanted[start : start + 500]
+            ]
+            try:
+                response = await self._client.create_topics(batch)
+            except TopicAlreadyExistsError:
+                continue
+            except KafkaError as exc:
+                raise _bus_error(exc, "creating topics") from exc
+            for name, code, *rest in response.topic_errors:
+                if code == 0:
+                    created.append(name)
+                elif code != TopicAlreadyExistsError.errno:
+                    message = rest[0] if rest else ""
+                    raise BusError(f"creating topic {name}: error {code} {message}")
+        if created:
+            log.info("created %d topic(s)", len(created), extra={"topics": created[:10]})
+        return created
+
+
+class Producer:
+    """Idempotent producer, acks=all; transactional when given a transactional id.
+
+    A transactional producer fences every older producer with the same id when it
+    starts: their next send or commit fails with `FencedError`."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        transactional_id: str | None = None,
+        linger_ms: int = 0,
+        max_batch_size: int = 256 * 1024,
+    ) -> None:
+        self.settings = settings
+        self.transactional_id = transactional_id
+        self._options = {"linger_ms": linger_ms, "max_batch_size": max_batch_size}
+        self._producer: Any = None
+
+    async def start(self) -> Producer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                client_id=f"{self.settings.client_id}-producer",
+                request_timeout_ms=self.settings.request_timeout_ms,
+                acks="all",
+                enable_idempotence=True,
+                transactional_id=self.transactional_id,
+                max_request_size=8 * 1024 * 1024,
+                **self._options,
+            )
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                raise _bus_error(exc, "starting the producer") from exc
+            self._producer = producer
+        return self
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> Producer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """Everything sent inside commits together, or not at all."""
+        try:
+            async with self._producer.transaction():
+                yield
+        except KafkaError as exc:
+            raise _bus_error(exc, "committing a transaction") from exc
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+    ) -> asyncio.Future[Any]:
+        """Queue a record; the returned future resolves when the broker has it."""
+        try:
+            future: asyncio.Future[Any] = await self._producer.send(
+                topic, value=value, key=key, headers=list(headers)
+            )
+        except KafkaError as exc:
+            raise _bus_error(exc, f"sending to {topic}") from exc
+        return future
+
+    async def send_and_wait(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+    ) -> None:
+        future = await self.send(topic, value, key=key, headers=headers)
+        try:
+            await future
+        except KafkaError as exc:
+            raise _bus_error(exc, f"sending to {topic}") from exc
+
+
+def _consumer(settings: KafkaSettings, isolation: str, **options: Any) -> Any:
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-reader",
+        request_timeout_ms=settings.request_timeout_ms,
+        enable_auto_commit=False,
+        isolation_level=isolation,
+        group_id=None,
+        **options,
+    )
+
+
+async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
+    # consumer.topics() fetches metadata but does not keep it, so partitions_for_topic
+    # would answer None for topics never subscribed: ask the cluster ourselves.
+    cluster = await consumer._client.fetch_all_metadata()
+    found = []
+    for topic in topics:
+        for partition in sorted(cluster.partitions_for_topic(topic) or ()):
+            found.append(TopicPartition(topic, partition))
+    return found
+
+
+async def read_to_end(
+    settings: KafkaSettings,
+    topics: Sequence[str],
+    *,
+    isolation: str = "read_committed",
+    max_seconds: float = 60.0,
+) -> AsyncIterator[Record]:
+    """Every record of `topics` from the beginning to the end they had when the call
+    started. Topics that do not exist are skipped. Raises `BusError` on timeout."""
+    consumer = _consumer(settings, isolation)
+    try:
+        await consumer.start()
+        partitions = await _partitions(consumer, topics)
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends: Mapping[Any, int] = await consumer.end_offsets(partitions)
+        pending = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
+        deadline = time.monotonic() + max_seconds
+        while pending:
+            if time.monotonic() > deadline:
+                raise BusError(f"reading {len(pending)} partition(s) to their end timed out")
+            batches = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
+            for tp, messages in batches.items():
+                for message in messages:
+                    if message.offset < ends[tp]:
+                        yield _record(message)
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    except KafkaError as exc:
+        raise _bus_error(exc, "reading topics") from exc
+    finally:
+        await consumer.stop()
+
+
+async def follow(
+    settings: KafkaSettings,
+    topics: Sequence[str],
+    *,
+    from_beginning: bool = True,
+    isolation: str = "read_committed",
+) -> AsyncIterator[Record]:
+    """Every record of `topics`, then every new one, until cancelled."""
+    consumer = _consumer(settings, isolation, fetch_max_wait_ms=50)
+    try:
+        await consumer.start()
+        partitions = await _partitions(consumer, topics)
+        consumer.assign(partitions)
+        if from_beginning:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            await consumer.seek_to_end(*partitions)
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for messages in batches.values():
+                for message in messages:
+                    yield _record(message)
+    except KafkaError as exc:
+        raise _bus_error(exc, "following topics") from exc
+    finally:
+        await consumer.stop()

@@ -1,0 +1,74 @@
+"""Topic names and record keys: how streams map onto Kafka.
+
+- One topic per tenant: ``<prefix><tenant>``, default ``configbus.tenant.<tenant>``.
+  One partition (a total order per tenant), ``cleanup.policy=compact``, record key
+  = the environment name, so the latest record per key is the stream's current
+  config and a new subscriber bootstraps by reading the topic's compacted head.
+- The audit topic (default ``configbus.audit``), not compacted: one record per
+  published version, key ``<tenant>/<env>``, the same envelope bytes.
+- The acknowledgement topic (default ``configbus.acks``): subscribers' reports.
+
+Tenant ids are ``[a-z0-9-]``, at most 64 characters, so every tenant maps to a legal
+topic name (Kafka allows ``[a-zA-Z0-9._-]``, at most 249) and no two tenants map to
+the same one; ids that do not fit are refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from configbus.errors import SettingsError
+from configbus.tree.tree import TENANT_ID
+
+__all__ = ["CONTENT_TYPE", "TopicNames"]
+
+CONTENT_TYPE: Final = b"application/vnd.configbus.event+msgpack; v=1"
+_LEGAL: Final = re.compile(r"[a-zA-Z0-9._-]+")
+_MAX_TOPIC: Final = 249
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    """How tenants and shared topics are named. All three must be legal topic names."""
+
+    prefix: str = "configbus.tenant."
+    audit: str = "configbus.audit"
+    acks: str = "configbus.acks"
+
+    def __post_init__(self) -> None:
+        if self.prefix and not _LEGAL.fullmatch(self.prefix):
+            raise SettingsError(f"topic prefix {self.prefix!r}: only a-z A-Z 0-9 . _ - allowed")
+        if len(self.prefix) + 64 > _MAX_TOPIC:
+            raise SettingsError(f"topic prefix {self.prefix!r} is too long")
+        for name in (self.audit, self.acks):
+            if not _LEGAL.fullmatch(name) or len(name) > _MAX_TOPIC or name in (".", ".."):
+                raise SettingsError(f"{name!r} is not a legal Kafka topic name")
+            if self.tenant_of(name) is not None:
+                raise SettingsError(f"{name!r} would collide with a tenant topic")
+        if self.audit == self.acks:
+            raise SettingsError(f"the audit and acks topics must differ (both {self.audit!r})")
+
+    def tenant_topic(self, tenant: str) -> str:
+        if not TENANT_ID.fullmatch(tenant):
+            raise SettingsError(
+                f"tenant id {tenant!r} cannot name a topic: use 1-64 of a-z 0-9 -, "
+                "starting and ending with a letter or digit"
+            )
+        return f"{self.prefix}{tenant}"
+
+    def tenant_of(self, topic: str) -> str | None:
+        """The tenant whose topic `topic` is, or None."""
+        if not topic.startswith(self.prefix):
+            return None
+        tenant = topic[len(self.prefix) :]
+        return tenant if TENANT_ID.fullmatch(tenant) else None
+
+    @staticmethod
+    def audit_key(tenant: str, env: str) -> bytes:
+        return f"{tenant}/{env}".encode()
+
+    @staticmethod
+    def record_key(env: str) -> bytes:
+        return env.encode()

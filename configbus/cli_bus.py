@@ -1,0 +1,290 @@
+"""The `configbus` commands that talk to Kafka and Redis: daemon, publish, tail, tenant.
+
+Registered by `configbus.cli`; each handler parses nothing itself, builds settings
+and calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import sys
+from collections.abc import Coroutine
+from typing import Any, TextIO, TypeVar
+
+import yaml
+
+from configbus.bus import KafkaSettings, TopicNames, follow, read_to_end
+from configbus.bus.kafka import Record
+from configbus.crypto import TrustStore
+from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
+from configbus.events import open_envelope
+from configbus.logs import configure
+from configbus.publisher import PublisherSettings, publish_once, run
+from configbus.publisher.settings import pick
+from configbus.store import TenantStore, nest
+from configbus.tree import EnvironmentTree, default_root
+from configbus.tree.layer import Layer, LayerKind
+from configbus.tree.resolved import parse_key
+from configbus.tree.values import Path, Value, format_path, freeze, redacted, walk
+
+__all__ = ["register"]
+
+T = TypeVar("T")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def register(commands: Any, root: argparse.ArgumentParser) -> None:
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument(
+        "--bootstrap-servers", metavar="HOSTS", help="Kafka (default $CONFIGBUS_BOOTSTRAP_SERVERS)"
+    )
+    kafka.add_argument(
+        "--topic-prefix", metavar="P", help="tenant topic prefix (default configbus.tenant.)"
+    )
+    redis_url = argparse.ArgumentParser(add_help=False)
+    redis_url.add_argument("--redis", metavar="URL", help="Redis (default $CONFIGBUS_REDIS_URL)")
+
+    publisher = argparse.ArgumentParser(add_help=False, parents=[root, kafka, redis_url])
+    publisher.add_argument("--signing-key", metavar="FILE", help="default $CONFIGBUS_SIGNING_KEY")
+    publisher.add_argument("--kid", help="the signing key's id (default $CONFIGBUS_KID)")
+    publisher.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
+    publisher.add_argument("--replication-factor", type=int, metavar="N")
+    publisher.add_argument("--min-insync-replicas", type=int, metavar="N")
+    publisher.add_argument("--log-level", default="INFO")
+
+    daemon = commands.add_parser(
+        "daemon", parents=[publisher], help="watch the tree and stores; publish every change"
+    )
+    daemon.set_defaults(func=_daemon)
+    once = commands.add_parser(
+        "publish", parents=[publisher], help="publish every changed stream once, then exit"
+    )
+    once.add_argument("--once", action="store_true", required=True)
+    once.set_defaults(func=_publish_once)
+
+    tail = commands.add_parser(
+        "tail", parents=[kafka], help="read a tenant's topic from the start and verify each event"
+    )
+    tail.add_argument("tenant", metavar="TENANT")
+    tail.add_argument("--trust", required=True, metavar="FILE", help="trust file")
+    tail.add_argument("--env", metavar="ENV", help="only this environment")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep reading new events")
+    tail.set_defaults(func=_tail)
+
+    tenant = commands.add_parser("tenant", help="the run-time tenant store in Redis")
+    actions = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+    stream = argparse.ArgumentParser(add_help=False, parents=[root, redis_url])
+    stream.add_argument("tenant", metavar="TENANT")
+    stream.add_argument("env", metavar="ENV")
+    who = argparse.ArgumentParser(add_help=False)
+    who.add_argument("--actor", default="", help="who makes the change (for the audit trail)")
+    who.add_argument("--reason", default="", help="why")
+    set_ = actions.add_parser(
+        "set", parents=[stream, who], help="set typed values, validated first"
+    )
+    set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    set_.set_defaults(func=_tenant_set)
+    unset = actions.add_parser("unset", parents=[stream, who], help="remove values")
+    unset.add_argument("keys", nargs="+", metavar="KEY")
+    unset.set_defaults(func=_tenant_unset)
+    show = actions.add_parser("show", parents=[stream], help="the values set for a stream")
+    show.set_defaults(func=_tenant_show)
+
+
+# -- publisher ------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> PublisherSettings:
+    return PublisherSettings.build(
+        root=args.root,
+        bootstrap_servers=args.bootstrap_servers,
+        signing_key=args.signing_key,
+        kid=args.kid,
+        redis_url=args.redis,
+        topic_prefix=args.topic_prefix,
+        reconcile_interval=args.reconcile_interval,
+        replication_factor=args.replication_factor,
+        min_insync_replicas=args.min_insync_replicas,
+    )
+
+
+def _daemon(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings(args)
+    configure(json_lines=True, level=args.log_level)
+    return run_async(run(settings))
+
+
+def _publish_once(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings(args)
+    configure(json_lines=False, level="WARNING" if args.log_level == "INFO" else args.log_level)
+    report = run_async(publish_once(settings))
+    for tenant, env, version in report.published:
+        print(f"published {tenant}/{env} v{version}", file=out)
+    for (tenant, env), reason in sorted(report.failed.items()):
+        print(f"failed {tenant}/{env}: {reason}", file=sys.stderr)
+    print(report.summary(), file=out)
+    return 1 if report.failed else 0
+
+
+# -- tail -----------------------------------------------------------------------------
+def _kafka(args: argparse.Namespace) -> tuple[KafkaSettings, TopicNames]:
+    servers = pick(args.bootstrap_servers, "CONFIGBUS_BOOTSTRAP_SERVERS", "", str)
+    if not servers:
+        raise SettingsError("give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS")
+    prefix = pick(args.topic_prefix, "CONFIGBUS_TOPIC_PREFIX", TopicNames().prefix, str)
+    return KafkaSettings(servers, client_id="configbus-tail"), TopicNames(prefix=prefix)
+
+
+def _tail(args: argparse.Namespace, out: TextIO) -> int:
+    kafka, topics = _kafka(args)
+    trust = TrustStore.load(args.trust)
+    topic = topics.tenant_topic(args.tenant)
+    return run_async(_tail_topic(kafka, topic, trust, args.env, args.follow, out))
+
+
+async def _tail_topic(
+    kafka: KafkaSettings,
+    topic: str,
+    trust: TrustStore,
+    env: str | None,
+    keep_following: bool,
+    out: TextIO,
+) -> int:
+    records = follow(kafka, [topic]) if keep_following else read_to_end(kafka, [topic])
+    last: dict[str, int] = {}
+    rejected = 0
+    async for record in records:
+        if env is not None and record.key != env.encode():
+            continue
+        line, ok = _tail_line(record, trust, last)
+        rejected += not ok
+        print(line, file=out, flush=True)
+    return 1 if rejected else 0
+
+
+def _tail_line(record: Record, trust: TrustStore, last: dict[str, int]) -> tuple[str, bool]:
+    key = (record.key or b"").decode(errors="replace")
+    where = f"@{record.offset}"
+    try:
+        event = open_envelope(record.value or b"", trust)
+        body = event.body
+        if body.env != key:
+            raise VerificationError("wrong_stream", f"record key {key!r} but event for {body.env}")
+        if body.version <= last.get(body.env, 0):
+            raise VerificationError("stale_version", f"v{body.version} after v{last[body.env]}")
+    except VerificationError as exc:
+        return f"{where:<7} {key:<8} REJECTED {exc}", False
+    last[body.env] = body.version
+    when = datetime.datetime.fromtimestamp(body.issued_at / 1e9, datetime.UTC)
+    cause = body.cause.reason or body.kind
+    if body.cause.actor:
+        cause += f" by {body.cause.actor}"
+    if body.cause.sources:
+        cause += f" ({', '.join(body.cause.sources)})"
+    changed = ", ".join(body.changed_paths[:5])
+    if len(body.changed_paths) > 5:
+        changed += f" (+{len(body.changed_paths) - 5} more)"
+    return (
+        f"{where:<7} {body.env:<8} v{body.version:<5} {body.config_hash[:12]}  "
+        f"{when:%Y-%m-%dT%H:%M:%S}Z  verified:{event.kid}  {cause}  changed: {changed or '-'}",
+        True,
+    )
+
+
+# -- tenant store ---------------------------------------------------------------------
+def _store(args: argparse.Namespace) -> TenantStore:
+    url = pick(args.redis, "CONFIGBUS_REDIS_URL", "", str)
+    if not url:
+        raise SettingsError("give --redis or set CONFIGBUS_REDIS_URL")
+    return TenantStore(url)
+
+
+def _stream(args: argparse.Namespace) -> tuple[EnvironmentTree, str, str]:
+    tree = EnvironmentTree(default_root(args.root))
+    env = tree.environment(args.env)
+    if env not in tree.tenant(args.tenant).environments:
+        raise UnknownNameError(f"tenant {args.tenant!r} does not run in {env!r}")
+    return tree, args.tenant, env
+
+
+def _spelt(tree: EnvironmentTree, tenant: str, env: str, key: str) -> Path:
+    """The key path as the config spells it (a key may itself hold dots)."""
+    wanted = parse_key(key)
+    if not wanted or any(isinstance(p, int) for p in wanted):
+        raise UnknownNameError(f"{key!r}: give a dotted key of names, e.g. database.pool.max")
+    path, _, complete = walk(tree.resolve(env, tenant).data, wanted)
+    return path if complete else tuple(str(p) for p in wanted)
+
+
+def _tenant_set(args: argparse.Namespace, out: TextIO) -> int:
+    tree, tenant, env = _stream(args)
+    values: dict[Path, Value] = {}
+    for assignment in args.assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise UnknownNameError(f"{assignment!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            raise UnknownNameError(f"{key}: value {text!r} is not a YAML scalar") from None
+        if isinstance(value, dict):
+            raise UnknownNameError(f"{key}: set leaves one by one, not a mapping")
+        values[_spelt(tree, tenant, env, key)] = freeze(value)
+    store = _store(args)
+
+    async def apply() -> None:
+        async with store:
+            current = await store.values(tenant, env)
+            merged = {**current, **values}
+            source = f"redis:{store.store_key(tenant, env)}"
+            layer = Layer(LayerKind.STORE, tenant, source, nest(merged))
+            problems = tree.problems(tree.resolve(env, tenant, runtime=[layer]))
+            if problems:
+                raise TreeError(problems)
+            await store.set(tenant, env, values, actor=args.actor, reason=args.reason)
+
+    run_async(apply())
+    for path, value in values.items():
+        print(f"set {tenant}/{env} {format_path(path)} = {json.dumps(redacted(value))}", file=out)
+    return 0
+
+
+def _tenant_unset(args: argparse.Namespace, out: TextIO) -> int:
+    tree, tenant, env = _stream(args)
+    paths = [_spelt(tree, tenant, env, key) for key in args.keys]
+    store = _store(args)
+
+    async def apply() -> int:
+        async with store:
+            return await store.unset(tenant, env, paths, actor=args.actor, reason=args.reason)
+
+    removed = run_async(apply())
+    print(f"removed {removed} of {len(paths)} value(s) from {tenant}/{env}", file=out)
+    return 0
+
+
+def _tenant_show(args: argparse.Namespace, out: TextIO) -> int:
+    _, tenant, env = _stream(args)
+    store = _store(args)
+
+    async def read() -> tuple[dict[Path, Value], dict[str, Any]]:
+        async with store:
+            return await store.values(tenant, env), await store.meta(tenant, env)
+
+    values, meta = run_async(read())
+    if not values:
+        print(f"{tenant}/{env}: nothing set in the store", file=out)
+    for path, value in sorted(values.items()):
+        print(f"{format_path(path)} = {json.dumps(redacted(value))}", file=out)
+    if meta.get("actor") or meta.get("reason"):
+        print(f"# last change by {meta.get('actor') or '?'}: {meta.get('reason') or '-'}", file=out)
+    return 0

@@ -1,0 +1,144 @@
+"""Ed25519 signing keys: generating, storing and loading them.
+
+A key pair lives in two files named after its key id (kid):
+
+    KID.key   the private key, PKCS#8 PEM, mode 0600
+    KID.pub   the public key, SubjectPublicKeyInfo PEM
+
+A kid is 1-64 characters of lowercase letters, digits and ``. _ -``, starting with
+a letter or digit; it travels in every event so subscribers know which public key
+to check the signature with. Rotation means a new kid, trusted before it signs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from configbus.errors import KeyringError
+
+__all__ = [
+    "KID",
+    "SigningKey",
+    "VerifyKey",
+    "check_kid",
+    "generate_keypair",
+    "public_key_from_pem",
+]
+
+KID: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_kid(kid: str | None) -> str:
+    """`kid` if well formed; raises `KeyringError` otherwise."""
+    if not kid:
+        raise KeyringError("a key id (kid) is required")
+    if not KID.fullmatch(kid):
+        raise KeyringError(
+            f"malformed key id {kid!r}: use 1-64 of a-z 0-9 . _ -, starting with a letter or digit"
+        )
+    return kid
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A trusted public key."""
+
+    kid: str
+    key: Ed25519PublicKey = field(repr=False)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        try:
+            self.key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+    def pem(self) -> str:
+        return self.key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private key with its kid. Its repr never shows key material."""
+
+    kid: str
+    key: Ed25519PrivateKey = field(repr=False)
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+    @property
+    def public(self) -> VerifyKey:
+        return VerifyKey(self.kid, self.key.public_key())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], kid: str | None) -> SigningKey:
+        """The PKCS#8 PEM private key at `path`, under key id `kid` (required)."""
+        try:
+            kid = check_kid(kid)
+        except KeyringError as exc:
+            raise KeyringError(f"{path}: {exc}") from None
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"{path}: cannot read signing key: {exc.strerror}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise KeyringError(
+                f"{path}: not a PEM private key ({exc.__class__.__name__})"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyringError(f"{path}: not an Ed25519 private key")
+        return cls(kid, key)
+
+
+def public_key_from_pem(kid: str, pem: str | bytes, where: str) -> VerifyKey:
+    """A `VerifyKey` from SubjectPublicKeyInfo PEM text; `where` names it in errors."""
+    try:
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyringError(f"{where}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyringError(f"{where}: not an Ed25519 public key")
+    return VerifyKey(kid, key)
+
+
+def generate_keypair(kid: str, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write a new key pair as ``DIR/KID.key`` (0600) and ``DIR/KID.pub``. Refuses to
+    overwrite an existing key. Returns both paths."""
+    kid = check_kid(kid)
+    folder = Path(directory)
+    private_path, public_path = folder / f"{kid}.key", folder / f"{kid}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyringError(f"{path}: already exists; choose a new kid to rotate")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path = folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = private_path
+        descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(private_pem)
+        path = public_path
+        public_path.write_text(VerifyKey(kid, key.public_key()).pem(), encoding="ascii")
+    except OSError as exc:
+        raise KeyringError(f"{path}: cannot write: {exc.strerror}") from None
+    return private_path, public_path

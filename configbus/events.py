@@ -1,0 +1,218 @@
+"""The event envelope: what the publisher puts on the bus, and how it is verified.
+
+A Kafka record's value is a msgpack map, the *envelope*::
+
+    {"v": 1, "kid": "<key id>", "sig": <64 bytes>, "body": <bytes>}
+
+`sig` is the Ed25519 signature of exactly the `body` bytes. A reader verifies those
+bytes before it decodes anything inside them; there is no canonicalisation step.
+`body` is itself a msgpack map (`EventBody`). Its `config` is the stream's resolved
+config as canonical JSON (sorted keys, compact, UTF-8), zlib-compressed when
+`config_encoding` is ``"json+zlib"``; `config_hash` is the hex SHA-256 of that JSON
+(uncompressed), so any reader can check what it applied without re-encoding it.
+docs/wire-format.md is the normative description.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from configbus.crypto import SigningKey, TrustStore
+from configbus.errors import VerificationError
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "SCHEMA_VERSION",
+    "Cause",
+    "Envelope",
+    "EventBody",
+    "EventKind",
+    "VerifiedEvent",
+    "build_body",
+    "config_json_of",
+    "now_ns",
+    "open_envelope",
+    "seal",
+]
+
+ENVELOPE_VERSION: Final = 1
+SCHEMA_VERSION: Final = 1
+COMPRESS_ABOVE: Final = 1024  # bytes of canonical JSON; smaller configs travel as is
+
+
+class EventKind(enum.StrEnum):
+    SNAPSHOT = "snapshot"  # the resolved config after a change in the tree or a store
+    OVERRIDE = "override"  # an emergency override was set or expired
+    ROLLBACK = "rollback"  # old content republished as a new version
+
+
+class Cause(msgspec.Struct, frozen=True, kw_only=True):
+    """Why an event was published."""
+
+    sources: tuple[str, ...] = ()  # files (relative to the tree) or store keys
+    actor: str = ""  # who: a user, "publisher" for the daemon's own reconcile
+    reason: str = ""
+
+
+class EventBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The signed part of an event. Times are integer nanoseconds since the epoch."""
+
+    schema: int
+    tenant: str
+    env: str
+    version: int
+    config_hash: str
+    kind: EventKind
+    issued_at: int
+    detected_at: int
+    cause: Cause
+    changed_paths: tuple[str, ...]
+    config_encoding: str
+    config: bytes
+    expires_at: int | None = None
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    v: int
+    kid: str
+    sig: bytes
+    body: bytes
+
+
+class _EnvelopeVersion(msgspec.Struct):  # only `v`: read when a whole envelope won't decode
+    v: int
+
+
+class _BodySchema(msgspec.Struct):  # only `schema`: read when a whole body won't decode
+    schema: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEvent:
+    """An event whose signature, scope, schema and hash have all been checked."""
+
+    kid: str
+    body: EventBody
+    config_json: bytes  # canonical JSON of the config, hash-checked
+
+    @property
+    def stream(self) -> tuple[str, str]:
+        return self.body.tenant, self.body.env
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+_body_encoder: Final = msgspec.msgpack.Encoder()
+_envelope_encoder: Final = msgspec.msgpack.Encoder()
+_envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)
+_body_decoder: Final = msgspec.msgpack.Decoder(EventBody)
+_version_decoder: Final = msgspec.msgpack.Decoder(_EnvelopeVersion)
+_schema_decoder: Final = msgspec.msgpack.Decoder(_BodySchema)
+
+
+def build_body(
+    *,
+    tenant: str,
+    env: str,
+    version: int,
+    config_json: bytes,
+    kind: EventKind = EventKind.SNAPSHOT,
+    detected_at: int,
+    cause: Cause,
+    changed_paths: tuple[str, ...] = (),
+    expires_at: int | None = None,
+    issued_at: int | None = None,
+) -> EventBody:
+    """An event body carrying `config_json` (canonical JSON), hashed and compressed."""
+    compress = len(config_json) > COMPRESS_ABOVE
+    return EventBody(
+        schema=SCHEMA_VERSION,
+        tenant=tenant,
+        env=env,
+        version=version,
+        config_hash=hashlib.sha256(config_json).hexdigest(),
+        kind=kind,
+        issued_at=issued_at if issued_at is not None else now_ns(),
+        detected_at=detected_at,
+        cause=cause,
+        changed_paths=changed_paths,
+        config_encoding="json+zlib" if compress else "json",
+        config=zlib.compress(config_json, 1) if compress else config_json,
+        expires_at=expires_at,
+    )
+
+
+def seal(body: EventBody, key: SigningKey) -> bytes:
+    """The record value for `body`: encoded, signed with `key`, enveloped."""
+    body_bytes = _body_encoder.encode(body)
+    return _envelope_encoder.encode(
+        Envelope(ENVELOPE_VERSION, key.kid, key.sign(body_bytes), body_bytes)
+    )
+
+
+def open_envelope(value: bytes, trust: TrustStore) -> VerifiedEvent:
+    """Verify and decode a record value. Raises `VerificationError` with a reason:
+    malformed, unknown_key, bad_signature, unknown_schema, untrusted_scope, or
+    hash_mismatch. Nothing inside `body` is decoded before its signature is checked."""
+    try:
+        envelope = _envelope_decoder.decode(value)
+    except (msgspec.DecodeError, TypeError) as exc:
+        # A later envelope version may change the other fields: say so, not "malformed".
+        version = _peek(lambda: _version_decoder.decode(value).v)
+        if version is not None and version != ENVELOPE_VERSION:
+            raise VerificationError("unknown_schema", f"envelope version {version}") from None
+        raise VerificationError("malformed", f"not an event envelope ({exc})") from None
+    if envelope.v != ENVELOPE_VERSION:
+        raise VerificationError("unknown_schema", f"envelope version {envelope.v}")
+    trusted = trust.get(envelope.kid)
+    if trusted is None:
+        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
+    if not trusted.key.verify(envelope.sig, envelope.body):
+        raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    try:
+        body = _body_decoder.decode(envelope.body)
+    except (msgspec.DecodeError, TypeError) as exc:
+        schema = _peek(lambda: _schema_decoder.decode(envelope.body).schema)
+        if schema is not None and schema != SCHEMA_VERSION:
+            raise VerificationError("unknown_schema", f"body schema {schema}") from None
+        raise VerificationError("malformed", f"signed body does not decode ({exc})") from None
+    if body.schema != SCHEMA_VERSION:
+        raise VerificationError("unknown_schema", f"body schema {body.schema}")
+    if not trusted.covers(body.tenant, body.env):
+        raise VerificationError(
+            "untrusted_scope", f"key {envelope.kid!r} may not sign {body.tenant}/{body.env}"
+        )
+    config_json = config_json_of(body)
+    if hashlib.sha256(config_json).hexdigest() != body.config_hash:
+        raise VerificationError("hash_mismatch", "config does not match config_hash")
+    return VerifiedEvent(envelope.kid, body, config_json)
+
+
+def _peek(read: Callable[[], int]) -> int | None:
+    """The version number `read` finds, or None when there is none to find."""
+    try:
+        return read()
+    except (msgspec.DecodeError, TypeError):
+        return None
+
+
+def config_json_of(body: EventBody) -> bytes:
+    """The canonical JSON an event body carries, decompressed (not hash-checked)."""
+    if body.config_encoding == "json":
+        return body.config
+    if body.config_encoding == "json+zlib":
+        try:
+            return zlib.decompress(body.config)
+        except zlib.error:
+            raise VerificationError("malformed", "config is not valid zlib data") from None
+    raise VerificationError("unknown_schema", f"config encoding {body.config_encoding!r}")

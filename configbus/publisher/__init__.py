@@ -1,0 +1,18 @@
+"""The publisher: resolve streams and publish signed events; the daemon that watches."""
+
+from configbus.publisher.core import Change, Publisher, PublishReport, StreamState, recover_states
+from configbus.publisher.daemon import Daemon, StreamIndex, publish_once, run
+from configbus.publisher.settings import PublisherSettings
+
+__all__ = [
+    "Change",
+    "Daemon",
+    "PublishReport",
+    "Publisher",
+    "PublisherSettings",
+    "StreamIndex",
+    "StreamState",
+    "publish_once",
+    "recover_states",
+    "run",
+]

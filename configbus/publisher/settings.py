@@ -1,0 +1,116 @@
+"""The publisher's settings: one frozen object, from arguments, then ``CONFIGBUS_*``
+environment variables, then defaults."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from configbus.bus import KafkaSettings, TopicNames
+from configbus.errors import SettingsError
+
+__all__ = ["PublisherSettings", "pick"]
+
+T = TypeVar("T")
+
+
+def pick(
+    value: Any,
+    variable: str,
+    default: T,
+    convert: Callable[[str], T],
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """The argument when given, else the environment variable, else the default."""
+    if value is not None:
+        return value  # type: ignore[no-any-return]
+    raw = (os.environ if environ is None else environ).get(variable)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{variable}={raw!r}: {exc}") from None
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def convert(raw: str) -> Any:
+        number = kind(raw)
+        if number <= 0:
+            raise ValueError("must be positive")
+        return number
+
+    return convert
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    """Everything the publisher daemon needs. The repr shows no key material."""
+
+    root: Path
+    kafka: KafkaSettings
+    signing_key: Path
+    kid: str
+    redis_url: str | None = field(default=None, repr=False)
+    topics: TopicNames = field(default_factory=TopicNames)
+    reconcile_interval: float = 30.0
+    transactional_id: str = "configbus-publisher"
+    debounce_ms: int = 10
+    step_ms: int = 5
+    batch_size: int = 1000
+    shutdown_grace: float = 10.0
+    actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        root: str | None = None,
+        bootstrap_servers: str | None = None,
+        signing_key: str | None = None,
+        kid: str | None = None,
+        redis_url: str | None = None,
+        topic_prefix: str | None = None,
+        reconcile_interval: float | None = None,
+        replication_factor: int | None = None,
+        min_insync_replicas: int | None = None,
+        transactional_id: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> PublisherSettings:
+        """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
+
+        def get(value: Any, name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+            return pick(value, f"CONFIGBUS_{name}", default, convert, environ)
+
+        servers = get(bootstrap_servers, "BOOTSTRAP_SERVERS", None)
+        if not servers:
+            raise SettingsError(
+                "no Kafka cluster: give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
+            )
+        key = get(signing_key, "SIGNING_KEY", None)
+        if not key:
+            raise SettingsError("no signing key: give --signing-key or set CONFIGBUS_SIGNING_KEY")
+        prefix = get(topic_prefix, "TOPIC_PREFIX", TopicNames().prefix)
+        return cls(
+            root=Path(get(root, "ROOT", "environments")),
+            kafka=KafkaSettings(
+                bootstrap_servers=servers,
+                client_id="configbus-publisher",
+                replication_factor=get(replication_factor, "REPLICATION_FACTOR", 1, _positive(int)),
+                min_insync_replicas=get(
+                    min_insync_replicas, "MIN_INSYNC_REPLICAS", 1, _positive(int)
+                ),
+            ),
+            signing_key=Path(key),
+            kid=get(kid, "KID", ""),
+            redis_url=get(redis_url, "REDIS_URL", None) or None,
+            topics=TopicNames(prefix=prefix),
+            reconcile_interval=get(
+                reconcile_interval, "RECONCILE_INTERVAL", 30.0, _positive(float)
+            ),
+            transactional_id=get(transactional_id, "TRANSACTIONAL_ID", "configbus-publisher"),
+        )

@@ -1,0 +1,265 @@
+"""The run-time tenant store in Redis, and the read cache of latest events.
+
+Operators and APIs write typed values for one stream; the publisher lays them over
+the tenant's file layer and publishes. Redis holds:
+
+    <prefix>store:<tenant>:<env>    HASH   field: the key path as a JSON array
+                                           value: the value as JSON
+    <prefix>event:<tenant>:<env>    STRING the latest signed event (record value bytes)
+
+Paths are stored as JSON arrays, not dotted strings, so a key that itself holds dots
+(a logger name such as ``uvicorn.access``) survives the round trip. Redis is never
+the only copy of published state: events live in Kafka; this is desired state that
+operators wrote, and a cache.
+
+Changes are seen through keyspace notifications (``notify-keyspace-events`` must
+include ``K`` and ``h``; `TenantStore.start` turns them on when it may) and, for
+anything a notification missed, by the publisher's periodic reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from configbus.errors import BusError, SettingsError
+from configbus.tree.layer import Layer, LayerKind
+from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, thaw
+
+__all__ = ["DEFAULT_PREFIX", "TenantStore"]
+
+DEFAULT_PREFIX: Final = "configbus:"
+META_FIELD: Final = "$meta"  # who wrote last and why; never a key path (those are JSON arrays)
+
+
+class TenantStore:
+    """Typed values per (tenant, env) in Redis hashes. Use `async with` or start/stop."""
+
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._redis: aioredis.Redis | None = None
+
+    def __repr__(self) -> str:
+        return f"TenantStore({_safe_url(self.url)!r}, prefix={self.prefix!r})"
+
+    async def start(self) -> TenantStore:
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(self.url)
+            try:
+                await self._redis.ping()
+            except RedisError as exc:
+                await self.stop()
+                raise BusError(f"redis at {_safe_url(self.url)}: {exc}") from exc
+        return self
+
+    async def stop(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> TenantStore:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise SettingsError("TenantStore is not started")
+        return self._redis
+
+    # -- keys ----------------------------------------------------------------------
+    def store_key(self, tenant: str, env: str) -> str:
+        return f"{self.prefix}store:{tenant}:{env}"
+
+    def event_key(self, tenant: str, env: str) -> str:
+        return f"{self.prefix}event:{tenant}:{env}"
+
+    def stream_of(self, key: str) -> tuple[str, str] | None:
+        """The (tenant, env) whose store hash `key` is, or None."""
+        head = f"{self.prefix}store:"
+        if not key.startswith(head):
+            return None
+        tenant, _, env = key[len(head) :].partition(":")
+        return (tenant, env) if tenant and env else None
+
+    # -- values --------------------------------------------------------------------
+    async def values(self, tenant: str, env: str) -> dict[Path, Value]:
+        """Every value set for the stream, by key path."""
+        try:
+            raw = await self.redis.hgetall(self.store_key(tenant, env))
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        return {
+            _path(name): freeze(json.loads(value))
+            for name, value in raw.items()
+            if name != META_FIELD.encode()
+        }
+
+    async def meta(self, tenant: str, env: str) -> dict[str, Any]:
+        """Who last wrote the stream's store, and why: actor, reason, at (ns)."""
+        try:
+            raw = await self.redis.hget(self.store_key(tenant, env), META_FIELD)
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        meta = json.loads(raw) if raw else {}
+        return meta if isinstance(meta, dict) else {}
+
+    async def layer(self, tenant: str, env: str) -> Layer | None:
+        """The stream's store as a layer (kind STORE), or None when nothing is set."""
+        values = await self.values(tenant, env)
+        if not values:
+            return None
+        return Layer(
+            LayerKind.STORE,
+            tenant,
+            f"redis:{self.store_key(tenant, env)}",
+            nest(values),
+        )
+
+    async def set(
+        self,
+        tenant: str,
+        env: str,
+        values: Mapping[Path, Value],
+        *,
+        actor: str = "",
+        reason: str = "",
+    ) -> None:
+        """Set several values at once, with who and why (one HSET: all or nothing)."""
+        mapping: dict[str | bytes, str | bytes] = {
+            _field(path): _json(value) for path, value in values.items()
+        }
+        mapping[META_FIELD] = json.dumps({"actor": actor, "reason": reason, "at": time.time_ns()})
+        try:
+            await self.redis.hset(self.store_key(tenant, env), mapping=mapping)  # type: ignore[arg-type]
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+
+    async def unset(
+        self, tenant: str, env: str, paths: Sequence[Path], *, actor: str = "", reason: str = ""
+    ) -> int:
+        """Remove values; returns how many were there."""
+        key = self.store_key(tenant, env)
+        meta = json.dumps({"actor": actor, "reason": reason, "at": time.time_ns()})
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(key, *[_field(p) for p in paths])
+                pipe.hset(key, META_FIELD, meta)
+                removed, _ = await pipe.execute()
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        return int(removed)
+
+    async def streams(self) -> list[tuple[str, str]]:
+        """Every (tenant, env) that has a store hash."""
+        found = []
+        async for key in self.redis.scan_iter(match=f"{self.prefix}store:*", count=1000):
+            stream = self.stream_of(key.decode() if isinstance(key, bytes) else key)
+            if stream is not None:
+                found.append(stream)
+        return sorted(found)
+
+    # -- the event cache -----------------------------------------------------------
+    async def put_events(self, events: Mapping[tuple[str, str], bytes]) -> None:
+        """Cache the latest signed event of several streams (one round trip)."""
+        if not events:
+            return
+        try:
+            await self.redis.mset({self.event_key(t, e): value for (t, e), value in events.items()})
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+
+    async def latest_event(self, tenant: str, env: str) -> bytes | None:
+        try:
+            value = await self.redis.get(self.event_key(tenant, env))
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        return value.encode() if isinstance(value, str) else value
+
+    # -- notifications -------------------------------------------------------------
+    async def enable_notifications(self) -> bool:
+        """Turn on keyspace notifications for hashes when the server allows it.
+        Returns whether they are on."""
+        try:
+            current = (await self.redis.config_get("notify-keyspace-events")).get(
+                "notify-keyspace-events", ""
+            )
+            flags = set(current.decode() if isinstance(current, bytes) else current or "")
+            if {"K", "h"} <= flags or ("K" in flags and "A" in flags):
+                return True
+            wanted = "".join(sorted(flags | {"K", "h", "g"}))
+            await self.redis.config_set("notify-keyspace-events", wanted)
+        except ResponseError:
+            return False  # CONFIG is disabled (managed Redis): reconcile covers it
+        return True
+
+    async def changes(self) -> AsyncIterator[tuple[str, str]]:
+        """Yield (tenant, env) each time a store hash changes. Runs until cancelled."""
+        db = self.redis.connection_pool.connection_kwargs.get("db", 0)
+        pattern = f"__keyspace@{db}__:{self.prefix}store:*"
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        head = len(f"__keyspace@{db}__:")
+        try:
+            await pubsub.psubscribe(pattern)
+            async for message in pubsub.listen():
+                channel = message.get("channel")
+                if isinstance(channel, bytes):
+                    channel = channel.decode()
+                stream = self.stream_of(str(channel)[head:])
+                if stream is not None:
+                    yield stream
+        except RedisError as exc:
+            raise BusError(f"redis notifications: {exc}") from exc
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def nest(values: Mapping[Path, Value]) -> FrozenDict:
+    """``{("a", "b"): 1, ("a", "c"): 2}`` as ``{"a": {"b": 1, "c": 2}}``; a longer
+    path wins over a shorter one that would hold it (sorted, so deterministic)."""
+    root: dict[str, Any] = {}
+    for path, value in sorted(values.items(), key=lambda item: (len(item[0]), item[0])):
+        node = root
+        for part in path[:-1]:
+            child = node.get(str(part))
+            if not isinstance(child, dict):
+                child = node[str(part)] = {}
+            node = child
+        node[str(path[-1])] = value
+    frozen = freeze(root)
+    if not isinstance(frozen, FrozenDict):  # pragma: no cover - root is a dict
+        raise TypeError("store values did not nest into a mapping")
+    return frozen
+
+
+def _field(path: Path) -> str:
+    if not path or not all(isinstance(p, str) and p for p in path):
+        raise SettingsError(f"{format_path(path)!r}: a store key needs non-empty names")
+    return json.dumps(list(path), separators=(",", ":"))
+
+
+def _path(field: bytes | str) -> Path:
+    parts = json.loads(field)
+    return tuple(str(p) for p in parts)
+
+
+def _json(value: Value) -> str:
+    return json.dumps(thaw(value), separators=(",", ":"), sort_keys=True)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
