@@ -61,6 +61,10 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     publisher.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
     publisher.add_argument("--replication-factor", type=int, metavar="N")
     publisher.add_argument("--min-insync-replicas", type=int, metavar="N")
+    publisher.add_argument(
+        "--transactional-id", metavar="ID", help="one id per cluster: a second publisher fences"
+    )
+    publisher.add_argument("--batch-size", type=int, metavar="N", help="events per transaction")
     publisher.add_argument("--log-level", default="INFO")
 
     daemon = commands.add_parser(
@@ -114,6 +118,8 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         reconcile_interval=args.reconcile_interval,
         replication_factor=args.replication_factor,
         min_insync_replicas=args.min_insync_replicas,
+        transactional_id=args.transactional_id,
+        batch_size=args.batch_size,
     )
 
 

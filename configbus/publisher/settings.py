@@ -79,6 +79,7 @@ class PublisherSettings:
         replication_factor: int | None = None,
         min_insync_replicas: int | None = None,
         transactional_id: str | None = None,
+        batch_size: int | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
         """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
@@ -113,4 +114,5 @@ class PublisherSettings:
                 reconcile_interval, "RECONCILE_INTERVAL", 30.0, _positive(float)
             ),
             transactional_id=get(transactional_id, "TRANSACTIONAL_ID", "configbus-publisher"),
+            batch_size=get(batch_size, "BATCH_SIZE", 1000, _positive(int)),
         )

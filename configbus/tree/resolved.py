@@ -11,6 +11,7 @@ It is a read-only mapping of its top-level sections, with dotted access on top::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,8 @@ from configbus.tree.values import (
 
 __all__ = ["ResolvedConfig", "Step", "parse_key"]
 
+_INDEX = re.compile(r"0|[1-9][0-9]*")
+
 
 def parse_key(key: str | Path) -> Path:
     """``"cache.redis.nodes.0"`` as ``("cache", "redis", "nodes", 0)``."""
@@ -39,7 +42,8 @@ def parse_key(key: str | Path) -> Path:
         return key
     if not key:
         return ()
-    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    # Only a plain decimal is a list index: "01" stays a key (as int it would find "1").
+    return tuple(int(part) if _INDEX.fullmatch(part) else part for part in key.split("."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class ResolvedConfig(Mapping[str, Value]):
     overrides: tuple[str, ...]
 
     def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ResolvedConfig is immutable")
+
+    def __delattr__(self, name: str) -> None:
         raise AttributeError("ResolvedConfig is immutable")
 
     # -- mapping of top-level sections ------------------------------------------------

@@ -17,7 +17,7 @@ import msgspec
 from configbus.errors import Problem, TreeError
 from configbus.tree.layer import LayerKind
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import Path, format_path, looks_secret
+from configbus.tree.values import SECRET_KEY, Path, format_path, looks_secret
 
 __all__ = ["SchemaValidator"]
 
@@ -93,7 +93,7 @@ def _explain(config: ResolvedConfig, error: Any, path: Path) -> Iterator[Problem
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
         yield _problem(config, path, f"missing required key {kind.property!r}")
         return
-    secret = any(looks_secret(part) for part in path)
+    secret = any(looks_secret(part) for part in path) or _holds_secret(error.instance)
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Type):
         got = _JSON_TYPES.get(type(error.instance), type(error.instance).__name__)
         yield _problem(config, path, f"expected {_or(kind.types)}, got {got}")
@@ -103,6 +103,21 @@ def _explain(config: ResolvedConfig, error: Any, path: Path) -> Iterator[Problem
         yield _problem(config, path, f"breaks the schema rule {kind.name!r}")
     else:
         yield _problem(config, path, error.message)
+
+
+def _holds_secret(instance: Any) -> bool:
+    """Whether JSON data holds a value (not a reference, switch or null) under a
+    secret-named key: messages that would print such data must not."""
+    if isinstance(instance, dict):
+        for key, value in instance.items():
+            reference = isinstance(value, dict) and set(value) == {SECRET_KEY}
+            plain = value is not None and not isinstance(value, bool) and not reference
+            if (looks_secret(key) and plain) or _holds_secret(value):
+                return True
+        return False
+    if isinstance(instance, list):
+        return any(_holds_secret(item) for item in instance)
+    return False
 
 
 def _or(values: Any) -> str:

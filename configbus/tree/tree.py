@@ -40,6 +40,7 @@ SCHEMA_FILE: Final = "schema.json"
 TENANT_ID: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 ENV_ALIASES: Final = {"development": "dev", "production": "prod"}
 _TENANT_KEYS: Final = frozenset({"tenant", "name", "environments"})
+_NO_SCHEMA: Final = SchemaValidator({}, SCHEMA_FILE)  # accepts any config
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +275,8 @@ class EnvironmentTree:
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
         """Every schema violation and plain-text secret in `config`."""
-        validator = self.schema()
-        return validator.problems(config) if validator is not None else []
+        validator = self.schema() or _NO_SCHEMA  # no schema: the plain-secret rule still holds
+        return validator.problems(config)
 
     def validate(self, config: ResolvedConfig) -> ResolvedConfig:
         """`config` itself when valid; otherwise raises `SchemaError` with every problem."""

@@ -62,6 +62,12 @@ class SecretRef:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("SecretRef is immutable")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("SecretRef is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle without __setattr__
+        return (SecretRef, (self.name,))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SecretRef) and other.name == self.name
 
@@ -106,6 +112,9 @@ class _Delete:
     def __repr__(self) -> str:
         return "DELETE"
 
+    def __reduce__(self) -> str:  # copies and unpickles as the one marker merges test for
+        return "DELETE"
+
 
 DELETE: Final = _Delete()
 
@@ -132,27 +141,29 @@ def walk(node: LayerValue, path: Path) -> tuple[Path, LayerValue, bool]:
 
     Returns the path as the data spells it, the value reached, and whether all of
     `path` was followed. A key that itself holds dots (a logger name such as
-    ``uvicorn.access``) matches consecutive parts of a dotted path joined again.
+    ``uvicorn.access``) matches consecutive parts of a dotted path joined again; when
+    both ``uvicorn`` and ``uvicorn.access`` are keys, the reading that follows all of
+    `path` wins.
     """
-    spelt: list[str | int] = []
-    i = 0
-    while i < len(path):
-        part = path[i]
-        if isinstance(node, dict):
-            key, i = str(part), i + 1
-            while key not in node and i < len(path):
-                key, i = f"{key}.{path[i]}", i + 1
-            if key not in node:
-                return tuple(spelt), node, False
-            node = node[key]
-            spelt.append(key)
-        elif isinstance(node, tuple) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-            spelt.append(part)
-            i += 1
-        else:
-            return tuple(spelt), node, False
-    return tuple(spelt), node, True
+    if not path:
+        return (), node, True
+    part = path[0]
+    if isinstance(node, dict):
+        partial: tuple[Path, LayerValue, bool] | None = None
+        key = str(part)
+        for end in range(1, len(path) + 1):
+            if end > 1:
+                key = f"{key}.{path[end - 1]}"
+            if key in node:
+                spelt, value, complete = walk(node[key], path[end:])
+                if complete:
+                    return (key, *spelt), value, True
+                partial = partial or ((key, *spelt), value, False)
+        return partial or ((), node, False)
+    if isinstance(node, tuple) and isinstance(part, int) and 0 <= part < len(node):
+        spelt, value, complete = walk(node[part], path[1:])
+        return (part, *spelt), value, complete
+    return (), node, False
 
 
 def looks_secret(key: str | int) -> bool:
@@ -197,7 +208,8 @@ def redacted(value: Value) -> Any:
 
 
 def plain_secret_paths(value: LayerValue, path: Path = ()) -> Iterator[Path]:
-    """Paths of non-empty plain strings held under keys that name a secret."""
+    """Paths of non-empty plain strings held under keys that name a secret, directly
+    or as items of a list (``api_keys: [...]``)."""
     if isinstance(value, Mapping):
         for key, child in value.items():
             if isinstance(child, str) and child and looks_secret(key):
@@ -205,8 +217,12 @@ def plain_secret_paths(value: LayerValue, path: Path = ()) -> Iterator[Path]:
             else:
                 yield from plain_secret_paths(child, (*path, key))
     elif isinstance(value, tuple):
+        holder = next((part for part in reversed(path) if isinstance(part, str)), "")
         for index, child in enumerate(value):
-            yield from plain_secret_paths(child, (*path, index))
+            if isinstance(child, str) and child and looks_secret(holder):
+                yield (*path, index)
+            else:
+                yield from plain_secret_paths(child, (*path, index))
 
 
 def _encode_hook(obj: Any) -> Any:

@@ -7,13 +7,15 @@ and every problem in the file is reported, not only the first:
 - ``!secret NAME`` becomes a `SecretRef`; ``!delete`` the `DELETE` marker.
 - Keys must be non-empty strings, unique within their mapping (YAML itself lets the
   last one win, silently).
-- Timestamps stay the strings they were written as; binary, sets and unknown tags are
-  refused. Anchors, aliases and ``<<`` merge keys work as YAML defines them.
+- Timestamps stay the strings they were written as; binary, sets, unknown tags and
+  numbers JSON cannot hold (``.inf``, ``.nan``) are refused. Anchors, aliases and
+  ``<<`` merge keys work as YAML defines them.
 - A top-level ``extends: PATH`` names the parent file, relative to this file's folder.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -40,6 +42,8 @@ _STR: Final = "tag:yaml.org,2002:str"
 _MAP: Final = "tag:yaml.org,2002:map"
 _SEQ: Final = "tag:yaml.org,2002:seq"
 _TIMESTAMP: Final = "tag:yaml.org,2002:timestamp"
+_MERGE: Final = "tag:yaml.org,2002:merge"
+_VALUE: Final = "tag:yaml.org,2002:value"  # the `=` key, a plain string to us
 _PLAIN_SCALARS: Final = frozenset(
     [_STR] + [f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "null")]
 )
@@ -55,6 +59,11 @@ class ParsedFile:
 
 def parse_yaml(source: str, text: str) -> ParsedFile:
     """Parse `text` read from `source`. Raises `TreeError` listing every problem found."""
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if bad is not None:
+        at = text.count("\n", 0, bad.start()) + 1
+        message = f"character #x{ord(bad.group()):04x} is not allowed in YAML"
+        raise TreeError([Problem(source, at, None, message)])
     loader = _Loader(text)
     try:
         try:
@@ -65,7 +74,8 @@ def parse_yaml(source: str, text: str) -> ParsedFile:
             what = exc.problem or exc.context or "invalid YAML"
             raise TreeError([Problem(source, line, None, f"YAML syntax error: {what}")]) from None
         except yaml.YAMLError as exc:
-            raise TreeError([Problem(source, None, None, f"YAML error: {exc}")]) from None
+            what = str(exc).splitlines()[0]  # one line per problem
+            raise TreeError([Problem(source, None, None, f"YAML error: {what}")]) from None
         if root is None:
             return ParsedFile(EMPTY, {})
         if not isinstance(root, yaml.MappingNode) or root.tag != _MAP:
@@ -95,6 +105,11 @@ def parse_yaml(source: str, text: str) -> ParsedFile:
 
 def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+def _key_id(node: yaml.Node) -> object:
+    """What makes two key nodes the same key."""
+    return (node.tag, node.value) if isinstance(node, yaml.ScalarNode) else id(node)
 
 
 class _Builder:
@@ -139,13 +154,8 @@ class _Builder:
         return None
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> LayerValue:
-        try:
-            self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
-        except yaml.MarkedYAMLError as exc:
-            self.problem(node, path, f"bad merge key: {exc.problem}")
-            return EMPTY
         out: dict[str, LayerValue] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node in self._entries(node, path):
             key = self._key(key_node, path)
             if key is None:
                 continue
@@ -158,8 +168,37 @@ class _Builder:
             out[key] = self.build(value_node, child)
         return FrozenDict(out)
 
+    def _entries(self, node: yaml.MappingNode, path: Path) -> list[tuple[yaml.Node, yaml.Node]]:
+        """The mapping's entries with ``<<`` merge keys expanded as YAML defines them:
+        keys written in the mapping win over merged ones, and an earlier merged mapping
+        over a later one. Nodes are left as they are (PyYAML's `flatten_mapping`
+        rewrites them), so an anchor reads the same wherever it is used."""
+        own = [(k, v) for k, v in node.value if k.tag != _MERGE]
+        taken = {_key_id(k) for k, _ in own}
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE:
+                continue
+            sources = (
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            )
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode) or id(source) in self._open:
+                    self.problem(source, path, "<< takes a mapping or a list of mappings")
+                    continue
+                self._open.add(id(source))
+                try:
+                    entries = self._entries(source, path)
+                finally:
+                    self._open.discard(id(source))
+                for entry in entries:
+                    if _key_id(entry[0]) not in taken:
+                        taken.add(_key_id(entry[0]))
+                        merged.append(entry)
+        return merged + own
+
     def _key(self, node: yaml.Node, path: Path) -> str | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in (_STR, _VALUE):
             shown = node.value if isinstance(node, yaml.ScalarNode) else "a collection"
             self.problem(node, path, f"key {shown!r} is not a string (quote it to use it as a key)")
             return None
@@ -183,7 +222,14 @@ class _Builder:
         if node.tag not in _PLAIN_SCALARS:
             self.problem(node, path, f"unsupported YAML tag {node.tag}")
             return None
-        value: LayerValue = self.loader.construct_object(node)
+        try:
+            value: LayerValue = self.loader.construct_object(node)
+        except (ValueError, KeyError, yaml.YAMLError):  # e.g. `!!int abc`; never echo it
+            self.problem(node, path, f"not a valid {node.tag.rsplit(':', 1)[-1]}")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self.problem(node, path, "infinity and NaN are not allowed (JSON has neither)")
+            return None
         return value
 
     def _secret(self, node: yaml.Node, path: Path) -> LayerValue:
