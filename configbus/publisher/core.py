@@ -203,6 +203,7 @@ class Publisher:
             return None
         previous = state.config() if state is not None else None
         version = (state.version if state is not None else 0) + 1
+        paths = changed_paths(previous, config.data)
         body = build_body(
             tenant=tenant,
             env=env,
@@ -211,7 +212,7 @@ class Publisher:
             kind=EventKind.SNAPSHOT,
             detected_at=change.detected_at,
             cause=change.cause,
-            changed_paths=tuple(changed_paths(previous, config.data)),
+            changed_paths=tuple(paths),
         )
         log.debug(
             "%s/%s v%d prepared in %.2f ms",
@@ -285,6 +286,7 @@ class Publisher:
             await self.admin.ensure_topics(compacted, compact=True)
             if self.topics.audit in missing:
                 await self.admin.ensure_topics([self.topics.audit], compact=False)
+            await self.producer.track_topics(missing)
             self._known_topics |= missing
 
 

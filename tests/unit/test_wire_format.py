@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from configbus.bus.topics import CONTENT_TYPE, TopicNames
 from configbus.crypto import SigningKey, TrustedKey, TrustStore
-from configbus.errors import VerificationError
+from configbus.errors import SettingsError, VerificationError
 from configbus.events import Cause, EventKind, build_body, open_envelope, seal
 from configbus.tree.values import Value, canonical_json, config_hash, freeze, thaw
 
@@ -169,6 +169,10 @@ def test_topics_headers_and_keys_are_what_the_spec_says() -> None:
     assert names.audit_key("acme", "prod") == b"acme/prod"
     assert wire_decoder.record_stream(names.tenant_topic("acme"), b"prod") == ("acme", "prod")
     assert wire_decoder.record_stream(names.audit, b"acme/prod") == ("acme", "prod")
+    with pytest.raises(SettingsError, match="must differ"):
+        TopicNames(audit="configbus.shared", acks="configbus.shared")
+    with pytest.raises(SettingsError, match="collide"):
+        TopicNames(prefix="configbus.", audit="configbus.audit")
 
 
 def test_public_keys_are_an_spki_prefix_and_the_raw_key() -> None:
@@ -457,13 +461,26 @@ def _hex_lines(data: bytes) -> str:
 def test_the_worked_example_is_what_configbus_produces() -> None:
     blocks, value = _doc_blocks(), _example()
 
-    assert set(blocks) == {"pub", "config", "hex", "script", "output"}
+    assert set(blocks) == {"pub", "config", "hex", "envelope", "body", "script", "output"}
     assert blocks["hex"] == _hex_lines(value), "docs/wire-format.md §10.2 should read:\n" + (
         _hex_lines(value)
     )
     assert blocks["pub"] == EXAMPLE_KEY.public.pem()
     assert blocks["config"] == canonical_json(EXAMPLE_CONFIG).decode() + "\n"
     assert f"{len(value)} bytes, hex:" in DOC.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("block", ["envelope", "body"])
+def test_the_annotations_of_the_worked_example_point_at_the_right_bytes(block: str) -> None:
+    value = _example()
+    data = value if block == "envelope" else msgpack.unpackb(value)["body"]
+    rows = re.findall(r"^ *(\d+)  ((?:[0-9a-f]{2} )*[0-9a-f]{2})\b", _doc_blocks()[block], re.M)
+
+    assert len(rows) == _doc_blocks()[block].count("\n")  # every line is checked
+    for offset, shown in rows:
+        expected = bytes.fromhex(shown)
+        assert data[int(offset) : int(offset) + len(expected)] == expected, (offset, shown)
+    assert rows[0] == ("0", f"{data[0]:02x}")
 
 
 def test_the_worked_example_reads_as_the_spec_describes_it() -> None:

@@ -1,0 +1,145 @@
+"""An independent reader of configbus events, written from docs/wire-format.md alone.
+
+It uses the stock `msgpack` package and `cryptography`'s Ed25519 primitives and
+imports nothing from configbus, so the tests can check that what configbus puts on
+the wire is what the spec says: unit tests against `configbus.events.seal`,
+integration tests against records read from a real broker. Section numbers (§) refer
+to the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+CONTENT_TYPE = b"application/vnd.configbus.event+msgpack; v=1"  # §2.5
+KINDS = frozenset({"snapshot", "override", "rollback"})  # §5
+BODY_FIELDS: dict[str, type] = {  # §5: the required body fields and their msgpack types
+    "schema": int,
+    "tenant": str,
+    "env": str,
+    "version": int,
+    "config_hash": str,
+    "kind": str,
+    "issued_at": int,
+    "detected_at": int,
+    "cause": dict,
+    "changed_paths": list,
+    "config_encoding": str,
+    "config": bytes,
+}
+Scope = tuple[Collection[str], Collection[str]]  # (tenants, environments); "*" is all
+
+
+class WireError(ValueError):
+    """An event was rejected; `reason` is the spec's reason code (§7)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_and_verify(
+    value: bytes,
+    public_keys: Mapping[str, bytes | str],  # kid -> SubjectPublicKeyInfo PEM
+    *,
+    scopes: Mapping[str, Scope] | None = None,  # kid -> scope; absent: every stream
+    stream: tuple[str, str] | None = None,  # (tenant, env) the record was read from
+    last_version: int | None = None,  # version last applied to that stream
+) -> dict[str, Any]:
+    """The steps of §7 in order. Returns kid, body (a dict, `config` as sent), the
+    uncompressed config_json bytes and the parsed config."""
+    envelope = _unpack(value, "envelope")  # 1
+    if _is_int(envelope.get("v")) and envelope["v"] != 1:
+        raise WireError("unknown_schema", f"envelope version {envelope['v']}")
+    _need(envelope, {"v": int, "kid": str, "sig": bytes, "body": bytes}, "envelope")
+    kid, sig, body_bytes = envelope["kid"], envelope["sig"], envelope["body"]
+    if kid not in public_keys:  # 2
+        raise WireError("unknown_key", f"kid {kid!r} is not trusted")
+    pem = public_keys[kid]
+    key = load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise TypeError(f"the key of {kid!r} is not an Ed25519 public key")
+    try:  # 3
+        key.verify(sig, body_bytes)
+    except InvalidSignature:
+        raise WireError("bad_signature", f"sig does not verify with {kid!r}") from None
+    body = _unpack(body_bytes, "body")  # 4
+    if _is_int(body.get("schema")) and body["schema"] != 1:  # 5
+        raise WireError("unknown_schema", f"body schema {body['schema']}")
+    _need(body, BODY_FIELDS, "body")
+    cause, expires_at = body["cause"], body.get("expires_at")
+    _need(cause, {}, "cause")  # its members are optional (§5)
+    sources = cause.get("sources", [])
+    texts = [*body["changed_paths"], cause.get("actor", ""), cause.get("reason", "")]
+    if not isinstance(sources, list) or not all(isinstance(t, str) for t in texts + sources):
+        raise WireError("malformed", "changed_paths or cause holds a non-string")
+    if body["kind"] not in KINDS or not (expires_at is None or _is_int(expires_at)):
+        raise WireError("malformed", f"kind {body['kind']!r} or expires_at is not valid")
+    tenant, env = body["tenant"], body["env"]
+    tenants, envs = (scopes or {}).get(kid, (("*",), ("*",)))  # 6
+    if not ({"*", tenant} & set(tenants) and {"*", env} & set(envs)):
+        raise WireError("untrusted_scope", f"{kid!r} may not sign {tenant}/{env}")
+    if body["config_encoding"] == "json":  # 7
+        config_json = body["config"]
+    elif body["config_encoding"] == "json+zlib":
+        try:
+            config_json = zlib.decompress(body["config"])
+        except zlib.error as exc:
+            raise WireError("malformed", f"bad zlib data: {exc}") from None
+    else:
+        raise WireError("unknown_schema", f"config_encoding {body['config_encoding']!r}")
+    if hashlib.sha256(config_json).hexdigest() != body["config_hash"]:  # 8
+        raise WireError("hash_mismatch", "config does not hash to config_hash")
+    if stream is not None and stream != (tenant, env):  # 9
+        raise WireError("wrong_stream", f"{tenant}/{env} read from {stream[0]}/{stream[1]}")
+    if last_version is not None and body["version"] <= last_version:  # 10
+        raise WireError("stale_version", f"version {body['version']} <= {last_version}")
+    try:  # 11
+        config = json.loads(config_json.decode("utf-8"))
+    except ValueError as exc:
+        raise WireError("malformed", f"config is not JSON: {exc}") from None
+    return {"kid": kid, "body": body, "config_json": config_json, "config": config}
+
+
+def record_stream(
+    topic: str, key: bytes, *, prefix: str = "configbus.tenant.", audit: str = "configbus.audit"
+) -> tuple[str, str]:
+    """The (tenant, env) a record belongs to, by its topic and key (§2.1, §2.3)."""
+    if topic == audit:
+        tenant, _, env = key.decode("utf-8").partition("/")
+        return tenant, env
+    if not topic.startswith(prefix):
+        raise ValueError(f"{topic!r} is not a configbus topic")
+    return topic[len(prefix) :], key.decode("utf-8")
+
+
+def _unpack(data: bytes, what: str) -> dict[str, Any]:
+    """Exactly one msgpack object, a map with str keys (§3)."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise WireError("malformed", f"{what} is not msgpack: {exc}") from None
+    return _need(obj, {}, what)
+
+
+def _need(obj: Any, fields: Mapping[str, type], what: str) -> dict[str, Any]:
+    """`obj` if it is a map with str keys holding `fields` with those types."""
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise WireError("malformed", f"{what} is not a map with str keys")
+    for name, kind in fields.items():
+        if name not in obj or not (_is_int(obj[name]) if kind is int else type(obj[name]) is kind):
+            raise WireError("malformed", f"{what}: {name} missing or not {kind.__name__}")
+    return obj
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
