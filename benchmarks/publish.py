@@ -155,7 +155,8 @@ async def fanout(servers: str, tenants: int, scratch: Path) -> dict[str, Any]:
         await publisher.publish(dev_streams, Change(time.time_ns(), Cause(reason="warm-up")))
         result["second_publication_s"] = round(time.perf_counter() - started, 2)
 
-        dev_file.write_text(text.replace("\nfeature_flags:\n", "\nfeature_flags:\n  fanout: true\n"))
+        flag = "\nfeature_flags:\n  fanout: true\n"
+        dev_file.write_text(text.replace("\nfeature_flags:\n", flag))
         prepare_s = 0.0
         inner = publisher._prepare
 
