@@ -22,9 +22,11 @@ from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
 from configbus.events import open_envelope
 from configbus.logs import configure
+from configbus.ops import rollout_status
+from configbus.options import pick
 from configbus.publisher import PublisherSettings, publish_once, run
-from configbus.publisher.settings import pick
 from configbus.store import TenantStore, nest
+from configbus.telemetry import configure_from_env
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import parse_key
@@ -86,6 +88,18 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     tail.add_argument("--follow", "-f", action="store_true", help="keep reading new events")
     tail.set_defaults(func=_tail)
 
+    rollout = commands.add_parser("rollout", help="rollout status of a stream").add_subparsers(
+        dest="rollout_command", required=True, metavar="ACTION"
+    )
+    status = rollout.add_parser(
+        "status", parents=[kafka], help="which instance runs which version, and how fast"
+    )
+    status.add_argument("tenant", metavar="TENANT")
+    status.add_argument("env", metavar="ENV")
+    status.add_argument("--version", type=int, metavar="N", help="default: the latest published")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_rollout_status)
+
     tenant = commands.add_parser("tenant", help="the run-time tenant store in Redis")
     actions = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
     stream = argparse.ArgumentParser(add_help=False, parents=[root, redis_url])
@@ -126,6 +140,7 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
 def _daemon(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     configure(json_lines=True, level=args.log_level)
+    configure_from_env()
     return run_async(run(settings))
 
 
@@ -204,6 +219,19 @@ def _tail_line(record: Record, trust: TrustStore, last: dict[str, int]) -> tuple
         f"{when:%Y-%m-%dT%H:%M:%S}Z  verified:{event.kid}  {cause}  changed: {changed or '-'}",
         True,
     )
+
+
+# -- rollout ------------------------------------------------------------------------
+def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
+    kafka, topics = _kafka(args)
+    topics.tenant_topic(args.tenant)  # a tenant id that cannot name a topic: usage error
+    report = run_async(rollout_status(kafka, topics, args.tenant, args.env, args.version))
+    if args.json:
+        json.dump(report.to_dict(), out, indent=2)
+        out.write("\n")
+    else:
+        print(report.table(), file=out)
+    return 0
 
 
 # -- tenant store ---------------------------------------------------------------------

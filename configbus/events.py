@@ -31,6 +31,7 @@ from configbus.errors import VerificationError
 __all__ = [
     "ENVELOPE_VERSION",
     "SCHEMA_VERSION",
+    "Ack",
     "Cause",
     "Envelope",
     "EventBody",
@@ -93,6 +94,28 @@ class _EnvelopeVersion(msgspec.Struct):  # only `v`: read when a whole envelope 
 
 class _BodySchema(msgspec.Struct):  # only `schema`: read when a whole body won't decode
     schema: int
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True):
+    """A subscriber's report on one event, on the acks topic (msgpack, key
+    ``<tenant>/<env>/<instance>``). Not signed: it is telemetry, not configuration.
+    Times are integer nanoseconds since the epoch; 0 when unknown."""
+
+    schema: int = 1
+    tenant: str
+    env: str
+    version: int
+    instance: str
+    service: str
+    status: str  # "applied" or "rejected"
+    reason: str = ""
+    config_hash: str = ""
+    detected_at: int = 0
+    issued_at: int = 0
+    received_at: int = 0
+    applied_at: int = 0
+    trace_id: str = ""
+    startup: bool = False  # applied while the instance started: not a propagation time
 
 
 @dataclass(frozen=True, slots=True)

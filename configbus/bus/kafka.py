@@ -27,6 +27,7 @@ __all__ = [
     "Admin",
     "FencedError",
     "KafkaSettings",
+    "PartitionReader",
     "Producer",
     "Record",
     "follow",
@@ -351,3 +352,73 @@ async def follow(
         raise _bus_error(exc, "following topics") from exc
     finally:
         await consumer.stop()
+
+
+class PartitionReader:
+    """Reads one single-partition topic: the latest record for a key first (reading
+    backwards from the end in growing chunks, so start-up costs a few round trips, not
+    a scan of history), then every record after it, as it arrives."""
+
+    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._consumer: Any = None
+        self._tp = TopicPartition(topic, 0)
+
+    async def start(self) -> bool:
+        """Connect. Returns False (and stays stopped) while the topic does not exist."""
+        if self._consumer is not None:
+            return True
+        consumer = _consumer(
+            self.settings, "read_committed", fetch_max_wait_ms=100, auto_offset_reset="latest"
+        )
+        try:
+            await consumer.start()
+            if not await _partitions(consumer, [self.topic]):
+                await consumer.stop()
+                return False
+        except KafkaError as exc:
+            await consumer.stop()
+            raise _bus_error(exc, f"connecting to {self.topic}") from exc
+        consumer.assign([self._tp])
+        self._consumer = consumer
+        return True
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def latest(self, key: bytes, *, chunk: int = 16) -> Record | None:
+        """The last committed record with `key`, or None. Leaves the reader positioned
+        at the end the topic had, ready to follow."""
+        consumer, tp = self._consumer, self._tp
+        try:
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
+            upper = end
+            while upper > begin:
+                lower = max(begin, upper - chunk)
+                consumer.seek(tp, lower)
+                found: Record | None = None
+                while await consumer.position(tp) < upper:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    for message in batch.get(tp, ()):
+                        if message.offset < upper and message.key == key:
+                            found = _record(message)
+                if found is not None:
+                    consumer.seek(tp, end)
+                    return found
+                upper, chunk = lower, chunk * 4
+            consumer.seek(tp, end)
+            return None
+        except KafkaError as exc:
+            raise _bus_error(exc, f"reading {self.topic}") from exc
+
+    async def poll(self, timeout_ms: int = 1000) -> list[Record]:
+        """The records that arrived since the last call (waits up to `timeout_ms`)."""
+        try:
+            batch = await self._consumer.getmany(self._tp, timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            raise _bus_error(exc, f"reading {self.topic}") from exc
+        return [_record(message) for message in batch.get(self._tp, ())]

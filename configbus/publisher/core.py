@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 
 from configbus.bus import CONTENT_TYPE, Admin, Producer, TopicNames, read_to_end
 from configbus.bus.kafka import KafkaSettings
@@ -37,6 +39,7 @@ from configbus.events import (
     seal,
 )
 from configbus.store import TenantStore
+from configbus.telemetry import headers_with_context, tracer
 from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.diff import changed_paths
 from configbus.tree.layer import Layer
@@ -79,6 +82,7 @@ class Change:
 class _Prepared:
     stream: Stream
     version: int
+    detected_at: int
     config: ResolvedConfig
     value: bytes  # the signed record value
 
@@ -221,7 +225,29 @@ class Publisher:
             version,
             (time.perf_counter() - started) * 1000,
         )
-        return _Prepared(stream, version, config, seal(body, self.key))
+        return _Prepared(stream, version, change.detected_at, config, seal(body, self.key))
+
+    def _span(self, item: _Prepared) -> trace.Span:
+        """The event's span: from the change's detection to Kafka's acknowledgement."""
+        tenant, env = item.stream
+        topic = self.topics.tenant_topic(tenant)
+        return tracer.start_span(
+            f"publish {topic}",
+            kind=trace.SpanKind.PRODUCER,
+            start_time=item.detected_at,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": topic,
+                "messaging.kafka.message.key": env,
+                "messaging.destination.partition.id": "0",
+                "configbus.tenant": tenant,
+                "configbus.env": env,
+                "configbus.version": item.version,
+                "configbus.config_hash": item.config.hash,
+            },
+        )
 
     async def _store_layers(self, streams: Sequence[Stream]) -> dict[Stream, Layer]:
         if self.store is None:
@@ -237,22 +263,34 @@ class Publisher:
         tenants = {item.stream[0] for item in batch}
         await self._ensure_topics(tenants)
         started = time.perf_counter()
-        headers = (("content-type", CONTENT_TYPE),)
-        async with self.producer.transaction():
-            for item in batch:
-                tenant, env = item.stream
-                await self.producer.send(
-                    self.topics.tenant_topic(tenant),
-                    item.value,
-                    key=self.topics.record_key(env),
-                    headers=headers,
-                )
-                await self.producer.send(
-                    self.topics.audit,
-                    item.value,
-                    key=self.topics.audit_key(tenant, env),
-                    headers=headers,
-                )
+        spans = [self._span(item) for item in batch]
+        try:
+            async with self.producer.transaction():
+                for item, span in zip(batch, spans, strict=True):
+                    tenant, env = item.stream
+                    headers = headers_with_context(
+                        (("content-type", CONTENT_TYPE),), trace.set_span_in_context(span)
+                    )
+                    await self.producer.send(
+                        self.topics.tenant_topic(tenant),
+                        item.value,
+                        key=self.topics.record_key(env),
+                        headers=headers,
+                    )
+                    await self.producer.send(
+                        self.topics.audit,
+                        item.value,
+                        key=self.topics.audit_key(tenant, env),
+                        headers=headers,
+                    )
+        except BaseException as exc:
+            for span in spans:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, exc.__class__.__name__)
+                span.end()
+            raise
+        for span in spans:
+            span.end()
         committed = time.perf_counter()
         cache: dict[Stream, bytes] = {}
         for item in batch:

@@ -168,6 +168,7 @@ class Daemon:
             try:
                 await self.admin.start()
                 await self.producer.start()  # fences any older publisher with our id
+                await self.admin.ensure_topics([self.settings.topics.acks], compact=True)
                 self.publisher.states = await recover_states(
                     self.settings.kafka, self.settings.topics
                 )

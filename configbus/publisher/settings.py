@@ -3,38 +3,17 @@ environment variables, then defaults."""
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.errors import SettingsError
+from configbus.options import pick
 
-__all__ = ["PublisherSettings", "pick"]
-
-T = TypeVar("T")
-
-
-def pick(
-    value: Any,
-    variable: str,
-    default: T,
-    convert: Callable[[str], T],
-    environ: Mapping[str, str] | None = None,
-) -> T:
-    """The argument when given, else the environment variable, else the default."""
-    if value is not None:
-        return value  # type: ignore[no-any-return]
-    raw = (os.environ if environ is None else environ).get(variable)
-    if raw is None or raw == "":
-        return default
-    try:
-        return convert(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{variable}={raw!r}: {exc}") from None
+__all__ = ["PublisherSettings"]
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:

@@ -1,0 +1,178 @@
+"""Rollout status: has every instance got the change, and how long did it take?
+
+Read from Kafka alone: the stream's latest version from its tenant topic, and every
+instance's acknowledgements from the acks topic (compacted, keyed
+``<tenant>/<env>/<instance>/<status>``, so the last applied and the last rejected ack
+of each instance survive).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+
+from configbus.bus import KafkaSettings, PartitionReader, TopicNames, read_to_end
+from configbus.events import Ack, Envelope, EventBody
+
+__all__ = ["InstanceStatus", "RolloutReport", "rollout_status"]
+
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    instance: str
+    service: str
+    version: int  # the version it runs (last applied)
+    latency_ms: float | None  # detection -> applied for that version; None at start-up
+    applied_at: int
+    rejected_version: int = 0  # the last version it refused, if newer than what it runs
+    rejected_reason: str = ""
+
+
+@dataclass(slots=True)
+class RolloutReport:
+    tenant: str
+    env: str
+    target_version: int
+    instances: list[InstanceStatus] = field(default_factory=list)
+
+    @property
+    def at_target(self) -> list[InstanceStatus]:
+        return [i for i in self.instances if i.version >= self.target_version]
+
+    @property
+    def stragglers(self) -> list[InstanceStatus]:
+        return [i for i in self.instances if i.version < self.target_version]
+
+    @property
+    def rejections(self) -> list[InstanceStatus]:
+        return [i for i in self.instances if i.rejected_version > i.version]
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        """p50/p95/p99 of detection-to-applied for the instances that applied exactly
+        the target version (later versions measure another change)."""
+        samples = sorted(
+            i.latency_ms
+            for i in self.instances
+            if i.version == self.target_version and i.latency_ms is not None
+        )
+
+        def pick(q: float) -> float | None:
+            if not samples:
+                return None
+            return round(samples[min(len(samples) - 1, int(q * len(samples)))], 2)
+
+        return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "env": self.env,
+            "target_version": self.target_version,
+            "instances": [asdict(i) for i in self.instances],
+            "at_target": len(self.at_target),
+            "total": len(self.instances),
+            "latency": self.latency_percentiles(),
+            "stragglers": [i.instance for i in self.stragglers],
+            "rejections": [
+                {"instance": i.instance, "version": i.rejected_version, "reason": i.rejected_reason}
+                for i in self.rejections
+            ],
+        }
+
+    def table(self) -> str:
+        """The report as text for a terminal."""
+        lines = [
+            f"{self.tenant}/{self.env}: target v{self.target_version}, "
+            f"{len(self.at_target)}/{len(self.instances)} instances at or past it"
+        ]
+        width = max([len(i.instance) for i in self.instances] + [8])
+        lines.append(f"  {'instance':<{width}}  {'service':<16} version  latency    note")
+        now = time.time_ns()
+        for i in sorted(self.instances, key=lambda i: (i.version, i.instance)):
+            latency = f"{i.latency_ms:8.1f}ms" if i.latency_ms is not None else "         -"
+            note = ""
+            if i.rejected_version > i.version:
+                note = f"REJECTED v{i.rejected_version}: {i.rejected_reason}"
+            elif i.version < self.target_version and i.applied_at:
+                note = f"straggler (applied v{i.version} {(now - i.applied_at) / 1e9:.0f}s ago)"
+            elif i.version < self.target_version:
+                note = "straggler (never applied a version)"
+            elif i.latency_ms is None:
+                note = "(got it at start-up)"
+            lines.append(
+                f"  {i.instance:<{width}}  {i.service[:16]:<16} v{i.version:<6} {latency}  {note}"
+            )
+        p = self.latency_percentiles()
+        if p["p50_ms"] is not None:
+            lines.append(
+                f"detection -> applied for v{self.target_version}: "
+                f"p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms, p99 {p['p99_ms']} ms"
+            )
+        return "\n".join(lines)
+
+
+async def latest_version(kafka: KafkaSettings, topics: TopicNames, tenant: str, env: str) -> int:
+    """The stream's last committed version, 0 when it never published."""
+    reader = PartitionReader(kafka, topics.tenant_topic(tenant))
+    try:
+        if not await reader.start():
+            return 0
+        record = await reader.latest(env.encode())
+    finally:
+        await reader.stop()
+    if record is None or record.value is None:
+        return 0
+    try:
+        envelope = msgspec.msgpack.decode(record.value, type=Envelope)
+        return msgspec.msgpack.decode(envelope.body, type=EventBody).version
+    except msgspec.DecodeError:
+        return 0
+
+
+async def rollout_status(
+    kafka: KafkaSettings,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    version: int | None = None,
+) -> RolloutReport:
+    """Every instance of the stream, the version it runs, and the rollout of `version`
+    (default: the latest published)."""
+    target = version if version is not None else await latest_version(kafka, topics, tenant, env)
+    prefix = f"{tenant}/{env}/".encode()
+    applied: dict[str, Ack] = {}
+    rejected: dict[str, Ack] = {}
+    async for record in read_to_end(kafka, [topics.acks]):
+        if not record.key or not record.key.startswith(prefix) or record.value is None:
+            continue
+        try:
+            ack = _ack_decoder.decode(record.value)
+        except msgspec.DecodeError:
+            continue
+        seen = applied if ack.status == "applied" else rejected
+        known = seen.get(ack.instance)
+        if known is None or ack.version >= known.version:
+            seen[ack.instance] = ack
+    report = RolloutReport(tenant, env, target)
+    for instance in sorted(applied.keys() | rejected.keys()):
+        good, bad = applied.get(instance), rejected.get(instance)
+        latency = None
+        if good is not None and good.detected_at and good.applied_at and not good.startup:
+            latency = (good.applied_at - good.detected_at) / 1e6
+        report.instances.append(
+            InstanceStatus(
+                instance=instance,
+                service=next((a.service for a in (good, bad) if a is not None), ""),
+                version=good.version if good else 0,
+                latency_ms=latency,
+                applied_at=good.applied_at if good else 0,
+                rejected_version=bad.version if bad else 0,
+                rejected_reason=bad.reason if bad else "",
+            )
+        )
+    return report

@@ -1,0 +1,14 @@
+"""The subscriber SDK that services embed: verified hot reload of one stream."""
+
+from configbus.subscriber.core import Callback, ConfigSubscriber, NoConfigError, Validator
+from configbus.subscriber.settings import SubscriberSettings
+from configbus.subscriber.sync import SyncSubscriber
+
+__all__ = [
+    "Callback",
+    "ConfigSubscriber",
+    "NoConfigError",
+    "SubscriberSettings",
+    "SyncSubscriber",
+    "Validator",
+]

@@ -1,0 +1,507 @@
+"""The subscriber: verified hot reload of one stream inside a service.
+
+    async with ConfigSubscriber("aurora-records", "prod", trust="trust.yml") as sub:
+        sub.on_change("database", reconnect_pool)        # old, new, changed paths
+        sub.add_validator(lambda config: ...)             # raise to refuse a config
+        pool_size = sub.config.get("database.postgresql.connection_pool.max_size")
+
+Life of an event: received -> verified (signature by a trusted key whose scope
+covers this stream, tenant and environment match, version above the current one,
+known schema, config hash) -> validators -> an atomic swap (readers see the old config
+or the new one, never a mix) -> callbacks in registration order -> acknowledged ->
+written to the disk cache. Anything that fails keeps the last good config, is logged
+with its reason and acknowledged as rejected.
+
+At start the subscriber applies its disk cache (re-verified) if it has one, then
+reads the latest record of its stream from Kafka. Without Kafka it runs on the cache
+and keeps retrying; with neither, `start()` fails after `start_timeout`. Callbacks
+run on the event loop that started the subscriber; sync callbacks run inline.
+The SDK never installs signal handlers and never configures logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+from configbus.bus import PartitionReader, Producer, Record
+from configbus.crypto import TrustStore
+from configbus.errors import BusError, ConfigBusError, VerificationError
+from configbus.events import Ack, VerifiedEvent, open_envelope
+from configbus.subscriber.settings import SubscriberSettings
+from configbus.telemetry import (
+    applied_counter,
+    extract,
+    latency_histogram,
+    rejected_counter,
+    tracer,
+)
+from configbus.tree.diff import changed_paths
+from configbus.tree.resolved import ResolvedConfig
+from configbus.tree.values import FrozenDict, freeze
+
+__all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Validator"]
+
+log = logging.getLogger(__name__)
+
+Callback: TypeAlias = Callable[[ResolvedConfig, ResolvedConfig, list[str]], Awaitable[None] | None]
+Validator: TypeAlias = Callable[[ResolvedConfig], object]
+
+
+class NoConfigError(ConfigBusError):
+    """`start()` found no config: Kafka unreachable (or the stream never published)
+    and no disk cache. Retriable: the next start may find it."""
+
+    retriable = True
+
+
+class _AlreadyApplied(Exception):
+    """The event is the one already applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    config: ResolvedConfig
+    version: int
+    event: VerifiedEvent | None
+
+
+_EMPTY = ResolvedConfig(FrozenDict())
+_ack_encoder = msgspec.msgpack.Encoder()
+
+
+class ConfigSubscriber:
+    """One stream's live config. `async with`, or `start()` / `stop()` (idempotent)."""
+
+    def __init__(
+        self,
+        tenant: str,
+        env: str,
+        *,
+        bootstrap_servers: str | None = None,
+        trust: TrustStore | str | os.PathLike[str] | None = None,
+        instance_id: str | None = None,
+        service: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        topic_prefix: str | None = None,
+        start_timeout: float | None = None,
+        settings: SubscriberSettings | None = None,
+    ) -> None:
+        self.settings = settings or SubscriberSettings.build(
+            tenant,
+            env,
+            bootstrap_servers=bootstrap_servers,
+            trust=trust,
+            instance_id=instance_id,
+            service=service,
+            cache_dir=cache_dir,
+            topic_prefix=topic_prefix,
+            start_timeout=start_timeout,
+        )
+        self.tenant, self.env = self.settings.tenant, self.settings.env
+        self._current = _Current(_EMPTY, 0, None)
+        self._callbacks: list[tuple[str, Callback]] = []
+        self._validators: list[Validator] = []
+        self.applied = 0
+        self.ignored = 0
+        self.rejected: dict[str, int] = {}
+        self.last_rejection: str | None = None
+        self.source: str | None = None  # "kafka" or "cache": where the config came from
+        self._task: asyncio.Task[None] | None = None
+        self._acks: asyncio.Queue[Ack] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
+        self._changed: asyncio.Event | None = None  # replaced (after being set) per apply
+        self._bootstrapped: asyncio.Event | None = None
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConfigSubscriber {self.tenant}/{self.env} v{self.version} "
+            f"instance={self.settings.instance_id} {self._state}>"
+        )
+
+    # -- what services read ---------------------------------------------------------
+    @property
+    def config(self) -> ResolvedConfig:
+        """The current config: immutable, swapped whole on every apply."""
+        return self._current.config
+
+    @property
+    def version(self) -> int:
+        """The version of the current config; 0 before the first."""
+        return self._current.version
+
+    def on_change(self, prefix: str, callback: Callback) -> None:
+        """Call `callback(old, new, paths)` after every apply that changes a key under
+        `prefix` ("" for any); `paths` are the changed dotted keys under it. Sync or
+        async; called in registration order; an exception is logged and ignored."""
+        self._callbacks.append((prefix, callback))
+
+    def add_validator(self, validator: Validator) -> None:
+        """Run `validator(config)` before every apply; raising (or returning False)
+        refuses the config, which is then acknowledged as rejected."""
+        self._validators.append(validator)
+
+    async def wait_for_version(self, version: int, timeout: float | None = None) -> int:  # noqa: ASYNC109 - the documented API
+        """Wait until the config is at `version` or later; returns the version.
+        Raises TimeoutError after `timeout` seconds."""
+        if self._changed is None:
+            raise ConfigBusError("the subscriber is not started")
+        async with asyncio.timeout(timeout):
+            while self.version < version:
+                await self._changed.wait()
+        return self.version
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> ConfigSubscriber:
+        """Apply the disk cache, connect, and return once the latest config is applied
+        (or, when Kafka cannot be reached, once the cache is; see the module doc)."""
+        if self._state == "started":
+            return self
+        if self._state == "stopped":
+            raise ConfigBusError("a stopped subscriber cannot start again; create a new one")
+        self._changed = asyncio.Event()
+        self._bootstrapped = asyncio.Event()
+        cached = await self._load_cache()
+        if self.settings.send_acks:
+            self._acks = asyncio.Queue(maxsize=1000)
+            self._ack_task = asyncio.create_task(self._send_acks(), name="configbus-acks")
+        self._task = asyncio.create_task(self._follow(), name="configbus-subscriber")
+        wait = self.settings.start_timeout
+        if cached:
+            wait = min(wait, self.settings.offline_grace)
+        try:
+            await asyncio.wait_for(self._bootstrapped.wait(), wait)
+        except TimeoutError:
+            if not cached:
+                await self.stop()
+                raise NoConfigError(
+                    f"no config for {self.tenant}/{self.env}: nothing from Kafka within "
+                    f"{wait:g}s and no disk cache"
+                ) from None
+            log.warning(
+                "%s/%s: Kafka unreachable; running on the disk cache (v%d), still retrying",
+                self.tenant,
+                self.env,
+                self.version,
+            )
+        self._state = "started"
+        return self
+
+    async def stop(self) -> None:
+        """Stop following; flush pending acknowledgements briefly. Safe twice."""
+        if self._state == "stopped":
+            return
+        self._state = "stopped"
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        ack_task, self._ack_task = self._ack_task, None
+        if ack_task is not None:
+            if self._acks is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._acks.join(), 2.0)
+            ack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ack_task
+
+    async def __aenter__(self) -> ConfigSubscriber:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- following the stream ---------------------------------------------------------
+    async def _follow(self) -> None:
+        """Bootstrap from the latest record, then follow; reconnect with bounded,
+        jittered backoff after any Kafka failure."""
+        topic = self.settings.topics.tenant_topic(self.tenant)
+        key = self.env.encode()
+        backoff = 0.1
+        while True:
+            reader = PartitionReader(self.settings.kafka, topic)
+            try:
+                if not await reader.start():
+                    raise BusError(f"topic {topic} does not exist yet")
+                latest = await reader.latest(key)
+                if latest is not None:
+                    first = self._bootstrapped is not None and not self._bootstrapped.is_set()
+                    await self._handle(latest, startup=first)
+                if latest is not None or self.version > 0:
+                    self._mark_bootstrapped()
+                backoff = 0.1
+                while True:
+                    for record in await reader.poll(1000):
+                        if record.key == key:
+                            await self._handle(record)
+                            self._mark_bootstrapped()
+            except BusError as exc:
+                delay = backoff * random.uniform(0.5, 1.5)
+                log.warning("%s/%s: %s; retrying in %.1fs", self.tenant, self.env, exc, delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                await reader.stop()
+
+    def _mark_bootstrapped(self) -> None:
+        if self._bootstrapped is not None and not self._bootstrapped.is_set():
+            self.source = "kafka"
+            self._bootstrapped.set()
+
+    async def _handle(
+        self, record: Record, *, from_cache: bool = False, startup: bool = False
+    ) -> bool:
+        """Verify and apply one record; True when applied."""
+        received_at = time.time_ns()
+        parent = extract(record.headers)
+        name = "apply cached config" if from_cache else f"receive {record.topic}"
+        with tracer.start_as_current_span(
+            name,
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "receive",
+                "messaging.destination.name": record.topic,
+                "messaging.kafka.offset": record.offset,
+                "configbus.tenant": self.tenant,
+                "configbus.env": self.env,
+                "configbus.instance": self.settings.instance_id,
+            },
+        ) as span:
+            event: VerifiedEvent | None = None
+            try:
+                with tracer.start_as_current_span("verify"):
+                    event = self._verify(record)
+                span.set_attribute("configbus.version", event.body.version)
+                with tracer.start_as_current_span("apply"):
+                    old, new = self._apply(event)
+                applied_at = time.time_ns()
+            except _AlreadyApplied:
+                self.ignored += 1  # the same event again (the cache, then Kafka): no news
+                return False
+            except VerificationError as exc:
+                span.set_status(StatusCode.ERROR, exc.reason)
+                self._rejected(exc, event, received_at, span)
+                return False
+            self.applied += 1
+            self.source = "cache" if from_cache else "kafka"
+            await self._run_callbacks(old, new)
+            latency_ms = (applied_at - event.body.detected_at) / 1e6
+            attributes = {"configbus.tenant": self.tenant, "configbus.env": self.env}
+            applied_counter.add(1, attributes)
+            if not from_cache and not startup:
+                latency_histogram.record(latency_ms, attributes)
+            if not from_cache:
+                log.info(
+                    "%s/%s: applied v%d (%.1f ms after detection)",
+                    self.tenant,
+                    self.env,
+                    event.body.version,
+                    latency_ms,
+                    extra={"tenant": self.tenant, "env": self.env, "version": event.body.version},
+                )
+                self._ack(event, "applied", "", received_at, applied_at, span, startup)
+                await self._write_cache(record)
+            return True
+
+    def _verify(self, record: Record) -> VerifiedEvent:
+        event = open_envelope(record.value or b"", self.settings.trust)
+        body = event.body
+        if (body.tenant, body.env) != (self.tenant, self.env):
+            raise VerificationError(
+                "wrong_stream", f"event for {body.tenant}/{body.env} on {self.tenant}/{self.env}"
+            )
+        current = self._current.event
+        if current is not None and (body.version, body.config_hash) == (
+            current.body.version,
+            current.body.config_hash,
+        ):
+            raise _AlreadyApplied
+        if body.version <= self.version:
+            raise VerificationError(
+                "stale_version", f"v{body.version} is not newer than v{self.version}"
+            )
+        return event
+
+    def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
+        try:
+            data = freeze(msgspec.json.decode(event.config_json))
+        except (msgspec.DecodeError, TypeError) as exc:
+            raise VerificationError("malformed", f"config is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise VerificationError("malformed", "config is not a JSON object")
+        new = ResolvedConfig(data, env=self.env, tenant=self.tenant)
+        for validator in self._validators:
+            try:
+                verdict = validator(new)
+            except Exception as exc:
+                raise VerificationError("refused", f"{_name(validator)}: {exc}") from None
+            if verdict is False:
+                raise VerificationError("refused", f"{_name(validator)} refused the config")
+        old = self._current.config
+        self._current = _Current(new, event.body.version, event)  # the atomic swap
+        if self._changed is not None:
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()  # wakes every wait_for_version
+        return old, new
+
+    async def _run_callbacks(self, old: ResolvedConfig, new: ResolvedConfig) -> None:
+        if not self._callbacks:
+            return
+        changed = changed_paths(old.data, new.data)
+        for prefix, callback in self._callbacks:
+            paths = [p for p in changed if not prefix or p == prefix or p.startswith(prefix + ".")]
+            if not paths:
+                continue
+            with tracer.start_as_current_span(f"callback {_name(callback)}") as span:
+                try:
+                    result = callback(old, new, paths)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(StatusCode.ERROR, exc.__class__.__name__)
+                    log.exception(
+                        "%s/%s: change callback %s failed", self.tenant, self.env, _name(callback)
+                    )
+
+    def _rejected(
+        self,
+        exc: VerificationError,
+        event: VerifiedEvent | None,
+        received_at: int,
+        span: trace.Span,
+    ) -> None:
+        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+        self.last_rejection = str(exc)
+        rejected_counter.add(
+            1, {"configbus.tenant": self.tenant, "configbus.env": self.env, "reason": exc.reason}
+        )
+        log.warning(
+            "%s/%s: rejected an event, keeping v%d: %s",
+            self.tenant,
+            self.env,
+            self.version,
+            exc,
+            extra={"tenant": self.tenant, "env": self.env, "reason": exc.reason},
+        )
+        self._ack(event, "rejected", str(exc), received_at, 0, span)
+
+    # -- acknowledgements -----------------------------------------------------------
+    def _ack(
+        self,
+        event: VerifiedEvent | None,
+        status: str,
+        reason: str,
+        received_at: int,
+        applied_at: int,
+        span: trace.Span,
+        startup: bool = False,
+    ) -> None:
+        if self._acks is None:
+            return
+        body = event.body if event is not None else None
+        ack = Ack(
+            tenant=self.tenant,
+            env=self.env,
+            version=body.version if body is not None else 0,
+            instance=self.settings.instance_id,
+            service=self.settings.service,
+            status=status,
+            reason=reason,
+            config_hash=body.config_hash if body is not None else "",
+            detected_at=body.detected_at if body is not None else 0,
+            issued_at=body.issued_at if body is not None else 0,
+            received_at=received_at,
+            applied_at=applied_at,
+            trace_id=format(span.get_span_context().trace_id, "032x"),
+            startup=startup,
+        )
+        try:
+            self._acks.put_nowait(ack)
+        except asyncio.QueueFull:
+            log.warning("%s/%s: acknowledgement queue full; dropping one", self.tenant, self.env)
+
+    async def _send_acks(self) -> None:
+        """Send acknowledgements in the background, so a slow or absent acks topic never
+        delays applying config."""
+        queue = self._acks
+        if queue is None:
+            return
+        producer = Producer(self.settings.kafka)
+        base = f"{self.tenant}/{self.env}/{self.settings.instance_id}"
+        try:
+            while True:
+                ack = await queue.get()
+                try:
+                    await producer.start()
+                    # Keyed per instance and status, so compaction keeps both the last
+                    # applied and the last rejected ack of every instance.
+                    key = f"{base}/{ack.status}".encode()
+                    value = _ack_encoder.encode(ack)
+                    await producer.send(self.settings.topics.acks, value, key=key)
+                except BusError as exc:
+                    log.warning("%s/%s: could not send an ack: %s", self.tenant, self.env, exc)
+                    await producer.stop()
+                finally:
+                    queue.task_done()
+        finally:
+            await producer.stop()
+
+    # -- the disk cache ---------------------------------------------------------------
+    def _cache_file(self) -> Path | None:
+        folder = self.settings.cache_dir
+        return folder / f"{self.tenant}.{self.env}.event" if folder is not None else None
+
+    async def _load_cache(self) -> bool:
+        path = self._cache_file()
+        if path is None or not path.exists():
+            return False
+        try:
+            value = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            log.warning("%s: cannot read the config cache: %s", path, exc.strerror)
+            return False
+        record = Record(str(path), 0, 0, self.env.encode(), value, (), 0)
+        if await self._handle(record, from_cache=True):
+            log.info("%s/%s: v%d applied from %s", self.tenant, self.env, self.version, path)
+            return True
+        log.warning("%s: the cached config did not verify; ignoring it", path)
+        return False
+
+    async def _write_cache(self, record: Record) -> None:
+        path = self._cache_file()
+        if path is None or record.value is None:
+            return
+        value = record.value
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(value)
+            os.replace(temporary, path)  # atomic: a crash leaves the old file or the new
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
+
+
+def _name(function: object) -> str:
+    return str(getattr(function, "__qualname__", None) or function.__class__.__name__)

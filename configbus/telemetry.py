@@ -1,0 +1,119 @@
+"""OpenTelemetry: one trace per change, from detection to every instance that applied it.
+
+The library only uses the OpenTelemetry API: spans and metrics go wherever the
+application's providers send them, and nowhere when it has none. `configure_from_env`
+sets up the SDK from the standard ``OTEL_*`` variables for processes that have no
+telemetry set-up of their own (the daemon, the examples): ``OTEL_TRACES_EXPORTER``
+and ``OTEL_METRICS_EXPORTER`` = ``otlp`` (OTLP over HTTP, endpoint from
+``OTEL_EXPORTER_OTLP_ENDPOINT``) or ``console``; nothing is exported when unset.
+
+Trace context crosses Kafka in the W3C ``traceparent``/``tracestate`` record headers,
+which are not signed: they are observability, never trusted input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Final
+
+from opentelemetry import context, metrics, propagate, trace
+from opentelemetry.context import Context
+
+__all__ = [
+    "applied_counter",
+    "configure_from_env",
+    "extract",
+    "headers_with_context",
+    "latency_histogram",
+    "meter",
+    "rejected_counter",
+    "tracer",
+]
+
+tracer: Final = trace.get_tracer("configbus")
+meter: Final = metrics.get_meter("configbus")
+
+latency_histogram: Final = meter.create_histogram(
+    "configbus.apply.latency",
+    unit="ms",
+    description="From the change being detected by the publisher to an instance applying it",
+)
+applied_counter: Final = meter.create_counter(
+    "configbus.events.applied", description="Events verified and applied"
+)
+rejected_counter: Final = meter.create_counter(
+    "configbus.events.rejected", description="Events refused, by reason"
+)
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+def headers_with_context(base: Headers = (), ctx: Context | None = None) -> Headers:
+    """`base` plus the W3C trace context of `ctx` (default: the current one)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    return base + tuple((key, value.encode()) for key, value in carrier.items())
+
+
+def extract(headers: Iterable[tuple[str, bytes]]) -> Context:
+    """The trace context carried in record headers (an empty one when absent)."""
+    carrier = {
+        key: value.decode("ascii", "replace")
+        for key, value in headers
+        if key in ("traceparent", "tracestate")
+    }
+    return propagate.extract(carrier, context=context.Context())
+
+
+_configured = False
+
+
+def configure_from_env() -> bool:
+    """Install SDK providers per ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER``.
+    Returns whether anything is exported. Idempotent."""
+    global _configured
+    if _configured:
+        return True
+    traces = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    metric_exporter = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    if traces in ("", "none") and metric_exporter in ("", "none"):
+        return False
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create()
+    if traces not in ("", "none"):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+        span_exporter: SpanExporter
+        if traces == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            span_exporter = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            span_exporter = OTLPSpanExporter()
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        trace.set_tracer_provider(provider)
+    if metric_exporter not in ("", "none"):
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+
+        exporter: MetricExporter
+        if metric_exporter == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+            exporter = ConsoleMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            exporter = OTLPMetricExporter()
+        reader = PeriodicExportingMetricReader(exporter)
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+    _configured = True
+    return True
