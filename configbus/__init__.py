@@ -5,13 +5,17 @@ change without notice.
 """
 
 from configbus.errors import (
+    BusError,
     ConfigBusError,
+    KeyringError,
     Problem,
     SchemaError,
     SettingsError,
     TreeError,
     UnknownNameError,
+    VerificationError,
 )
+from configbus.subscriber import ConfigSubscriber, NoConfigError, SyncSubscriber
 from configbus.tree import (
     EnvironmentConfigManager,
     EnvironmentTree,
@@ -24,17 +28,23 @@ from configbus.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BusError",
     "ConfigBusError",
+    "ConfigSubscriber",
     "EnvironmentConfigManager",
     "EnvironmentTree",
     "EnvironmentType",
+    "KeyringError",
+    "NoConfigError",
     "Problem",
     "ResolvedConfig",
     "SchemaError",
     "SecretRef",
     "SettingsError",
+    "SyncSubscriber",
     "TreeError",
     "UnknownNameError",
+    "VerificationError",
     "__version__",
     "get_environment_config",
 ]

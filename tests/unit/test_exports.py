@@ -8,17 +8,23 @@ import importlib.metadata
 import configbus
 
 PUBLIC = [
+    "BusError",
     "ConfigBusError",
+    "ConfigSubscriber",
     "EnvironmentConfigManager",
     "EnvironmentTree",
     "EnvironmentType",
+    "KeyringError",
+    "NoConfigError",
     "Problem",
     "ResolvedConfig",
     "SchemaError",
     "SecretRef",
     "SettingsError",
+    "SyncSubscriber",
     "TreeError",
     "UnknownNameError",
+    "VerificationError",
     "__version__",
     "get_environment_config",
 ]
