@@ -51,7 +51,7 @@ from configbus.telemetry import (
 )
 from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import FrozenDict, freeze
+from configbus.tree.values import FrozenDict, freeze_json
 
 __all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Validator"]
 
@@ -341,7 +341,7 @@ class ConfigSubscriber:
 
     def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
-            data = freeze(msgspec.json.decode(event.config_json))
+            data = freeze_json(msgspec.json.decode(event.config_json))
         except (msgspec.DecodeError, TypeError) as exc:
             raise VerificationError("malformed", f"config is not JSON ({exc})") from None
         if not isinstance(data, dict):

@@ -37,8 +37,10 @@ def _diff(old: Value, new: Value, prefix: str, found: set[str]) -> None:
     elif isinstance(old, dict) or isinstance(new, dict):
         _leaves(old, prefix, found)
         _leaves(new, prefix, found)
-    elif old != new or canonical_json(old) != canonical_json(new):
+    elif type(old) is not type(new) or old != new:
         found.add(prefix)
+    elif isinstance(old, tuple) and canonical_json(old) != canonical_json(new):
+        found.add(prefix)  # equal lists whose items differ in type: (1,) and (True,)
 
 
 def _leaves(value: Value, prefix: str, found: set[str]) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "config_hash",
     "format_path",
     "freeze",
+    "freeze_json",
     "looks_secret",
     "plain_secret_paths",
     "redacted",
@@ -183,6 +184,28 @@ def freeze(value: Any) -> Value:
     if value is None or isinstance(value, bool | int | float | str | SecretRef):
         return value
     raise TypeError(f"not a config value: {type(value).__name__}")
+
+
+def freeze_json(value: Any) -> Value:
+    """`freeze` for what a JSON decoder returns (dicts, lists, str, int, float, bool,
+    None): the same result, several times faster, since subscribers freeze every
+    config they receive."""
+    kind = type(value)
+    if kind is dict:
+        if len(value) == 1 and type(value.get(SECRET_KEY)) is str:
+            return SecretRef(value[SECRET_KEY])
+        return FrozenDict(
+            {
+                key: freeze_json(item) if type(item) in _CONTAINERS else item
+                for key, item in value.items()
+            }
+        )
+    if kind is list:
+        return tuple(freeze_json(item) if type(item) in _CONTAINERS else item for item in value)
+    return freeze(value)
+
+
+_CONTAINERS: Final = (dict, list)
 
 
 def thaw(value: Value) -> Any:

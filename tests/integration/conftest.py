@@ -1,0 +1,118 @@
+"""Fixtures for integration tests: a real Kafka broker and a real Redis server.
+
+By default every pytest session starts its own broker and Redis on free ports,
+with their run dirs under pytest's tmp dir, through deploy/local/kafka.sh and
+redis.sh, and stops them when the session ends. Set CONFIGBUS_BOOTSTRAP_SERVERS
+and/or CONFIGBUS_REDIS_URL to use servers that already run instead; those are
+then neither started nor stopped.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import redis
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "local"
+# Upper bound for `start`, which may fetch the Kafka jars first (the scripts have own deadlines).
+START_TIMEOUT_S = 300
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports on 127.0.0.1 that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _run(script: str, command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DEPLOY / script), command],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+
+
+@contextmanager
+def _started(script: str, env: dict[str, str], what: str) -> Iterator[None]:
+    """Run `script start` with `env`, and `script stop` on exit, even after a failed start."""
+    try:
+        result = _run(script, "start", env)
+        if result.returncode != 0:
+            # The scripts print the tail of the server log, then a one-line error.
+            output = result.stderr.strip()
+            reason = output.splitlines()[-1] if output else f"exit status {result.returncode}"
+            pytest.exit(
+                f"{what} did not start: {reason}\n--- {script} start, stderr ---\n{output}",
+                returncode=3,
+            )
+        yield
+    finally:
+        _run(script, "stop", env)
+
+
+@pytest.fixture(scope="session")
+def _services_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run dir for this session's broker and Redis (the scripts use ./kafka and ./redis in it)."""
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_services_run_dir: Path) -> Iterator[str]:
+    """Bootstrap servers ("host:port") of a running Kafka cluster."""
+    if servers := os.environ.get("CONFIGBUS_BOOTSTRAP_SERVERS"):
+        ready = [sys.executable, str(DEPLOY / "kafka_ready.py"), servers, "--timeout", "10"]
+        if subprocess.run(ready, capture_output=True, check=False).returncode != 0:
+            pytest.exit(
+                f"kafka broker did not answer: CONFIGBUS_BOOTSTRAP_SERVERS={servers}", returncode=3
+            )
+        yield servers
+        return
+    port, controller_port = _free_ports(2)
+    env = {
+        "CONFIGBUS_RUN_DIR": str(_services_run_dir),
+        "CONFIGBUS_KAFKA_PORT": str(port),
+        "CONFIGBUS_KAFKA_CONTROLLER_PORT": str(controller_port),
+    }
+    with _started("kafka.sh", env, "kafka broker"):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def redis_url(_services_run_dir: Path) -> Iterator[str]:
+    """URL ("redis://host:port/db") of a running Redis server."""
+    if url := os.environ.get("CONFIGBUS_REDIS_URL"):
+        try:
+            with redis.Redis.from_url(url, socket_timeout=5) as client:
+                client.ping()
+        except redis.RedisError as exc:
+            pytest.exit(f"redis did not answer: CONFIGBUS_REDIS_URL={url}: {exc}", returncode=3)
+        yield url
+        return
+    (port,) = _free_ports(1)
+    env = {"CONFIGBUS_RUN_DIR": str(_services_run_dir), "CONFIGBUS_REDIS_PORT": str(port)}
+    with _started("redis.sh", env, "redis server"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Factory of topic names unique to this test, e.g. cbtest.test_roundtrip.1f2e3d4c."""
+    # Legal topic characters are [a-zA-Z0-9._-]; parametrized ids bring others ("[", " ").
+    test = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:40]
+    return lambda: f"cbtest.{test}.{uuid4().hex[:8]}"
