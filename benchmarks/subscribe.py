@@ -133,7 +133,8 @@ async def publish_one(servers: str, key: SigningKey, topics: TopicNames) -> None
 
 
 def memory(servers: str, key: SigningKey, scratch: Path) -> dict[str, Any]:
-    topics = TopicNames(prefix=f"sbench{int(time.time())}.", audit="sbench-audit", acks="sbench-acks")
+    tag = f"sbench{int(time.time())}"
+    topics = TopicNames(prefix=f"{tag}.", audit=f"{tag}-audit", acks=f"{tag}-acks")
     asyncio.run(publish_one(servers, key, topics))
     trust_file = scratch / "trust.yml"
     trust_file.write_text(TrustStore.of(key.public).dump())
