@@ -6,6 +6,8 @@ sets up the SDK from the standard ``OTEL_*`` variables for processes that have n
 telemetry set-up of their own (the daemon, the examples): ``OTEL_TRACES_EXPORTER``
 and ``OTEL_METRICS_EXPORTER`` = ``otlp`` (OTLP over HTTP, endpoint from
 ``OTEL_EXPORTER_OTLP_ENDPOINT``) or ``console``; nothing is exported when unset.
+``OTEL_TRACES_EXPORTER=none`` installs the SDK's tracer provider without an exporter:
+spans get real trace ids, which still propagate and appear in acks, but go nowhere.
 
 Trace context crosses Kafka in the W3C ``traceparent``/``tracestate`` record headers,
 which are not signed: they are observability, never trusted input.
@@ -67,36 +69,42 @@ def extract(headers: Iterable[tuple[str, bytes]]) -> Context:
 
 
 _configured = False
+_exporting = False
 
 
 def configure_from_env() -> bool:
-    """Install SDK providers per ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER``.
-    Returns whether anything is exported. Idempotent."""
-    global _configured
+    """Install SDK providers per ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER``
+    (``none`` for traces: a provider without an exporter). Returns whether anything
+    is exported. Idempotent."""
+    global _configured, _exporting
     if _configured:
-        return True
+        return _exporting
     traces = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     metric_exporter = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
-    if traces in ("", "none") and metric_exporter in ("", "none"):
+    exporting = traces not in ("", "none") or metric_exporter not in ("", "none")
+    if not exporting and traces != "none":
         return False
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create()
-    if traces not in ("", "none"):
+    if traces:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-        span_exporter: SpanExporter
-        if traces == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            span_exporter = ConsoleSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            span_exporter = OTLPSpanExporter()
         provider = TracerProvider(resource=resource)
-        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        if traces != "none":  # "none": real trace ids, no exporter
+            span_exporter: SpanExporter
+            if traces == "console":
+                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+                span_exporter = ConsoleSpanExporter()
+            else:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+
+                span_exporter = OTLPSpanExporter()
+            provider.add_span_processor(BatchSpanProcessor(span_exporter))
         trace.set_tracer_provider(provider)
     if metric_exporter not in ("", "none"):
         from opentelemetry.sdk.metrics import MeterProvider
@@ -115,5 +123,5 @@ def configure_from_env() -> bool:
             exporter = OTLPMetricExporter()
         reader = PeriodicExportingMetricReader(exporter)
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
-    _configured = True
-    return True
+    _configured, _exporting = True, exporting
+    return exporting

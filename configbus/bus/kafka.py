@@ -165,7 +165,34 @@ class Admin:
                     raise BusError(f"creating topic {name}: error {code} {message}")
         if created:
             log.info("created %d topic(s)", len(created), extra={"topics": created[:10]})
+            await self.wait_for_leaders(created)
         return created
+
+    async def wait_for_leaders(self, topics: Sequence[str], max_seconds: float = 120.0) -> None:
+        """Wait until every partition of `topics` has a leader. New topics take a
+        moment (thousands of them, several seconds); producing before that fails."""
+        deadline = time.monotonic() + max_seconds
+        waiting = list(topics)
+        while waiting:
+            try:
+                cluster = await self._client._client.fetch_all_metadata()
+            except KafkaError as exc:
+                raise _bus_error(exc, "fetching topic metadata") from exc
+            waiting = [
+                topic
+                for topic in waiting
+                if not (partitions := cluster.partitions_for_topic(topic))
+                or any(
+                    (cluster.leader_for_partition(TopicPartition(topic, p)) or -1) < 0
+                    for p in partitions
+                )
+            ]
+            if waiting and time.monotonic() > deadline:
+                raise BusError(
+                    f"{len(waiting)} new topic(s) still have no leader, e.g. {waiting[0]}"
+                )
+            if waiting:
+                await asyncio.sleep(0.1)
 
 
 class Producer:

@@ -77,6 +77,7 @@ class _Current:
     config: ResolvedConfig
     version: int
     event: VerifiedEvent | None
+    trace_id: str = ""  # of the apply: the publisher's trace, continued here
 
 
 _EMPTY = ResolvedConfig(FrozenDict())
@@ -143,6 +144,19 @@ class ConfigSubscriber:
     def version(self) -> int:
         """The version of the current config; 0 before the first."""
         return self._current.version
+
+    @property
+    def event(self) -> VerifiedEvent | None:
+        """The verified event the current config came from (version, detected_at,
+        issued_at, cause, changed paths in `event.body`); None before the first."""
+        return self._current.event
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id (32 hex digits) of the apply of the current config: for an
+        event from Kafka, the trace the publisher started on detecting the change.
+        "" when there is none (no tracer provider anywhere)."""
+        return self._current.trace_id
 
     def on_change(self, prefix: str, callback: Callback) -> None:
         """Call `callback(old, new, paths)` after every apply that changes a key under
@@ -355,7 +369,9 @@ class ConfigSubscriber:
             if verdict is False:
                 raise VerificationError("refused", f"{_name(validator)} refused the config")
         old = self._current.config
-        self._current = _Current(new, event.body.version, event)  # the atomic swap
+        trace_id = trace.get_current_span().get_span_context().trace_id
+        traced = format(trace_id, "032x") if trace_id else ""
+        self._current = _Current(new, event.body.version, event, traced)  # the atomic swap
         if self._changed is not None:
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()  # wakes every wait_for_version

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from configbus.crypto import TrustStore
 from configbus.errors import ConfigBusError
+from configbus.events import VerifiedEvent
 from configbus.subscriber.core import Callback, ConfigSubscriber, Validator
 from configbus.subscriber.settings import SubscriberSettings
 from configbus.tree.resolved import ResolvedConfig
@@ -85,6 +86,16 @@ class SyncSubscriber:
     @property
     def version(self) -> int:
         return self._subscriber.version
+
+    @property
+    def event(self) -> VerifiedEvent | None:
+        """As `ConfigSubscriber.event`: the verified event of the current config."""
+        return self._subscriber.event
+
+    @property
+    def trace_id(self) -> str:
+        """As `ConfigSubscriber.trace_id`: the trace id of the current config's apply."""
+        return self._subscriber.trace_id
 
     @property
     def subscriber(self) -> ConfigSubscriber:
