@@ -168,6 +168,15 @@ class Admin:
             await self.wait_for_leaders(created)
         return created
 
+    async def delete_topics(self, names: Iterable[str]) -> None:
+        """Delete topics (benchmarks and tests clean up after themselves)."""
+        wanted = sorted(set(names) & await self.topics())
+        for start in range(0, len(wanted), 500):
+            try:
+                await self._client.delete_topics(wanted[start : start + 500])
+            except KafkaError as exc:
+                raise _bus_error(exc, "deleting topics") from exc
+
     async def wait_for_leaders(self, topics: Sequence[str], max_seconds: float = 120.0) -> None:
         """Wait until every partition of `topics` has a leader. New topics take a
         moment (thousands of them, several seconds); producing before that fails."""

@@ -256,8 +256,7 @@ class ConfigSubscriber:
                 if latest is not None:
                     first = self._bootstrapped is not None and not self._bootstrapped.is_set()
                     await self._handle(latest, startup=first)
-                if latest is not None or self.version > 0:
-                    self._mark_bootstrapped()
+                self._mark_bootstrapped()
                 backoff = 0.1
                 while True:
                     for record in await reader.poll(1000):
@@ -273,6 +272,10 @@ class ConfigSubscriber:
                 await reader.stop()
 
     def _mark_bootstrapped(self) -> None:
+        """Let start() return, once there is a verified config: a rejected record (a
+        forgery, or one the validators refuse) is no config to start on."""
+        if self.version == 0:
+            return
         if self._bootstrapped is not None and not self._bootstrapped.is_set():
             self.source = "kafka"
             self._bootstrapped.set()
