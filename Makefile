@@ -5,11 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXAMPLES_STAMP := $(VENV)/.installed-examples
 
-.PHONY: help install demo test lint typecheck unit integration services-up services-down bench clean
+.PHONY: help install demo tour test lint typecheck unit integration services-up services-down bench clean
 
 help:
-	@echo "make demo           resolve, validate and explain the sample environment tree"
+	@echo "make demo           Kafka, Redis, the publisher and three example services: one live change"
+	@echo "make tour           validate, render and explain the sample environment tree"
 	@echo "make test           lint, format check, mypy --strict and the whole test suite"
 	@echo "make unit           only the tests that need no Kafka or Redis"
 	@echo "make integration    only the tests against the real Kafka broker and Redis"
@@ -25,8 +27,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
-	@PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
+# The example services need FastAPI and uvicorn: the `examples` extra.
+$(EXAMPLES_STAMP): $(STAMP)
+	@echo "installing the examples extra (FastAPI, uvicorn) into $(VENV)"
+	@$(BIN)/pip install --quiet -e '.[dev,examples]' >$(VENV)/examples-install.log 2>&1 || \
+		{ cat $(VENV)/examples-install.log; exit 1; }
+	@touch $@
+
+# Starts its own Kafka, Redis, publisher daemon and services in a temp folder, on free
+# ports, and stops them all when it ends (see examples/demo.py).
+demo: $(EXAMPLES_STAMP)
+	@$(BIN)/python examples/demo.py
+
+tour: install
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/tour.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -104,9 +104,8 @@ class RolloutReport:
                 note = "straggler (never applied a version)"
             elif i.latency_ms is None:
                 note = "(got it at start-up)"
-            lines.append(
-                f"  {i.instance:<{width}}  {i.service[:16]:<16} v{i.version:<6} {latency}  {note}"
-            )
+            row = f"  {i.instance:<{width}}  {i.service[:16]:<16} v{i.version:<6} {latency}  {note}"
+            lines.append(row.rstrip())
         p = self.latency_percentiles()
         if p["p50_ms"] is not None:
             lines.append(

@@ -1,0 +1,111 @@
+"""An asyncio service that follows its config with `configbus.ConfigSubscriber`.
+
+The service keeps a database connection pool sized by
+``database.postgresql.connection_pool.max_size`` and resizes it when that value
+changes, without a restart. It also reports every config it applies as one JSON line
+on stdout (version, detection-to-applied latency, trace id), for the demo to read:
+
+    {"event": "config_applied", "service": "recommendations", "instance": "recommendations-1",
+     "tenant": "aurora-records", "env": "prod", "version": 2, "latency_ms": 7.9,
+     "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "changed": ["database.postgresql..."],
+     "startup": false}
+
+Settings come from the environment:
+
+    CONFIGBUS_TENANT, CONFIGBUS_ENV   the stream to follow (required)
+    CONFIGBUS_BOOTSTRAP_SERVERS       Kafka, e.g. 127.0.0.1:19092 (read by the SDK)
+    CONFIGBUS_TRUST                   trust file: the publisher keys to believe (SDK)
+    CONFIGBUS_INSTANCE_ID             this instance in acks (SDK; default host-pid)
+    CONFIGBUS_SERVICE                 the service name in acks (default recommendations)
+    CONFIGBUS_CACHE_DIR               optional: keep the last good config on disk (SDK)
+    OTEL_TRACES_EXPORTER              otlp, console or none (configbus.telemetry)
+    LOG_LEVEL                         default INFO; logs go to stderr
+
+    python examples/async_service.py      # stop with Ctrl-C or SIGTERM
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from configbus import ConfigSubscriber, ResolvedConfig
+from configbus.telemetry import configure_from_env
+
+SERVICE = os.environ.get("CONFIGBUS_SERVICE", "recommendations")
+POOL = "database.postgresql.connection_pool"
+
+log = logging.getLogger(SERVICE)
+
+
+class ConnectionPool:
+    """Stands in for a real pool (asyncpg, SQLAlchemy) that can be resized live."""
+
+    def __init__(self) -> None:
+        self.max_size = 0
+
+    async def resize(self, max_size: int) -> None:
+        log.info("connection pool: max_size %d -> %d", self.max_size, max_size)
+        self.max_size = max_size  # a real pool would open or retire connections here
+
+
+async def main() -> int:
+    tenant, env = os.environ.get("CONFIGBUS_TENANT"), os.environ.get("CONFIGBUS_ENV")
+    if not tenant or not env:
+        log.error("set CONFIGBUS_TENANT and CONFIGBUS_ENV")
+        return 2
+    subscriber = ConfigSubscriber(tenant, env, service=SERVICE)
+    pool = ConnectionPool()
+    started = False
+
+    async def resize_pool(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
+        await pool.resize(new.get(f"{POOL}.max_size"))
+
+    def report(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
+        event = subscriber.event  # the verified event this config came from
+        assert event is not None
+        line = {
+            "event": "config_applied",
+            "service": SERVICE,
+            "instance": subscriber.settings.instance_id,
+            "tenant": tenant,
+            "env": env,
+            "version": event.body.version,
+            "latency_ms": round((time.time_ns() - event.body.detected_at) / 1e6, 1),
+            "trace_id": subscriber.trace_id,
+            "changed": paths[:10],
+            "startup": not started,  # the first apply happens inside start()
+        }
+        print(json.dumps(line), flush=True)
+
+    # Callbacks run in registration order after each apply, with the changed keys.
+    subscriber.on_change(POOL, resize_pool)
+    subscriber.on_change("", report)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async with subscriber:  # returns once the latest config is applied
+        started = True
+        log.info("serving %s/%s v%d", tenant, env, subscriber.version)
+        await stop.wait()  # a real service would serve requests here
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    configure_from_env()  # tracing per OTEL_TRACES_EXPORTER
+    sys.exit(asyncio.run(main()))
