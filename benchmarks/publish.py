@@ -246,9 +246,6 @@ async def main_async(args: argparse.Namespace, servers: str) -> dict[str, Any]:
         for tenants in args.tenants:
             result["fanout"].append(await fanout(servers, tenants, scratch))
             print(json.dumps(result["fanout"][-1]), flush=True)
-        if args.memory_tenants:
-            result["daemon_memory"] = memory(servers, args.memory_tenants, scratch)
-            print(json.dumps(result["daemon_memory"]), flush=True)
         return result
 
 
@@ -263,6 +260,10 @@ def main() -> int:
     args = parser.parse_args()
     with kafka_and_redis() as (servers, _):
         result = asyncio.run(main_async(args, servers))
+        if args.memory_tenants:
+            with tempfile.TemporaryDirectory(prefix="configbus-bench-") as scratch:
+                result["daemon_memory"] = memory(servers, args.memory_tenants, Path(scratch))
+            print(json.dumps(result["daemon_memory"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "publish.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
