@@ -39,7 +39,7 @@ class PublisherSettings:
     reconcile_interval: float = 30.0
     transactional_id: str = "configbus-publisher"
     debounce_ms: int = 10
-    step_ms: int = 5
+    step_ms: int = 1  # watchfiles polls its Rust watcher every `step` ms: ~2 ms to detect
     batch_size: int = 1000
     shutdown_grace: float = 10.0
     actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
