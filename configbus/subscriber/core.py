@@ -31,17 +31,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, Unpack
 
 import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from configbus.bus import PartitionReader, Producer, Record
-from configbus.crypto import TrustStore
 from configbus.errors import BusError, ConfigBusError, VerificationError
 from configbus.events import Ack, VerifiedEvent, open_envelope
-from configbus.subscriber.settings import SubscriberSettings
+from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.telemetry import (
     applied_counter,
     extract,
@@ -92,26 +91,13 @@ class ConfigSubscriber:
         tenant: str,
         env: str,
         *,
-        bootstrap_servers: str | None = None,
-        trust: TrustStore | str | os.PathLike[str] | None = None,
-        instance_id: str | None = None,
-        service: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        topic_prefix: str | None = None,
-        start_timeout: float | None = None,
         settings: SubscriberSettings | None = None,
+        **options: Unpack[SubscriberOptions],
     ) -> None:
-        self.settings = settings or SubscriberSettings.build(
-            tenant,
-            env,
-            bootstrap_servers=bootstrap_servers,
-            trust=trust,
-            instance_id=instance_id,
-            service=service,
-            cache_dir=cache_dir,
-            topic_prefix=topic_prefix,
-            start_timeout=start_timeout,
-        )
+        """`options` (see `SubscriberOptions`: bootstrap_servers, trust, instance_id,
+        service, cache_dir, topic_prefix, start_timeout, ...) fall back to their
+        ``CONFIGBUS_*`` variables; or pass ready `settings`."""
+        self.settings = settings or SubscriberSettings.build(tenant, env, **options)
         self.tenant, self.env = self.settings.tenant, self.settings.env
         self._current = _Current(_EMPTY, 0, None)
         self._callbacks: list[tuple[str, Callback]] = []

@@ -8,18 +8,34 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError
 from configbus.options import pick
 
-__all__ = ["SubscriberSettings"]
+__all__ = ["SubscriberOptions", "SubscriberSettings"]
 
 
 def _default_service() -> str:
     name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
     return name or "service"
+
+
+class SubscriberOptions(TypedDict, total=False):
+    """The keyword options of a subscriber; each falls back to its ``CONFIGBUS_*``
+    variable, then to a default."""
+
+    bootstrap_servers: str  # CONFIGBUS_BOOTSTRAP_SERVERS (required)
+    trust: TrustStore | str | os.PathLike[str]  # CONFIGBUS_TRUST: a trust file (required)
+    instance_id: str  # CONFIGBUS_INSTANCE_ID, default host-pid
+    service: str  # CONFIGBUS_SERVICE, default the program's name
+    cache_dir: str | os.PathLike[str]  # CONFIGBUS_CACHE_DIR, default none
+    topic_prefix: str  # CONFIGBUS_TOPIC_PREFIX, default configbus.tenant.
+    start_timeout: float  # CONFIGBUS_START_TIMEOUT, default 30 s
+    offline_grace: float  # CONFIGBUS_OFFLINE_GRACE, default 5 s
+    send_acks: bool  # default True
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +59,22 @@ class SubscriberSettings:
         cls,
         tenant: str,
         env: str,
-        *,
-        bootstrap_servers: str | None = None,
-        trust: TrustStore | str | os.PathLike[str] | None = None,
-        instance_id: str | None = None,
-        service: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        topic_prefix: str | None = None,
-        start_timeout: float | None = None,
-        offline_grace: float | None = None,
-        send_acks: bool | None = None,
         environ: Mapping[str, str] | None = None,
+        **options: Unpack[SubscriberOptions],
     ) -> SubscriberSettings:
+        unknown = sorted(set(options) - SubscriberOptions.__optional_keys__)
+        if unknown:
+            raise TypeError(f"unknown subscriber option(s): {', '.join(unknown)}")
+        bootstrap_servers = options.get("bootstrap_servers")
+        trust = options.get("trust")
+        instance_id = options.get("instance_id")
+        service = options.get("service")
+        cache_dir = options.get("cache_dir")
+        topic_prefix = options.get("topic_prefix")
+        start_timeout = options.get("start_timeout")
+        offline_grace = options.get("offline_grace")
+        send_acks = options.get("send_acks")
+
         def get(value: object, name: str, default: object, convert: object = str) -> object:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)  # type: ignore[arg-type]
 

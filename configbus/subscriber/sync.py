@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
-from configbus.crypto import TrustStore
 from configbus.errors import ConfigBusError
 from configbus.events import VerifiedEvent
 from configbus.subscriber.core import Callback, ConfigSubscriber, Validator
-from configbus.subscriber.settings import SubscriberSettings
+from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.tree.resolved import ResolvedConfig
 
 __all__ = ["SyncSubscriber"]
@@ -50,27 +48,10 @@ class SyncSubscriber:
         tenant: str,
         env: str,
         *,
-        bootstrap_servers: str | None = None,
-        trust: TrustStore | str | os.PathLike[str] | None = None,
-        instance_id: str | None = None,
-        service: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        topic_prefix: str | None = None,
-        start_timeout: float | None = None,
         settings: SubscriberSettings | None = None,
+        **options: Unpack[SubscriberOptions],
     ) -> None:
-        self._subscriber = ConfigSubscriber(
-            tenant,
-            env,
-            bootstrap_servers=bootstrap_servers,
-            trust=trust,
-            instance_id=instance_id,
-            service=service,
-            cache_dir=cache_dir,
-            topic_prefix=topic_prefix,
-            start_timeout=start_timeout,
-            settings=settings,
-        )
+        self._subscriber = ConfigSubscriber(tenant, env, settings=settings, **options)
         self.thread_name = f"configbus-{tenant}-{env}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
