@@ -157,11 +157,13 @@ class ConfigSubscriber:
 
     async def wait_for_version(self, version: int, timeout: float | None = None) -> int:  # noqa: ASYNC109 - the documented API
         """Wait until the config is at `version` or later; returns the version.
-        Raises TimeoutError after `timeout` seconds."""
+        Raises TimeoutError after `timeout` seconds, ConfigBusError once stopped."""
         if self._changed is None:
             raise ConfigBusError("the subscriber is not started")
         async with asyncio.timeout(timeout):
             while self.version < version:
+                if self._state == "stopped":
+                    raise ConfigBusError("the subscriber stopped")
                 await self._changed.wait()
         return self.version
 
@@ -206,6 +208,8 @@ class ConfigSubscriber:
         if self._state == "stopped":
             return
         self._state = "stopped"
+        if self._changed is not None:
+            self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -354,7 +358,7 @@ class ConfigSubscriber:
             try:
                 verdict = validator(new)
             except Exception as exc:
-                raise VerificationError("refused", f"{_name(validator)}: {exc}") from None
+                raise VerificationError("refused", f"{_name(validator)}: {_gist(exc)}") from None
             if verdict is False:
                 raise VerificationError("refused", f"{_name(validator)} refused the config")
         old = self._current.config
@@ -510,3 +514,15 @@ class ConfigSubscriber:
 
 def _name(function: object) -> str:
     return str(getattr(function, "__qualname__", None) or function.__class__.__name__)
+
+
+_GIST_LIMIT = 200
+
+
+def _gist(exc: BaseException) -> str:
+    """A validator's error for logs and acks: the first line of its message, bounded.
+    Validation errors often go on to print the offending instance (jsonschema's end
+    with the whole config), which must not reach logs or the acks topic."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else exc.__class__.__name__
+    return text if len(text) <= _GIST_LIMIT else text[: _GIST_LIMIT - 3] + "..."

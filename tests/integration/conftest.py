@@ -19,6 +19,10 @@ from uuid import uuid4
 
 import pytest
 import redis
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "local"
 # Upper bound for `start`, which may fetch the Kafka jars first (the scripts have own deadlines).
@@ -116,3 +120,27 @@ def topic_name(request: pytest.FixtureRequest) -> Callable[[], str]:
     # Legal topic characters are [a-zA-Z0-9._-]; parametrized ids bring others ("[", " ").
     test = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:40]
     return lambda: f"cbtest.{test}.{uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def _span_exporter() -> InMemorySpanExporter:
+    """An in-memory exporter on the process's SDK tracer provider, installed on first
+    use. OpenTelemetry accepts one global provider per process, so this is the only
+    place that sets it; configbus's tracers are API proxies and follow it even though
+    they were created at import."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), f"another tracer provider: {provider!r}"
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(_span_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """The finished spans of this test (`spans.get_finished_spans()`); spans of other
+    tests still running in this process (none: tests run one at a time) would show too."""
+    _span_exporter.clear()
+    yield _span_exporter
+    _span_exporter.clear()
