@@ -294,7 +294,8 @@ class ConfigSubscriber:
             event: VerifiedEvent | None = None
             try:
                 with tracer.start_as_current_span("verify"):
-                    event = self._verify(record)
+                    event = open_envelope(record.value or b"", self.settings.trust)
+                    self._check_stream(event)
                 span.set_attribute("configbus.version", event.body.version)
                 with tracer.start_as_current_span("apply"):
                     old, new = self._apply(event)
@@ -327,8 +328,8 @@ class ConfigSubscriber:
                 await self._write_cache(record)
             return True
 
-    def _verify(self, record: Record) -> VerifiedEvent:
-        event = open_envelope(record.value or b"", self.settings.trust)
+    def _check_stream(self, event: VerifiedEvent) -> None:
+        """A verified event must be for this stream and newer than what runs here."""
         body = event.body
         if (body.tenant, body.env) != (self.tenant, self.env):
             raise VerificationError(
@@ -344,7 +345,6 @@ class ConfigSubscriber:
             raise VerificationError(
                 "stale_version", f"v{body.version} is not newer than v{self.version}"
             )
-        return event
 
     def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
