@@ -54,6 +54,8 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     kafka.add_argument(
         "--topic-prefix", metavar="P", help="tenant topic prefix (default configbus.tenant.)"
     )
+    kafka.add_argument("--audit-topic", metavar="T", help="default configbus.audit")
+    kafka.add_argument("--acks-topic", metavar="T", help="default configbus.acks")
     redis_url = argparse.ArgumentParser(add_help=False)
     redis_url.add_argument("--redis", metavar="URL", help="Redis (default $CONFIGBUS_REDIS_URL)")
 
@@ -129,6 +131,8 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         kid=args.kid,
         redis_url=args.redis,
         topic_prefix=args.topic_prefix,
+        audit_topic=args.audit_topic,
+        acks_topic=args.acks_topic,
         reconcile_interval=args.reconcile_interval,
         replication_factor=args.replication_factor,
         min_insync_replicas=args.min_insync_replicas,
@@ -161,8 +165,8 @@ def _kafka(args: argparse.Namespace) -> tuple[KafkaSettings, TopicNames]:
     servers = pick(args.bootstrap_servers, "CONFIGBUS_BOOTSTRAP_SERVERS", "", str)
     if not servers:
         raise SettingsError("give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS")
-    prefix = pick(args.topic_prefix, "CONFIGBUS_TOPIC_PREFIX", TopicNames().prefix, str)
-    return KafkaSettings(servers, client_id="configbus-tail"), TopicNames(prefix=prefix)
+    topics = TopicNames.build(args.topic_prefix, args.audit_topic, args.acks_topic)
+    return KafkaSettings(servers, client_id="configbus-tail"), topics
 
 
 def _tail(args: argparse.Namespace, out: TextIO) -> int:

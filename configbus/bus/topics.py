@@ -16,10 +16,12 @@ the same one; ids that do not fit are refused, never rewritten.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from configbus.errors import SettingsError
+from configbus.options import pick
 from configbus.tree.tree import TENANT_ID
 
 __all__ = ["CONTENT_TYPE", "TopicNames"]
@@ -49,6 +51,23 @@ class TopicNames:
                 raise SettingsError(f"{name!r} would collide with a tenant topic")
         if self.audit == self.acks:
             raise SettingsError(f"the audit and acks topics must differ (both {self.audit!r})")
+
+    @classmethod
+    def build(
+        cls,
+        prefix: str | None = None,
+        audit: str | None = None,
+        acks: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> TopicNames:
+        """From arguments, then CONFIGBUS_TOPIC_PREFIX, CONFIGBUS_AUDIT_TOPIC and
+        CONFIGBUS_ACKS_TOPIC, then the defaults."""
+        default = cls()
+        return cls(
+            prefix=pick(prefix, "CONFIGBUS_TOPIC_PREFIX", default.prefix, str, environ),
+            audit=pick(audit, "CONFIGBUS_AUDIT_TOPIC", default.audit, str, environ),
+            acks=pick(acks, "CONFIGBUS_ACKS_TOPIC", default.acks, str, environ),
+        )
 
     def tenant_topic(self, tenant: str) -> str:
         if not TENANT_ID.fullmatch(tenant):

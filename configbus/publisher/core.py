@@ -172,6 +172,8 @@ class Publisher:
             prepared = self._prepare(stream, change, store_layers.get(stream), report)
             if prepared is not None:
                 pending.append(prepared)
+        if pending:
+            await self._ensure_topics({item.stream[0] for item in pending})  # one round trip
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start : start + self.batch_size]
             await self._send(batch)

@@ -54,6 +54,8 @@ class PublisherSettings:
         kid: str | None = None,
         redis_url: str | None = None,
         topic_prefix: str | None = None,
+        audit_topic: str | None = None,
+        acks_topic: str | None = None,
         reconcile_interval: float | None = None,
         replication_factor: int | None = None,
         min_insync_replicas: int | None = None,
@@ -74,7 +76,6 @@ class PublisherSettings:
         key = get(signing_key, "SIGNING_KEY", None)
         if not key:
             raise SettingsError("no signing key: give --signing-key or set CONFIGBUS_SIGNING_KEY")
-        prefix = get(topic_prefix, "TOPIC_PREFIX", TopicNames().prefix)
         return cls(
             root=Path(get(root, "ROOT", "environments")),
             kafka=KafkaSettings(
@@ -88,7 +89,7 @@ class PublisherSettings:
             signing_key=Path(key),
             kid=get(kid, "KID", ""),
             redis_url=get(redis_url, "REDIS_URL", None) or None,
-            topics=TopicNames(prefix=prefix),
+            topics=TopicNames.build(topic_prefix, audit_topic, acks_topic, environ),
             reconcile_interval=get(
                 reconcile_interval, "RECONCILE_INTERVAL", 30.0, _positive(float)
             ),

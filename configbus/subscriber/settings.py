@@ -33,6 +33,7 @@ class SubscriberOptions(TypedDict, total=False):
     service: str  # CONFIGBUS_SERVICE, default the program's name
     cache_dir: str | os.PathLike[str]  # CONFIGBUS_CACHE_DIR, default none
     topic_prefix: str  # CONFIGBUS_TOPIC_PREFIX, default configbus.tenant.
+    acks_topic: str  # CONFIGBUS_ACKS_TOPIC, default configbus.acks
     start_timeout: float  # CONFIGBUS_START_TIMEOUT, default 30 s
     offline_grace: float  # CONFIGBUS_OFFLINE_GRACE, default 5 s
     send_acks: bool  # default True
@@ -71,6 +72,7 @@ class SubscriberSettings:
         service = options.get("service")
         cache_dir = options.get("cache_dir")
         topic_prefix = options.get("topic_prefix")
+        acks_topic = options.get("acks_topic")
         start_timeout = options.get("start_timeout")
         offline_grace = options.get("offline_grace")
         send_acks = options.get("send_acks")
@@ -89,7 +91,6 @@ class SubscriberSettings:
         if not isinstance(trusted, TrustStore):
             trusted = TrustStore.load(str(trusted))
         cache = get(cache_dir, "CACHE_DIR", None)
-        prefix = get(topic_prefix, "TOPIC_PREFIX", TopicNames().prefix)
         return cls(
             tenant=tenant,
             env=env,
@@ -100,7 +101,7 @@ class SubscriberSettings:
             ),
             service=str(get(service, "SERVICE", _default_service())),
             cache_dir=Path(str(cache)) if cache else None,
-            topics=TopicNames(prefix=str(prefix)),
+            topics=TopicNames.build(topic_prefix, acks=acks_topic, environ=environ),
             start_timeout=float(get(start_timeout, "START_TIMEOUT", 30.0, float)),  # type: ignore[arg-type]
             offline_grace=float(get(offline_grace, "OFFLINE_GRACE", 5.0, float)),  # type: ignore[arg-type]
             send_acks=bool(send_acks) if send_acks is not None else True,
