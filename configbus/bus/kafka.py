@@ -254,11 +254,24 @@ class Producer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    @property
+    def _live(self) -> Any:
+        if self._producer is None:
+            raise BusError("the producer is not connected")
+        return self._producer
+
+    async def restart(self) -> None:
+        """Drop the connection and make a new producer (after a failed transaction, the
+        old one may be stuck in an error state). A transactional producer comes back
+        with a new epoch; an error connecting is raised, and `restart` can be retried."""
+        await self.stop()
+        await self.start()
+
     async def track_topics(self, topics: Iterable[str]) -> None:
         """Fetch metadata for `topics` in one request. Without it the producer learns
         each topic on its first send, one metadata round trip at a time, which makes
         the first fan-out to thousands of tenants take seconds instead of milliseconds."""
-        client = self._producer.client
+        client = self._live.client
         wanted = set(topics)
         if not wanted <= client._topics:
             try:
@@ -270,7 +283,7 @@ class Producer:
     async def transaction(self) -> AsyncIterator[None]:
         """Everything sent inside commits together, or not at all."""
         try:
-            async with self._producer.transaction():
+            async with self._live.transaction():
                 yield
         except KafkaError as exc:
             raise _bus_error(exc, "committing a transaction") from exc
@@ -285,7 +298,7 @@ class Producer:
     ) -> asyncio.Future[Any]:
         """Queue a record; the returned future resolves when the broker has it."""
         try:
-            future: asyncio.Future[Any] = await self._producer.send(
+            future: asyncio.Future[Any] = await self._live.send(
                 topic, value=value, key=key, headers=list(headers)
             )
         except KafkaError as exc:

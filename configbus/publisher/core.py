@@ -254,12 +254,7 @@ class Publisher:
     async def _store_layers(self, streams: Sequence[Stream]) -> dict[Stream, Layer]:
         if self.store is None:
             return {}
-        layers = {}
-        for tenant, env in streams:
-            layer = await self.store.layer(tenant, env)
-            if layer is not None:
-                layers[(tenant, env)] = layer
-        return layers
+        return await self.store.layers(streams)  # pipelined: a fan-out is not N round trips
 
     async def _send(self, batch: Sequence[_Prepared]) -> None:
         tenants = {item.stream[0] for item in batch}

@@ -238,7 +238,15 @@ class Daemon:
                 return
             taken = dirty.take()
             try:
-                report = await self._publish(taken)
+                try:
+                    async with asyncio.timeout(self.settings.publish_timeout):
+                        report = await self._publish(taken)
+                except TimeoutError:
+                    # aiokafka retries a transaction against a dead broker forever;
+                    # give up on this attempt, reconnect below, and try again.
+                    raise BusError(
+                        f"kafka did not confirm within {self.settings.publish_timeout:g}s"
+                    ) from None
             except FencedError as exc:
                 log.error("another publisher took over; stopping: %s", exc)
                 self.fenced = True
@@ -252,6 +260,7 @@ class Daemon:
                 log.warning("publication failed, retrying in %.2fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 5.0)
+                await self._reconnect()
                 continue
             backoff = 0.1
             if report.published or report.failed:
@@ -259,6 +268,17 @@ class Daemon:
             self.ready.set()
             if self._stop_watching.is_set() and not dirty.changes:
                 return
+
+    async def _reconnect(self) -> None:
+        """A fresh producer after a failure (a failed transaction can leave the old one
+        unusable), then the versions again from Kafka: while we were cut off, another
+        publisher may have taken over and published, and our next versions must
+        follow its, never repeat them."""
+        try:
+            await self.producer.restart()
+            self.publisher.states = await recover_states(self.settings.kafka, self.settings.topics)
+        except BusError as exc:
+            log.warning("kafka still unreachable: %s", exc)
 
     async def _publish(self, taken: dict[Stream, Change]) -> PublishReport:
         by_change: dict[Change, list[Stream]] = {}

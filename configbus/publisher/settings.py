@@ -42,6 +42,7 @@ class PublisherSettings:
     step_ms: int = 1  # watchfiles polls its Rust watcher every `step` ms: ~2 ms to detect
     batch_size: int = 1000
     shutdown_grace: float = 10.0
+    publish_timeout: float = 30.0  # a publication still waiting on Kafka then is retried
     actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
 
     @classmethod

