@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXAMPLES_STAMP := $(VENV)/.installed-examples
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help install demo tour test lint typecheck unit integration services-up services-down bench clean
+.PHONY: help install demo tour test lint typecheck unit integration services-up services-down bench bench-quick clean
 
 help:
 	@echo "make demo           Kafka, Redis, the publisher and three example services: one live change"
@@ -17,7 +18,8 @@ help:
 	@echo "make integration    only the tests against the real Kafka broker and Redis"
 	@echo "make services-up    start the local Kafka broker and Redis (deploy/local)"
 	@echo "make services-down  stop them"
-	@echo "make bench          run the benchmarks, results in benchmarks/results/"
+	@echo "make bench          run every benchmark (long: e2e.py alone ~9 min), results in benchmarks/results/"
+	@echo "make bench-quick    a reduced set (under 3 min), results in benchmarks/results/quick/"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +68,44 @@ services-down:
 	bash deploy/local/kafka.sh stop
 	bash deploy/local/redis.sh stop
 
-bench: install
+# The benchmarks need the `bench` extra (Dynaconf, OmegaConf, matplotlib, py-spy).
+$(BENCH_STAMP): $(STAMP)
+	@echo "installing the bench extra (Dynaconf, OmegaConf, matplotlib, py-spy) into $(VENV)"
+	@$(BIN)/pip install --quiet -e '.[dev,bench]' >$(VENV)/bench-install.log 2>&1 || \
+		{ cat $(VENV)/bench-install.log; exit 1; }
+	@touch $@
+
+# Each script starts the Kafka, Redis and etcd it needs (deploy/local, benchmarks/etcd.sh)
+# on free ports and stops them when it ends, also when it fails. resolution_peers.py and
+# report.py run when they exist. bench-quick writes to results/quick/ (git-ignored) and
+# leaves the quoted figures, the READMEs and their plots alone.
+QUICK := benchmarks/results/quick
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/resolve.py
+	@if [[ -f benchmarks/resolution_peers.py ]]; then \
+		echo "$(BIN)/python benchmarks/resolution_peers.py"; \
+		$(BIN)/python benchmarks/resolution_peers.py; fi
+	$(BIN)/python benchmarks/publish.py
+	$(BIN)/python benchmarks/subscribe.py
+	$(BIN)/python benchmarks/e2e.py --rounds 3 --profile benchmarks/results/profile
+	@if [[ -f benchmarks/report.py ]]; then \
+		echo "$(BIN)/python benchmarks/report.py"; $(BIN)/python benchmarks/report.py; fi
+
+bench-quick: $(BENCH_STAMP)
+	@mkdir -p $(QUICK) && printf '*\n' >$(QUICK)/.gitignore
+	$(BIN)/python benchmarks/resolve.py --tenants 500 --repeat 300 --out $(QUICK)
+	@if [[ -f benchmarks/resolution_peers.py ]]; then \
+		echo "$(BIN)/python benchmarks/resolution_peers.py --repeat 20 --out $(QUICK)"; \
+		$(BIN)/python benchmarks/resolution_peers.py --repeat 20 --out $(QUICK); fi
+	$(BIN)/python benchmarks/publish.py --edits 20 --tenants 100 --memory-tenants 0 --out $(QUICK)
+	$(BIN)/python benchmarks/subscribe.py --repeat 100 --no-memory --out $(QUICK)
+	$(BIN)/python benchmarks/e2e.py --quick --out $(QUICK)
+	@if [[ -f benchmarks/report.py ]]; then \
+		cp README.md $(QUICK)/README.top.md; \
+		echo "$(BIN)/python benchmarks/report.py --results $(QUICK) (READMEs in $(QUICK))"; \
+		$(BIN)/python benchmarks/report.py --results $(QUICK) \
+			--bench-readme $(QUICK)/README.md --readme $(QUICK)/README.top.md; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

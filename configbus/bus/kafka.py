@@ -419,7 +419,10 @@ class PartitionReader:
         if self._consumer is not None:
             return True
         consumer = _consumer(
-            self.settings, "read_committed", fetch_max_wait_ms=100, auto_offset_reset="latest"
+            self.settings,
+            "read_committed",
+            fetch_max_wait_ms=500,  # answered at once when data arrives; idle polls cost CPU
+            auto_offset_reset="latest",
         )
         try:
             await consumer.start()
