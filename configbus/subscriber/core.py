@@ -28,7 +28,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias, Unpack
@@ -297,6 +297,7 @@ class ConfigSubscriber:
                     event = open_envelope(record.value or b"", self.settings.trust)
                     self._check_stream(event)
                 span.set_attribute("configbus.version", event.body.version)
+                previous = self.version
                 with tracer.start_as_current_span("apply"):
                     old, new = self._apply(event)
                 applied_at = time.time_ns()
@@ -309,7 +310,12 @@ class ConfigSubscriber:
                 return False
             self.applied += 1
             self.source = "cache" if from_cache else "kafka"
-            await self._run_callbacks(old, new)
+            # The publisher diffed this version against the one before it; when that is
+            # the version we ran, its list saves walking both configs. An empty list
+            # (from a producer that did not fill it in) is not trusted to mean "nothing".
+            consecutive = previous == event.body.version - 1
+            known = event.body.changed_paths if consecutive and event.body.changed_paths else None
+            await self._run_callbacks(old, new, known)
             latency_ms = (applied_at - event.body.detected_at) / 1e6
             attributes = {"configbus.tenant": self.tenant, "configbus.env": self.env}
             applied_counter.add(1, attributes)
@@ -370,10 +376,12 @@ class ConfigSubscriber:
             changed.set()  # wakes every wait_for_version
         return old, new
 
-    async def _run_callbacks(self, old: ResolvedConfig, new: ResolvedConfig) -> None:
+    async def _run_callbacks(
+        self, old: ResolvedConfig, new: ResolvedConfig, known: Sequence[str] | None
+    ) -> None:
         if not self._callbacks:
             return
-        changed = changed_paths(old.data, new.data)
+        changed = list(known) if known is not None else changed_paths(old.data, new.data)
         for prefix, callback in self._callbacks:
             paths = [p for p in changed if not prefix or p == prefix or p.startswith(prefix + ".")]
             if not paths:
