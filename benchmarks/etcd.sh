@@ -33,13 +33,9 @@ PORT_FILE="$RUN_DIR/port"
 LOG_FILE="$RUN_DIR/etcd.log"
 DATA_DIR="$RUN_DIR/data"
 
-log() { echo "etcd.sh: $*" >&2; }
-die() { # die MESSAGE [EXIT_STATUS]
-    log "error: $1"
-    exit "${2:-1}"
-}
-
-as_root() { if ((EUID == 0)); then "$@"; else sudo "$@"; fi; }
+NAME=etcd.sh
+# shellcheck source=deploy/local/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -74,7 +70,6 @@ EOF
 }
 
 # True while the process runs; a zombie (exited, not yet reaped) counts as gone.
-alive() { [[ "$(ps -o stat= -p "$1" 2>/dev/null)" == [^Z]* ]]; }
 
 # Sets PID and PORT for the member we started, if it still runs; the cmdline check
 # guards against the pid having been reused by something else.
@@ -132,15 +127,7 @@ cmd_start() {
 
 cmd_stop() {
     if find_running; then
-        kill -TERM "$PID"
-        for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-            alive "$PID" || break
-            sleep 0.1
-        done
-        if alive "$PID"; then
-            log "etcd pid $PID ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$PID" 2>/dev/null || true
-        fi
+        terminate "$PID" "$STOP_TIMEOUT"
         echo "etcd stopped (pid $PID)"
     else
         echo "etcd not running"

@@ -114,7 +114,7 @@ if sys.argv[1] == "bare":
 from configbus.subscriber import ConfigSubscriber
 async def main():
     async with ConfigSubscriber(sys.argv[2], sys.argv[3], bootstrap_servers=sys.argv[4],
-            trust=sys.argv[5], topic_prefix=sys.argv[6]) as sub:
+            trust=sys.argv[5], topic_prefix=sys.argv[6], acks_topic=sys.argv[7]) as sub:
         print(rss(), sub.version)
 asyncio.run(main())
 """
@@ -150,6 +150,7 @@ def memory(servers: str, key: SigningKey, scratch: Path) -> dict[str, Any]:
         servers,
         str(trust_file),
         topics.prefix,
+        topics.acks,
     ]
     rss, version = subprocess.check_output(args, timeout=120).split()
     return {

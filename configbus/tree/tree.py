@@ -373,16 +373,18 @@ class EnvironmentTree:
         layers = []
         for depth, (source, parsed) in enumerate(reversed(chain)):
             own = depth == len(chain) - 1
-            layer_kind, layer_name = (kind, name) if own else (LayerKind.BASE, self._short(source))
+            layer_kind, layer_name = (kind, name) if own else (LayerKind.BASE, None)
             layers.append(self._layer(source, parsed, layer_kind, layer_name))
         return layers
 
-    def _layer(self, source: str, parsed: ParsedFile, kind: LayerKind, name: str) -> Layer:
-        key = (source, kind, name)
+    def _layer(self, source: str, parsed: ParsedFile, kind: LayerKind, name: str | None) -> Layer:
+        """The layer of a parsed file, the same object while the file is unchanged (so
+        merge caches keyed by layers hit). A BASE layer is named by its path."""
+        key = (source, kind, name or "")
         cached = self._layers.get(key)
         if cached is not None and cached[0] is parsed:
             return cached[1]
-        layer = Layer(kind, name, source, parsed.data, parsed.lines)
+        layer = Layer(kind, name or self._short(source), source, parsed.data, parsed.lines)
         self._layers[key] = (parsed, layer)
         return layer
 

@@ -44,14 +44,9 @@ JAVA_OPTS=(
     -cp "$LIBS/*"
 )
 
-log() { echo "kafka.sh: $*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-# True while the process runs; a zombie (exited, not yet reaped) counts as gone.
-alive() { [[ "$(ps -o stat= -p "$1" 2>/dev/null)" == [^Z]* ]]; }
+NAME=kafka.sh
+# shellcheck source=deploy/local/lib.sh
+source "$HERE/lib.sh"
 
 # Sets PID and BOOTSTRAP for the broker we started, if it still runs; the
 # cmdline check guards against the pid having been reused by something else.
@@ -186,16 +181,7 @@ cmd_start() {
 
 cmd_stop() {
     if find_running; then
-        kill -TERM "$PID"
-        # A clean KRaft shutdown takes a moment; bound the wait.
-        for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-            alive "$PID" || break
-            sleep 0.1
-        done
-        if alive "$PID"; then
-            log "broker pid $PID ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$PID" 2>/dev/null || true
-        fi
+        terminate "$PID" "$STOP_TIMEOUT" # a clean KRaft shutdown takes a moment
         echo "kafka stopped (pid $PID)"
     else
         echo "kafka not running"

@@ -27,13 +27,9 @@ PID_FILE="$RUN_DIR/redis.pid"
 LOG_FILE="$RUN_DIR/redis.log"
 URL="redis://127.0.0.1:$PORT/0"
 
-log() { echo "redis.sh: $*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-as_root() { if ((EUID == 0)); then "$@"; else sudo "$@"; fi; }
+NAME=redis.sh
+# shellcheck source=deploy/local/lib.sh
+source "$HERE/lib.sh"
 
 ensure_installed() {
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
@@ -60,7 +56,6 @@ ensure_installed() {
 pong() { [[ "$(redis-cli "$@" ping 2>/dev/null)" == PONG ]]; }
 
 # True while the process runs; a zombie (exited, not yet reaped) counts as gone.
-alive() { [[ "$(ps -o stat= -p "$1" 2>/dev/null)" == [^Z]* ]]; }
 
 # Sets PID (and PORT, URL) to the server we started, if it still runs; the
 # cmdline check guards against the pid having been reused by something else.
@@ -123,15 +118,7 @@ EOF
 
 cmd_stop() {
     if find_running; then
-        kill -TERM "$PID"
-        for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-            alive "$PID" || break
-            sleep 0.1
-        done
-        if alive "$PID"; then
-            log "redis pid $PID ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$PID" 2>/dev/null || true
-        fi
+        terminate "$PID" "$STOP_TIMEOUT"
         echo "redis stopped (pid $PID)"
     else
         echo "redis not running"
