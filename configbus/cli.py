@@ -182,15 +182,22 @@ def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
         check_kid(args.kid)
     except KeyringError as exc:
         raise UnknownNameError(str(exc)) from None  # a bad argument: usage error
+    trust_path = Path(args.trust) if args.trust else None
+    trust = TrustStore()
+    if trust_path is not None and trust_path.exists():
+        trust = TrustStore.load(trust_path)  # a broken trust file fails before any key is made
+        if args.kid in trust:
+            raise KeyringError(f"{trust_path}: already trusts a key with id {args.kid!r}")
     private, public = generate_keypair(args.kid, args.out)
     print(f"wrote {private} (private, mode 0600) and {public}", file=out)
-    if args.trust:
-        path = Path(args.trust)
-        trust = TrustStore.load(path) if path.exists() else TrustStore()
+    if trust_path is not None:
         signing = SigningKey.load(private, args.kid)
         trust = TrustStore([*trust.entries(), *TrustStore.of(signing.public).entries()])
-        path.write_text(trust.dump(), encoding="utf-8")
-        print(f"trusted {args.kid} in {path}", file=out)
+        try:
+            trust_path.write_text(trust.dump(), encoding="utf-8")
+        except OSError as exc:
+            raise KeyringError(f"{trust_path}: cannot write: {exc.strerror}") from None
+        print(f"trusted {args.kid} in {trust_path}", file=out)
     return 0
 
 
