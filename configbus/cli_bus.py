@@ -172,12 +172,13 @@ def _kafka(args: argparse.Namespace) -> tuple[KafkaSettings, TopicNames]:
 def _tail(args: argparse.Namespace, out: TextIO) -> int:
     kafka, topics = _kafka(args)
     trust = TrustStore.load(args.trust)
-    topic = topics.tenant_topic(args.tenant)
-    return run_async(_tail_topic(kafka, topic, trust, args.env, args.follow, out))
+    topic = _tenant_topic(topics, args.tenant)
+    return run_async(_tail_topic(kafka, args.tenant, topic, trust, args.env, args.follow, out))
 
 
 async def _tail_topic(
     kafka: KafkaSettings,
+    tenant: str,
     topic: str,
     trust: TrustStore,
     env: str | None,
@@ -190,18 +191,29 @@ async def _tail_topic(
     async for record in records:
         if env is not None and record.key != env.encode():
             continue
-        line, ok = _tail_line(record, trust, last)
+        line, ok = _tail_line(record, trust, last, tenant)
         rejected += not ok
         print(line, file=out, flush=True)
     return 1 if rejected else 0
 
 
-def _tail_line(record: Record, trust: TrustStore, last: dict[str, int]) -> tuple[str, bool]:
+def _tenant_topic(topics: TopicNames, tenant: str) -> str:
+    try:
+        return topics.tenant_topic(tenant)
+    except SettingsError as exc:
+        raise UnknownNameError(str(exc)) from None  # a bad argument: usage error, exit 2
+
+
+def _tail_line(
+    record: Record, trust: TrustStore, last: dict[str, int], tenant: str
+) -> tuple[str, bool]:
     key = (record.key or b"").decode(errors="replace")
     where = f"@{record.offset}"
     try:
         event = open_envelope(record.value or b"", trust)
         body = event.body
+        if body.tenant != tenant:
+            raise VerificationError("wrong_stream", f"an event for tenant {body.tenant!r}")
         if body.env != key:
             raise VerificationError("wrong_stream", f"record key {key!r} but event for {body.env}")
         if body.version <= last.get(body.env, 0):
@@ -228,7 +240,7 @@ def _tail_line(record: Record, trust: TrustStore, last: dict[str, int]) -> tuple
 # -- rollout ------------------------------------------------------------------------
 def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
     kafka, topics = _kafka(args)
-    topics.tenant_topic(args.tenant)  # a tenant id that cannot name a topic: usage error
+    _tenant_topic(topics, args.tenant)
     report = run_async(rollout_status(kafka, topics, args.tenant, args.env, args.version))
     if args.json:
         json.dump(report.to_dict(), out, indent=2)
@@ -273,7 +285,7 @@ def _tenant_set(args: argparse.Namespace, out: TextIO) -> int:
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
-            raise UnknownNameError(f"{key}: value {text!r} is not a YAML scalar") from None
+            raise UnknownNameError(f"{key}: the value is not valid YAML") from None  # not echoed
         if isinstance(value, dict):
             raise UnknownNameError(f"{key}: set leaves one by one, not a mapping")
         values[_spelt(tree, tenant, env, key)] = freeze(value)

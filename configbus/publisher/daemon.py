@@ -198,8 +198,14 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    continue
+                raise  # stop() itself was cancelled
+            except Exception:
+                log.exception("%s had failed", task.get_name())
         self._tasks = []
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -207,7 +213,7 @@ class Daemon:
                 self._dirty.event.set()  # wake it so it can see the stop
             try:
                 await asyncio.wait_for(worker, self.settings.shutdown_grace)
-            except (TimeoutError, asyncio.CancelledError):
+            except TimeoutError:
                 log.warning("gave up waiting for in-flight publications")
         await self.producer.stop()
         await self.admin.stop()
@@ -227,15 +233,22 @@ class Daemon:
         return Change(now_ns(), cause)
 
     async def _work(self) -> None:
-        """Publish whatever is dirty; on a Kafka failure put it back and back off."""
+        """Publish whatever is dirty; on a failure put it back, back off, and reconnect.
+        Nothing is published again until the versions are re-read from Kafka."""
         dirty = self._dirty
         if dirty is None:  # pragma: no cover - start() sets it first
             return
-        backoff = 0.1
+        backoff, connected = 0.1, True
         while True:
             await dirty.event.wait()
             if self._stop_watching.is_set() and not dirty.changes:
                 return
+            if not connected:
+                connected = await self._reconnect()
+                if not connected:
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, 5.0)
+                    continue
             taken = dirty.take()
             try:
                 try:
@@ -243,7 +256,7 @@ class Daemon:
                         report = await self._publish(taken)
                 except TimeoutError:
                     # aiokafka retries a transaction against a dead broker forever;
-                    # give up on this attempt, reconnect below, and try again.
+                    # give up on this attempt, reconnect, and try again.
                     raise BusError(
                         f"kafka did not confirm within {self.settings.publish_timeout:g}s"
                     ) from None
@@ -253,14 +266,17 @@ class Daemon:
                 self._stop_watching.set()
                 self.stopped.set()
                 return
-            except BusError as exc:
+            except Exception as exc:  # the worker must outlive any one failure
                 for stream, change in taken.items():
                     dirty.add([stream], change)
                 delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("publication failed, retrying in %.2fs: %s", delay, exc)
+                if isinstance(exc, BusError):
+                    log.warning("publication failed, retrying in %.2fs: %s", delay, exc)
+                else:
+                    log.exception("publication failed unexpectedly, retrying in %.2fs", delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 5.0)
-                await self._reconnect()
+                connected = False
                 continue
             backoff = 0.1
             if report.published or report.failed:
@@ -269,16 +285,19 @@ class Daemon:
             if self._stop_watching.is_set() and not dirty.changes:
                 return
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self) -> bool:
         """A fresh producer after a failure (a failed transaction can leave the old one
-        unusable), then the versions again from Kafka: while we were cut off, another
-        publisher may have taken over and published, and our next versions must
-        follow its, never repeat them."""
+        unusable), then the versions again from Kafka: a commit reported as failed may
+        have landed, and while we were cut off another publisher may have published;
+        our next versions must follow theirs, never repeat them. True when both
+        worked; until then nothing is published."""
         try:
             await self.producer.restart()
             self.publisher.states = await recover_states(self.settings.kafka, self.settings.topics)
         except BusError as exc:
             log.warning("kafka still unreachable: %s", exc)
+            return False
+        return True
 
     async def _publish(self, taken: dict[Stream, Change]) -> PublishReport:
         by_change: dict[Change, list[Stream]] = {}

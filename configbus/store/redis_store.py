@@ -20,6 +20,7 @@ anything a notification missed, by the publisher's periodic reconcile.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -32,6 +33,8 @@ from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, thaw
 
 __all__ = ["DEFAULT_PREFIX", "TenantStore"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "configbus:"
 META_FIELD: Final = "$meta"  # who wrote last and why; never a key path (those are JSON arrays)
@@ -97,7 +100,7 @@ class TenantStore:
             raw = await self.redis.hgetall(self.store_key(tenant, env))
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        return _values(raw)
+        return _values(raw, self.store_key(tenant, env))
 
     async def meta(self, tenant: str, env: str) -> dict[str, Any]:
         """Who last wrote the stream's store, and why: actor, reason, at (ns)."""
@@ -105,7 +108,10 @@ class TenantStore:
             raw = await self.redis.hget(self.store_key(tenant, env), META_FIELD)
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        meta = json.loads(raw) if raw else {}
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            meta = {}
         return meta if isinstance(meta, dict) else {}
 
     async def layer(self, tenant: str, env: str) -> Layer | None:
@@ -131,7 +137,7 @@ class TenantStore:
             except RedisError as exc:
                 raise BusError(f"redis: {exc}") from exc
             for (tenant, env), raw in zip(chunk, replies, strict=True):
-                values = _values(raw)
+                values = _values(raw, self.store_key(tenant, env))
                 if values:
                     found[(tenant, env)] = self._layer(tenant, env, values)
         return found
@@ -266,15 +272,27 @@ def _field(path: Path) -> str:
     return json.dumps(list(path), separators=(",", ":"))
 
 
-def _values(raw: Mapping[bytes | str, bytes | str]) -> dict[Path, Value]:
-    """A store hash as read by HGETALL: every value by key path (the meta field aside)."""
-    meta = META_FIELD.encode()
-    return {_path(name): freeze(json.loads(value)) for name, value in raw.items() if name != meta}
+def _values(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[Path, Value]:
+    """A store hash as read by HGETALL: every value by key path (the meta field aside).
+    A field written by hand that is not ours (not a JSON array of names, or a value
+    that is not JSON) is skipped with a warning naming it, never its value."""
+    values: dict[Path, Value] = {}
+    for name, value in raw.items():
+        if name in (META_FIELD, META_FIELD.encode()):
+            continue
+        try:
+            values[_path(name)] = freeze(json.loads(value))
+        except (ValueError, TypeError):
+            shown = name.decode(errors="replace") if isinstance(name, bytes) else name
+            log.warning("%s: skipping field %r: not a configbus store field", key, shown[:100])
+    return values
 
 
 def _path(field: bytes | str) -> Path:
     parts = json.loads(field)
-    return tuple(str(p) for p in parts)
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError("a store field is a JSON array of key names")
+    return tuple(parts)
 
 
 def _json(value: Value) -> str:

@@ -152,7 +152,11 @@ class ConfigSubscriber:
 
     def add_validator(self, validator: Validator) -> None:
         """Run `validator(config)` before every apply; raising (or returning False)
-        refuses the config, which is then acknowledged as rejected."""
+        refuses the config, which is then acknowledged as rejected. Validators are
+        plain functions: they run between verification and the swap, which must not
+        wait on anything."""
+        if inspect.iscoroutinefunction(validator):
+            raise TypeError(f"{_name(validator)}: a validator must be a plain function, not async")
         self._validators.append(validator)
 
     async def wait_for_version(self, version: int, timeout: float | None = None) -> int:  # noqa: ASYNC109 - the documented API
@@ -187,6 +191,9 @@ class ConfigSubscriber:
             wait = min(wait, self.settings.offline_grace)
         try:
             await asyncio.wait_for(self._bootstrapped.wait(), wait)
+        except asyncio.CancelledError:
+            await self.stop()  # the caller gave up on start(): leave nothing running
+            raise
         except TimeoutError:
             if not cached:
                 await self.stop()
@@ -365,6 +372,10 @@ class ConfigSubscriber:
                 verdict = validator(new)
             except Exception as exc:
                 raise VerificationError("refused", f"{_name(validator)}: {_gist(exc)}") from None
+            if inspect.isawaitable(verdict):  # an async callable that slipped past the check
+                if inspect.iscoroutine(verdict):
+                    verdict.close()
+                raise VerificationError("refused", f"{_name(validator)} is async; not run")
             if verdict is False:
                 raise VerificationError("refused", f"{_name(validator)} refused the config")
         old = self._current.config
