@@ -39,27 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-ensure_installed() {
-    command -v etcd >/dev/null && return 0
-    command -v apt-get >/dev/null || die "etcd not found and no apt-get to install it" 4
-    log "installing etcd-server with apt-get (once) ..."
-    # policy-rc.d exit 101 tells the package scripts not to start its service,
-    # which would otherwise take port 2379. Only add (and remove) it if absent.
-    local policy=/usr/sbin/policy-rc.d apt_log="${TMPDIR:-/tmp}/configbus-etcd-apt.log" status=0
-    if [[ ! -e "$policy" ]]; then
-        as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod +x $policy"
-        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    {
-        as_root apt-get update -q &&
-            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                etcd-server
-    } >"$apt_log" 2>&1 || status=$?
-    if ((status != 0)) || ! command -v etcd >/dev/null; then
-        tail -n 30 "$apt_log" >&2
-        die "apt-get could not install etcd-server (output above)" 4
-    fi
-}
+ensure_installed() { apt_install etcd-server etcd 4; }
 
 healthy() { # healthy PORT
     python3 - "$1" <<'EOF' 2>/dev/null

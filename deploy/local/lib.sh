@@ -25,3 +25,27 @@ terminate() {
     log "pid $pid ignored SIGTERM for ${seconds}s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
 }
+
+# apt_install PACKAGE COMMAND [EXIT_STATUS]: install Debian's PACKAGE unless COMMAND is
+# on PATH, without letting the package start its own service (policy-rc.d exit 101),
+# which would take the default port. Dies with EXIT_STATUS (default 1) on failure.
+apt_install() {
+    local package=$1 command=$2 fail=${3:-1}
+    command -v "$command" >/dev/null && return 0
+    command -v apt-get >/dev/null || die "$command not found and no apt-get to install $package" "$fail"
+    log "installing $package with apt-get (once) ..."
+    local policy=/usr/sbin/policy-rc.d apt_log="${TMPDIR:-/tmp}/configbus-$package-apt.log" status=0
+    if [[ ! -e "$policy" ]]; then # only add (and remove) it if absent
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod +x $policy"
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    {
+        as_root apt-get update -q &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                "$package"
+    } >"$apt_log" 2>&1 || status=$?
+    if ((status != 0)) || ! command -v "$command" >/dev/null; then
+        tail -n 30 "$apt_log" >&2
+        die "apt-get could not install $package (output above)" "$fail"
+    fi
+}

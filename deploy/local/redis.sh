@@ -32,25 +32,8 @@ NAME=redis.sh
 source "$HERE/lib.sh"
 
 ensure_installed() {
-    command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
-    command -v apt-get >/dev/null || die "redis-server not found and no apt-get to install it"
-    log "installing redis-server with apt-get (once) ..."
-    # policy-rc.d exit 101 tells the package scripts not to start its service,
-    # which would otherwise take port 6379. Only add (and remove) it if absent.
-    local policy=/usr/sbin/policy-rc.d apt_log="${TMPDIR:-/tmp}/configbus-redis-apt.log" status=0
-    if [[ ! -e "$policy" ]]; then
-        as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod +x $policy"
-        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    {
-        as_root apt-get update -q &&
-            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                redis-server
-    } >"$apt_log" 2>&1 || status=$?
-    if ((status != 0)); then
-        tail -n 30 "$apt_log" >&2
-        die "apt-get could not install redis-server (output above)"
-    fi
+    apt_install redis-server redis-server
+    command -v redis-cli >/dev/null || die "redis-cli not found after installing redis-server"
 }
 
 pong() { [[ "$(redis-cli "$@" ping 2>/dev/null)" == PONG ]]; }

@@ -32,6 +32,7 @@ from helpers import (
     Setup,
     Verified,
     assert_versions_consistent,
+    call_main,
     edit,
     kid_of,
     new_records,
@@ -41,7 +42,6 @@ from helpers import (
 
 from configbus.bus import CONTENT_TYPE, Admin, Producer, Record, follow
 from configbus.bus.kafka import FencedError
-from configbus.cli import main
 from configbus.crypto import SigningKey, generate_keypair
 from configbus.errors import VerificationError
 from configbus.events import Envelope, open_envelope
@@ -106,14 +106,6 @@ async def run_cli(*args: str | Path, timeout: float = 60) -> subprocess.Complete
         cwd=REPO,
         check=False,
     )
-
-
-async def call_main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    """`configbus.cli.main(args)` in a thread (it runs its own event loop)."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(main, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def published_rounds(spy: PublishSpy, source: str) -> list[Round]:
