@@ -51,8 +51,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict configbus
 
+# Unit tests first: they need nothing running, so a broker that will not start cannot hide
+# them. Coverage (line and branch, configbus/) adds up over both runs.
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not integration" --cov --cov-report=
+	$(BIN)/pytest -m integration --cov --cov-append --cov-report=term
 
 unit: install
 	$(BIN)/pytest -m "not integration"

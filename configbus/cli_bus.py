@@ -65,9 +65,6 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     publisher.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
     publisher.add_argument("--replication-factor", type=int, metavar="N")
     publisher.add_argument("--min-insync-replicas", type=int, metavar="N")
-    publisher.add_argument(
-        "--transactional-id", metavar="ID", help="one id per cluster: a second publisher fences"
-    )
     publisher.add_argument("--batch-size", type=int, metavar="N", help="events per transaction")
     publisher.add_argument("--log-level", default="INFO")
 
@@ -79,6 +76,14 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
         "publish", parents=[publisher], help="publish every changed stream once, then exit"
     )
     once.add_argument("--once", action="store_true", required=True)
+    once.add_argument(
+        "--take-over",
+        action="store_true",
+        help="publish even while a daemon is active (it stands by until this run ends)",
+    )
+    once.add_argument(
+        "--deadline", type=float, default=120.0, metavar="SECONDS", help="give up after (120)"
+    )
     once.set_defaults(func=_publish_once)
 
     tail = commands.add_parser(
@@ -136,7 +141,6 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         reconcile_interval=args.reconcile_interval,
         replication_factor=args.replication_factor,
         min_insync_replicas=args.min_insync_replicas,
-        transactional_id=args.transactional_id,
         batch_size=args.batch_size,
     )
 
@@ -151,7 +155,13 @@ def _daemon(args: argparse.Namespace, out: TextIO) -> int:
 def _publish_once(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     configure(json_lines=False, level="WARNING" if args.log_level == "INFO" else args.log_level)
-    report = run_async(publish_once(settings))
+    if args.deadline <= 0:
+        raise SettingsError(f"--deadline {args.deadline:g}: must be positive")
+    try:
+        report = run_async(publish_once(settings, take_over=args.take_over, deadline=args.deadline))
+    except TimeoutError:
+        print(f"configbus: publish --once: not done within {args.deadline:g}s", file=sys.stderr)
+        return 1
     for tenant, env, version in report.published:
         print(f"published {tenant}/{env} v{version}", file=out)
     for (tenant, env), reason in sorted(report.failed.items()):

@@ -6,8 +6,13 @@
     │   ├── UnknownNameError        an environment, tenant or override that does not exist
     │   └── SchemaError             a resolved config breaks the JSON Schema
     ├── KeyringError                a signing key, public key or trust file is unusable
+    ├── LimitError                  a config, event or value is larger than configbus allows
     ├── VerificationError           an event failed verification; `reason` says why
+    ├── NoConfigError               a subscriber found no config to start on (retriable)
     └── BusError                    Kafka unreachable or refusing (retriable)
+        ├── FencedError             another publisher took over (not retriable)
+        ├── ActiveWriterError       another publisher is active on these topics
+        └── RefusedError            Kafka refused a record for good (not retriable)
 
 Every error that is about a place in a file carries `Problem`s, each of which prints
 as one line: ``path/to/file.yml:LINE: dotted.key: message``. Messages never contain
@@ -25,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ActiveWriterError",
     "BusError",
     "ConfigBusError",
+    "FencedError",
     "KeyringError",
+    "LimitError",
+    "NoConfigError",
     "Problem",
+    "RefusedError",
     "SchemaError",
     "SettingsError",
     "TreeError",
@@ -108,6 +118,11 @@ class KeyringError(ConfigBusError):
     """A signing key, public key or trust file is missing, unreadable or malformed."""
 
 
+class LimitError(ConfigBusError):
+    """A config, event or value breaks one of the limits in `configbus.limits`. Not
+    retriable: the input has to change."""
+
+
 class VerificationError(ConfigBusError):
     """An event failed verification. `reason` is a short stable code (for metrics and
     acknowledgements): bad_signature, unknown_key, untrusted_scope, malformed,
@@ -120,5 +135,34 @@ class VerificationError(ConfigBusError):
 
 class BusError(ConfigBusError):
     """Kafka could not be reached or refused a request. Usually retriable."""
+
+    retriable = True
+
+
+class FencedError(BusError):
+    """Another publisher took over the transactional id. Not retriable: this process
+    must stop writing (the daemon goes on standby)."""
+
+    retriable = False
+
+
+class ActiveWriterError(BusError):
+    """Another publisher is active on these topics (its heartbeats arrive), so this one
+    may not write; `publish --once --take-over` may."""
+
+    retriable = False
+
+
+class RefusedError(BusError):
+    """Kafka refused a record in a way no retry can mend (too large for the topic, an
+    invalid record). Only the stream it belongs to fails."""
+
+    retriable = False
+
+
+class NoConfigError(ConfigBusError):
+    """`start()` found no config to start on: Kafka unreachable, the stream never
+    published, or every record rejected; and no disk cache. The message says which.
+    Retriable: the next start may find it."""
 
     retriable = True

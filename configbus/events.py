@@ -11,6 +11,10 @@ config as canonical JSON (sorted keys, compact, UTF-8), zlib-compressed when
 `config_encoding` is ``"json+zlib"``; `config_hash` is the hex SHA-256 of that JSON
 (uncompressed), so any reader can check what it applied without re-encoding it.
 docs/wire-format.md is the normative description.
+
+Verification does the cheap checks first and inflates last: a record for another
+stream is refused before its config is decompressed, and decompression stops at the
+`configbus.limits` bound, so no signed record can make a reader inflate gigabytes.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import msgspec
 
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import VerificationError
+from configbus.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "MAX_VERSION",
     "SCHEMA_VERSION",
     "Ack",
     "Cause",
@@ -47,6 +53,7 @@ __all__ = [
 ENVELOPE_VERSION: Final = 1
 SCHEMA_VERSION: Final = 1
 COMPRESS_ABOVE: Final = 1024  # bytes of canonical JSON; smaller configs travel as is
+MAX_VERSION: Final = 2**64 - 1  # versions are uint64 on the wire (docs/wire-format.md §4)
 
 
 class EventKind(enum.StrEnum):
@@ -183,10 +190,25 @@ def seal(body: EventBody, key: SigningKey) -> bytes:
     )
 
 
-def open_envelope(value: bytes, trust: TrustStore) -> VerifiedEvent:
+def open_envelope(
+    value: bytes,
+    trust: TrustStore,
+    *,
+    stream: tuple[str, str] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> VerifiedEvent:
     """Verify and decode a record value. Raises `VerificationError` with a reason:
-    malformed, unknown_key, bad_signature, unknown_schema, untrusted_scope, or
-    hash_mismatch. Nothing inside `body` is decoded before its signature is checked."""
+    malformed, too_large, unknown_key, bad_signature, unknown_schema, untrusted_scope,
+    wrong_stream (when `stream`, the (tenant, env) the record was read for, is given and
+    the body names another), or hash_mismatch. Nothing inside `body` is decoded before
+    its signature is checked, and its config is inflated (at most
+    ``limits.config_bytes``) only after its key's scope and the stream are checked."""
+    if not isinstance(value, bytes | bytearray | memoryview):  # a tombstone: no value
+        raise VerificationError("malformed", "the record has no value")
+    if len(value) > limits.event_bytes + 64 * 1024:  # the envelope's own bytes, generously
+        raise VerificationError(
+            "too_large", f"record of {len(value)} bytes, over the limit event_bytes"
+        )
     try:
         envelope = _envelope_decoder.decode(value)
     except (msgspec.DecodeError, TypeError) as exc:
@@ -215,7 +237,13 @@ def open_envelope(value: bytes, trust: TrustStore) -> VerifiedEvent:
         raise VerificationError(
             "untrusted_scope", f"key {envelope.kid!r} may not sign {body.tenant}/{body.env}"
         )
-    config_json = config_json_of(body)
+    if stream is not None and (body.tenant, body.env) != stream:
+        raise VerificationError(
+            "wrong_stream", f"event for {body.tenant}/{body.env} on {stream[0]}/{stream[1]}"
+        )
+    if not 0 < body.version <= MAX_VERSION:
+        raise VerificationError("malformed", f"version {body.version} out of range")
+    config_json = config_json_of(body, limit=limits.config_bytes)
     if hashlib.sha256(config_json).hexdigest() != body.config_hash:
         raise VerificationError("hash_mismatch", "config does not match config_hash")
     return VerifiedEvent(envelope.kid, body, config_json)
@@ -229,13 +257,25 @@ def _peek(read: Callable[[], int]) -> int | None:
         return None
 
 
-def config_json_of(body: EventBody) -> bytes:
-    """The canonical JSON an event body carries, decompressed (not hash-checked)."""
+def config_json_of(body: EventBody, *, limit: int = DEFAULT_LIMITS.config_bytes) -> bytes:
+    """The canonical JSON an event body carries, decompressed (not hash-checked).
+    Raises `VerificationError` ("too_large") rather than produce more than `limit`
+    bytes: inflating stops there, whatever the compressed data would expand to."""
     if body.config_encoding == "json":
+        if len(body.config) > limit:
+            raise VerificationError("too_large", f"config over {limit} bytes (limit config_bytes)")
         return body.config
     if body.config_encoding == "json+zlib":
+        inflater = zlib.decompressobj()
         try:
-            return zlib.decompress(body.config)
+            config = inflater.decompress(body.config, limit + 1)
         except zlib.error:
             raise VerificationError("malformed", "config is not valid zlib data") from None
+        if len(config) > limit or inflater.unconsumed_tail:
+            raise VerificationError(
+                "too_large", f"config inflates to over {limit} bytes (limit config_bytes)"
+            )
+        if not inflater.eof:
+            raise VerificationError("malformed", "config is truncated zlib data")
+        return config
     raise VerificationError("unknown_schema", f"config encoding {body.config_encoding!r}")

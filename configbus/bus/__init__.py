@@ -1,24 +1,33 @@
-"""Kafka: topic names, and the typed adapter over aiokafka."""
+"""The message bus: topic names, what configbus needs from a bus (`Bus`), its Kafka
+implementation, and an in-memory one for tests (`MemoryBus`)."""
 
+from configbus.bus.base import AdminAPI, Bus, ProducerAPI, ReaderAPI, Record
 from configbus.bus.kafka import (
     Admin,
     FencedError,
+    KafkaBus,
     KafkaSettings,
     PartitionReader,
     Producer,
-    Record,
     follow,
     read_to_end,
 )
+from configbus.bus.memory import MemoryBus
 from configbus.bus.topics import CONTENT_TYPE, TopicNames
 
 __all__ = [
     "CONTENT_TYPE",
     "Admin",
+    "AdminAPI",
+    "Bus",
     "FencedError",
+    "KafkaBus",
     "KafkaSettings",
+    "MemoryBus",
     "PartitionReader",
     "Producer",
+    "ProducerAPI",
+    "ReaderAPI",
     "Record",
     "TopicNames",
     "follow",

@@ -19,13 +19,26 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+    UnsupportedForMessageFormatError,
+)
 
-from configbus.errors import BusError
+from configbus.bus.base import Bus, Headers, Record
+from configbus.errors import BusError, FencedError, RefusedError
 
 __all__ = [
     "Admin",
     "FencedError",
+    "KafkaBus",
     "KafkaSettings",
     "PartitionReader",
     "Producer",
@@ -35,15 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Headers = tuple[tuple[str, bytes], ...]
-
-
-class FencedError(BusError):
-    """Another publisher with the same transactional id took over. Not retriable:
-    this process must stop publishing."""
-
-    retriable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,23 +59,6 @@ class KafkaSettings:
     request_timeout_ms: int = 15_000
     replication_factor: int = 1
     min_insync_replicas: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp_ms: int
-
-    def header(self, name: str) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
 
 
 def _record(message: Any) -> Record:
@@ -86,9 +73,22 @@ def _record(message: Any) -> Record:
     )
 
 
+# Records the broker (or the client, before sending) will never accept as they are.
+_REFUSALS: tuple[type[KafkaError], ...] = (
+    CorruptRecordException,
+    InvalidMessageError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
+
+
 def _bus_error(exc: BaseException, doing: str) -> BusError:
     if isinstance(exc, ProducerFenced):
         return FencedError(f"{doing}: fenced by a newer publisher ({exc})")
+    if isinstance(exc, _REFUSALS):
+        return RefusedError(f"{doing}: {exc.__class__.__name__}: {exc}")
     error = BusError(f"{doing}: {exc.__class__.__name__}: {exc}")
     error.retriable = bool(getattr(exc, "retriable", True))
     return error
@@ -134,12 +134,18 @@ class Admin:
             raise _bus_error(exc, "listing topics") from exc
         return set(names)
 
-    async def ensure_topics(self, names: Iterable[str], *, compact: bool) -> list[str]:
-        """Create the topics in `names` that do not exist yet (one partition each).
-        Returns the names created."""
+    async def ensure_topics(
+        self, names: Iterable[str], *, compact: bool, configs: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Create the topics in `names` that do not exist yet (one partition each), with
+        the topic `configs` given (e.g. ``{"max.message.bytes": "4096"}``) on top of
+        ours. Returns the names created."""
         wanted = sorted(set(names) - await self.topics())
-        configs = {"min.insync.replicas": str(self.settings.min_insync_replicas)}
-        configs["cleanup.policy"] = "compact" if compact else "delete"
+        configs = {
+            "min.insync.replicas": str(self.settings.min_insync_replicas),
+            "cleanup.policy": "compact" if compact else "delete",
+            **(configs or {}),
+        }
         created = []
         for start in range(0, len(wanted), 500):
             batch = [
@@ -167,6 +173,20 @@ class Admin:
             log.info("created %d topic(s)", len(created), extra={"topics": created[:10]})
             await self.wait_for_leaders(created)
         return created
+
+    async def max_message_bytes(self, topic: str) -> int | None:
+        """The topic's ``max.message.bytes`` (the largest record batch it accepts), or None
+        when the topic does not exist."""
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        try:
+            (response,) = await self._client.describe_configs([resource])
+        except KafkaError as exc:
+            raise _bus_error(exc, f"describing topic {topic}") from exc
+        for _code, _message, _type, _name, entries in response.resources:
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    return int(entry[1])
+        return None
 
     async def delete_topics(self, names: Iterable[str]) -> None:
         """Delete topics (benchmarks and tests clean up after themselves)."""
@@ -287,6 +307,10 @@ class Producer:
                 yield
         except KafkaError as exc:
             raise _bus_error(exc, "committing a transaction") from exc
+        except AssertionError as exc:
+            # aiokafka's transaction state machine, after a fence: "Invalid state
+            # transition FATAL_ERROR -> IN_TRANSACTION". Only a new producer can go on.
+            raise FencedError(f"starting a transaction: the producer is unusable ({exc})") from exc
 
     async def send(
         self,
@@ -295,24 +319,26 @@ class Producer:
         *,
         key: bytes | None = None,
         headers: Headers = (),
-    ) -> asyncio.Future[Any]:
-        """Queue a record; the returned future resolves when the broker has it."""
+    ) -> asyncio.Future[None]:
+        """Queue a record; the returned future resolves when the broker has it, or
+        raises `BusError`."""
         try:
-            future: asyncio.Future[Any] = await self._live.send(
-                topic, value=value, key=key, headers=list(headers)
-            )
+            future = await self._live.send(topic, value=value, key=key, headers=list(headers))
         except KafkaError as exc:
             raise _bus_error(exc, f"sending to {topic}") from exc
-        return future
+        return asyncio.ensure_future(_acknowledged(future, topic))
 
     async def send_and_wait(
         self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
-        future = await self.send(topic, value, key=key, headers=headers)
-        try:
-            await future
-        except KafkaError as exc:
-            raise _bus_error(exc, f"sending to {topic}") from exc
+        await (await self.send(topic, value, key=key, headers=headers))
+
+
+async def _acknowledged(future: Any, topic: str) -> None:
+    try:
+        await future
+    except KafkaError as exc:
+        raise _bus_error(exc, f"sending to {topic}") from exc
 
 
 def _consumer(settings: KafkaSettings, isolation: str, **options: Any) -> Any:
@@ -467,6 +493,32 @@ class PartitionReader:
         except KafkaError as exc:
             raise _bus_error(exc, f"reading {self.topic}") from exc
 
+    async def recent(self, key: bytes, *, limit: int = 64, chunk: int = 64) -> list[Record]:
+        """Up to `limit` of the last committed records with `key`, oldest first (reading
+        backwards from the end in growing chunks). Leaves the reader positioned at the
+        end the topic had, ready to follow."""
+        consumer, tp = self._consumer, self._tp
+        found: list[Record] = []
+        try:
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
+            upper = end
+            while upper > begin and len(found) < limit:
+                lower = max(begin, upper - chunk)
+                consumer.seek(tp, lower)
+                window: list[Record] = []
+                while await consumer.position(tp) < upper:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    for message in batch.get(tp, ()):
+                        if message.offset < upper and message.key == key:
+                            window.append(_record(message))
+                found = window + found
+                upper, chunk = lower, chunk * 4
+            consumer.seek(tp, end)
+        except KafkaError as exc:
+            raise _bus_error(exc, f"reading {self.topic}") from exc
+        return found[-limit:]
+
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         """The records that arrived since the last call (waits up to `timeout_ms`)."""
         try:
@@ -474,3 +526,33 @@ class PartitionReader:
         except KafkaError as exc:
             raise _bus_error(exc, f"reading {self.topic}") from exc
         return [_record(message) for message in batch.get(self._tp, ())]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaBus:
+    """The `Bus` on a real Kafka cluster."""
+
+    settings: KafkaSettings
+
+    def admin(self) -> Admin:
+        return Admin(self.settings)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        return Producer(self.settings, transactional_id=transactional_id)
+
+    def reader(self, topic: str) -> PartitionReader:
+        return PartitionReader(self.settings, topic)
+
+    def read_to_end(
+        self, topics: Sequence[str], *, max_seconds: float = 60.0
+    ) -> AsyncIterator[Record]:
+        return read_to_end(self.settings, topics, max_seconds=max_seconds)
+
+    def follow(
+        self, topics: Sequence[str], *, from_beginning: bool = True
+    ) -> AsyncIterator[Record]:
+        return follow(self.settings, topics, from_beginning=from_beginning)
+
+
+def _conforms(bus: KafkaBus) -> Bus:  # pragma: no cover - for mypy: KafkaBus is a Bus
+    return bus

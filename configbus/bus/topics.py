@@ -7,6 +7,12 @@
 - The audit topic (default ``configbus.audit``), not compacted: one record per
   published version, key ``<tenant>/<env>``, the same envelope bytes.
 - The acknowledgement topic (default ``configbus.acks``): subscribers' reports.
+- The state topic (default ``<prefix>_state``, e.g. ``configbus.tenant._state``: one
+  per prefix, as the writer is; ``_`` is never part of a tenant id), compacted: the
+  publisher's own. Key
+  ``<tenant>/<env>``: the stream's signed head (last version and config hash), written
+  in the same transaction as the event, so versions survive the loss of a tenant topic;
+  key ``$writer``: the active publisher's signed heartbeat (one writer at a time).
 
 Tenant ids are ``[a-z0-9-]``, at most 64 characters, so every tenant maps to a legal
 topic name (Kafka allows ``[a-zA-Z0-9._-]``, at most 249) and no two tenants map to
@@ -33,24 +39,30 @@ _MAX_TOPIC: Final = 249
 
 @dataclass(frozen=True, slots=True)
 class TopicNames:
-    """How tenants and shared topics are named. All three must be legal topic names."""
+    """How tenants and shared topics are named. All must be legal topic names."""
 
     prefix: str = "configbus.tenant."
     audit: str = "configbus.audit"
     acks: str = "configbus.acks"
+    state: str = ""  # default: the prefix's own, <prefix>_state
 
     def __post_init__(self) -> None:
+        if not self.state:
+            object.__setattr__(self, "state", f"{self.prefix}_state")
         if self.prefix and not _LEGAL.fullmatch(self.prefix):
             raise SettingsError(f"topic prefix {self.prefix!r}: only a-z A-Z 0-9 . _ - allowed")
         if len(self.prefix) + 64 > _MAX_TOPIC:
             raise SettingsError(f"topic prefix {self.prefix!r} is too long")
-        for name in (self.audit, self.acks):
+        for name in (self.audit, self.acks, self.state):
             if not _LEGAL.fullmatch(name) or len(name) > _MAX_TOPIC or name in (".", ".."):
                 raise SettingsError(f"{name!r} is not a legal Kafka topic name")
             if self.tenant_of(name) is not None:
                 raise SettingsError(f"{name!r} would collide with a tenant topic")
-        if self.audit == self.acks:
-            raise SettingsError(f"the audit and acks topics must differ (both {self.audit!r})")
+        if len({self.audit, self.acks, self.state}) < 3:
+            raise SettingsError(
+                f"the audit, acks and state topics must differ ({self.audit!r}, "
+                f"{self.acks!r}, {self.state!r})"
+            )
 
     @classmethod
     def build(
@@ -59,14 +71,16 @@ class TopicNames:
         audit: str | None = None,
         acks: str | None = None,
         environ: Mapping[str, str] | None = None,
+        state: str | None = None,
     ) -> TopicNames:
-        """From arguments, then CONFIGBUS_TOPIC_PREFIX, CONFIGBUS_AUDIT_TOPIC and
-        CONFIGBUS_ACKS_TOPIC, then the defaults."""
+        """From arguments, then CONFIGBUS_TOPIC_PREFIX, CONFIGBUS_AUDIT_TOPIC,
+        CONFIGBUS_ACKS_TOPIC and CONFIGBUS_STATE_TOPIC, then the defaults."""
         default = cls()
         return cls(
             prefix=pick(prefix, "CONFIGBUS_TOPIC_PREFIX", default.prefix, str, environ),
             audit=pick(audit, "CONFIGBUS_AUDIT_TOPIC", default.audit, str, environ),
             acks=pick(acks, "CONFIGBUS_ACKS_TOPIC", default.acks, str, environ),
+            state=pick(state, "CONFIGBUS_STATE_TOPIC", "", str, environ),
         )
 
     def tenant_topic(self, tenant: str) -> str:
@@ -87,6 +101,12 @@ class TopicNames:
     @staticmethod
     def audit_key(tenant: str, env: str) -> bytes:
         return f"{tenant}/{env}".encode()
+
+    @property
+    def transactional_id(self) -> str:
+        """The publisher's transactional id: one per cluster and topic prefix, so any
+        two publishers of the same topics fence each other and one writer remains."""
+        return f"configbus-publisher.{self.prefix}"
 
     @staticmethod
     def record_key(env: str) -> bytes:

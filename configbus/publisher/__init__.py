@@ -1,8 +1,9 @@
 """The publisher: resolve streams and publish signed events; the daemon that watches."""
 
-from configbus.publisher.core import Change, Publisher, PublishReport, StreamState, recover_states
+from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.daemon import Daemon, StreamIndex, publish_once, run
 from configbus.publisher.settings import PublisherSettings
+from configbus.publisher.state import StreamState, recover
 
 __all__ = [
     "Change",
@@ -13,6 +14,6 @@ __all__ = [
     "StreamIndex",
     "StreamState",
     "publish_once",
-    "recover_states",
+    "recover",
     "run",
 ]

@@ -1,73 +1,58 @@
 """Publication: resolve streams, and publish the ones whose config changed.
 
 `Publisher` holds what Kafka last has for every stream (version and hash, recovered
-from the tenant topics at start) and turns a set of streams into signed events:
+at start, see `configbus.publisher.state`) and turns a set of streams into signed events:
 
-1. resolve each stream (files plus its Redis store layer) and validate it; a stream
-   that fails is logged with every problem and keeps its last published version;
-2. skip streams whose config hash equals the last published one;
-3. give the rest version + 1, build, sign and send their events to the tenant topic
-   and to the audit topic in one Kafka transaction per batch;
-4. after the commit, remember the new versions and cache the events in Redis.
+1. read the streams' store layers (the last ones read when Redis is unreachable; a
+   stream whose store was never read stays pending);
+2. resolve and validate each stream on its own: any failure, a broken file or a value
+   over a limit, fails that stream alone, which keeps its last published version;
+3. skip streams whose config hash equals the last published one;
+4. give the rest version + 1, build and sign their events, and refuse any event larger
+   than our limit or its topic's ``max.message.bytes`` before sending;
+5. send each event to its tenant topic, the audit topic and (as a head) the state
+   topic in one Kafka transaction per batch, and wait for Kafka to acknowledge every
+   record before committing. A record Kafka refuses for good fails its stream and the
+   rest of the batch is sent again without it; any other failure raises `BusError`
+   and leaves every stream of the batch pending.
+6. after the commit, remember the new versions and cache the events in Redis.
 
-A failed batch changes nothing here, so the same streams can simply be tried again.
+A stream is published only when Kafka acknowledged its records and the transaction
+committed. A failed batch changes nothing here, so the same streams can be tried again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
-from configbus.bus import CONTENT_TYPE, Admin, Producer, TopicNames, read_to_end
-from configbus.bus.kafka import KafkaSettings
+from configbus.bus import CONTENT_TYPE, AdminAPI, ProducerAPI, TopicNames
 from configbus.crypto import SigningKey
-from configbus.errors import BusError, TreeError, VerificationError
-from configbus.events import (
-    Cause,
-    Envelope,
-    EventBody,
-    EventKind,
-    build_body,
-    config_json_of,
-    now_ns,
-    seal,
-)
+from configbus.errors import BusError, LimitError, RefusedError, TreeError
+from configbus.events import Cause, EventKind, build_body, now_ns, seal
+from configbus.limits import DEFAULT_LIMITS, Limits
+from configbus.publisher.state import MAX_VERSION, StreamHead, StreamState, seal_signed
 from configbus.store import TenantStore
 from configbus.telemetry import headers_with_context, tracer
 from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.diff import changed_paths
 from configbus.tree.layer import Layer
-from configbus.tree.values import Value, freeze
 
-__all__ = ["Change", "PublishReport", "Publisher", "StreamState", "recover_states"]
+__all__ = ["Change", "PublishReport", "Publisher", "StreamState"]
 
 log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]  # (tenant, env)
-
-
-@dataclass(slots=True)
-class StreamState:
-    """What Kafka holds for a stream: its last version and config hash, and the config
-    itself (as resolved data once known, else the event's JSON, decoded on demand)."""
-
-    version: int
-    config_hash: str
-    data: Mapping[str, Value] | None = None
-    config_json: bytes | None = None
-
-    def config(self) -> Mapping[str, Value] | None:
-        if self.data is None and self.config_json is not None:
-            decoded = freeze(msgspec.json.decode(self.config_json))
-            self.data = decoded if isinstance(decoded, Mapping) else None
-            self.config_json = None
-        return self.data
+# What a record costs in a batch beyond its value: batch header, record framing, key,
+# headers (content-type, traceparent). Generous, so "fits" means fits.
+RECORD_OVERHEAD = 512
+STORE_TIMEOUT_S = 2.0  # a Redis that does not answer delays store changes, not file edits
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,55 +70,35 @@ class _Prepared:
     detected_at: int
     config: ResolvedConfig
     value: bytes  # the signed record value
+    head: bytes  # the signed state-topic head
 
 
 @dataclass(slots=True)
 class PublishReport:
+    """What one round did. `failed`: streams that cannot be published as they are
+    (broken input, over a limit, refused by Kafka), by reason; they keep their last
+    version until their input changes. `pending`: streams that could not be tried
+    (Kafka or Redis unreachable); the caller tries them again."""
+
     checked: int = 0
     published: list[tuple[str, str, int]] = field(default_factory=list)
     unchanged: int = 0
     failed: dict[Stream, str] = field(default_factory=dict)
+    pending: dict[Stream, str] = field(default_factory=dict)
 
     def merge(self, other: PublishReport) -> None:
         self.checked += other.checked
         self.published += other.published
         self.unchanged += other.unchanged
         self.failed.update(other.failed)
+        self.pending.update(other.pending)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.checked} streams checked, {len(self.published)} published, "
             f"{self.unchanged} unchanged, {len(self.failed)} failed"
         )
-
-
-async def recover_states(settings: KafkaSettings, topics: TopicNames) -> dict[Stream, StreamState]:
-    """The last committed version and hash of every stream, read from the tenant topics
-    (the compacted heads). Records are our own; their bodies are decoded unverified,
-    since only the version and hash matter here."""
-    admin = Admin(settings)
-    async with admin:
-        names = sorted(t for t in await admin.topics() if topics.tenant_of(t) is not None)
-    states: dict[Stream, StreamState] = {}
-    envelope_decoder = msgspec.msgpack.Decoder(Envelope)
-    body_decoder = msgspec.msgpack.Decoder(EventBody)
-    async for record in read_to_end(settings, names):
-        if record.value is None:
-            continue
-        try:
-            body = body_decoder.decode(envelope_decoder.decode(record.value).body)
-        except msgspec.DecodeError:
-            log.warning("skipping an undecodable record at %s@%d", record.topic, record.offset)
-            continue
-        stream = (body.tenant, body.env)
-        known = states.get(stream)
-        if known is None or body.version > known.version:
-            try:
-                config_json: bytes | None = config_json_of(body)
-            except VerificationError:
-                config_json = None  # changed_paths of the next event will list everything
-            states[stream] = StreamState(body.version, body.config_hash, config_json=config_json)
-    return states
+        return text + (f", {len(self.pending)} pending" if self.pending else "")
 
 
 class Publisher:
@@ -144,12 +109,13 @@ class Publisher:
         self,
         tree: EnvironmentTree,
         key: SigningKey,
-        producer: Producer,
-        admin: Admin,
+        producer: ProducerAPI,
+        admin: AdminAPI,
         topics: TopicNames,
         *,
         store: TenantStore | None = None,
         batch_size: int = 1000,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.tree = tree
         self.key = key
@@ -158,27 +124,60 @@ class Publisher:
         self.topics = topics
         self.store = store
         self.batch_size = batch_size
+        self.limits = limits
         self.states: dict[Stream, StreamState] = {}
         self._known_topics: set[str] = set()
+        self._topic_limits: dict[str, int | None] = {}
+        self._store_seen: dict[Stream, Layer | None] = {}  # the last store layers read
+        self._store_down = False
+        self._refusals: dict[Stream, str] = {}  # logged once per reason
 
     async def publish(self, streams: Iterable[Stream], change: Change) -> PublishReport:
         """Publish every stream in `streams` whose config changed. Raises `BusError`
         when Kafka fails; nothing is recorded as published then."""
         report = PublishReport()
+        streams = sorted(set(streams))
+        report.checked = len(streams)
+        store_layers = await self._store_layers(streams, report)
         pending: list[_Prepared] = []
-        store_layers = await self._store_layers(streams := sorted(set(streams)))
         for stream in streams:
-            report.checked += 1
-            prepared = self._prepare(stream, change, store_layers.get(stream), report)
+            if stream in report.failed or stream in report.pending:
+                continue
+            try:
+                prepared = self._prepare(stream, change, store_layers.get(stream), report)
+            except Exception as exc:  # one stream's failure is that stream's alone
+                self._refuse(report, stream, f"{exc.__class__.__name__}: {exc}", exc)
+                continue
             if prepared is not None:
                 pending.append(prepared)
         if pending:
             await self._ensure_topics({item.stream[0] for item in pending})  # one round trip
+        pending = [item for item in pending if await self._fits(item, report)]
         for start in range(0, len(pending), self.batch_size):
-            batch = pending[start : start + self.batch_size]
-            await self._send(batch)
-            report.published += [(*item.stream, item.version) for item in batch]
+            await self._send_batch(pending[start : start + self.batch_size], report)
+        for stream in report.failed:
+            report.pending.pop(stream, None)
         return report
+
+    def _refuse(
+        self, report: PublishReport, stream: Stream, reason: str, exc: BaseException | None = None
+    ) -> None:
+        """`stream` cannot be published as it is: one log line per new reason."""
+        tenant, env = stream
+        report.failed[stream] = reason
+        if self._refusals.get(stream) == reason:
+            return
+        self._refusals[stream] = reason
+        unexpected = exc is not None and not isinstance(exc, LimitError | TreeError)
+        log.error(
+            "%s/%s not published, keeping v%d: %s",
+            tenant,
+            env,
+            self.states[stream].version if stream in self.states else 0,
+            reason,
+            exc_info=exc if unexpected else None,
+            extra={"tenant": tenant, "env": env, "reason": reason},
+        )
 
     def _prepare(
         self, stream: Stream, change: Change, store_layer: Layer | None, report: PublishReport
@@ -191,16 +190,16 @@ class Publisher:
         except TreeError as exc:
             problems = list(exc.problems)
         if problems:
-            for problem in problems:
-                log.error(
-                    "%s/%s not published: %s",
-                    tenant,
-                    env,
-                    problem,
-                    extra={"tenant": tenant, "env": env},
-                )
-            report.failed[stream] = str(problems[0])
+            for problem in problems[1:]:
+                log.error("%s/%s: %s", tenant, env, problem, extra={"tenant": tenant, "env": env})
+            self._refuse(report, stream, str(problems[0]))
             return None
+        if len(config.canonical_json) > self.limits.config_bytes:
+            raise LimitError(
+                f"config is {len(config.canonical_json)} bytes of JSON, over the limit "
+                f"config_bytes ({self.limits.config_bytes})"
+            )
+        self._refusals.pop(stream, None)
         state = self.states.get(stream)
         if state is not None and state.config_hash == config.hash:
             if state.data is None:
@@ -209,7 +208,8 @@ class Publisher:
             return None
         previous = state.config() if state is not None else None
         version = (state.version if state is not None else 0) + 1
-        paths = changed_paths(previous, config.data)
+        if version > MAX_VERSION:
+            raise LimitError(f"version {version} would overflow")
         body = build_body(
             tenant=tenant,
             env=env,
@@ -218,7 +218,14 @@ class Publisher:
             kind=EventKind.SNAPSHOT,
             detected_at=change.detected_at,
             cause=change.cause,
-            changed_paths=tuple(paths),
+            changed_paths=tuple(changed_paths(previous, config.data)),
+        )
+        head = StreamHead(
+            tenant=tenant,
+            env=env,
+            version=version,
+            config_hash=config.hash,
+            issued_at=body.issued_at,
         )
         log.debug(
             "%s/%s v%d prepared in %.2f ms",
@@ -227,7 +234,45 @@ class Publisher:
             version,
             (time.perf_counter() - started) * 1000,
         )
-        return _Prepared(stream, version, change.detected_at, config, seal(body, self.key))
+        return _Prepared(
+            stream,
+            version,
+            change.detected_at,
+            config,
+            seal(body, self.key),
+            seal_signed(head, self.key),
+        )
+
+    async def _fits(self, item: _Prepared, report: PublishReport) -> bool:
+        """Whether the event can ever be sent: refused here when it is over our limit or
+        over what its topics accept, rather than sent and lost."""
+        size = len(item.value)
+        if size > self.limits.event_bytes:
+            reason = (
+                f"event is {size} bytes, over the limit event_bytes ({self.limits.event_bytes})"
+            )
+            self._refuse(report, item.stream, reason)
+            return False
+        for topic in (self.topics.tenant_topic(item.stream[0]), self.topics.audit):
+            accepted = await self._topic_limit(topic, size)
+            if accepted is not None and size + RECORD_OVERHEAD > accepted:
+                reason = f"event is {size} bytes, over {topic}'s max.message.bytes ({accepted})"
+                self._refuse(report, item.stream, reason)
+                return False
+        return True
+
+    async def _topic_limit(self, topic: str, size: int) -> int | None:
+        """The topic's max.message.bytes, asked once, and only for events that are not
+        small: no topic accepts less than 64 KiB in practice."""
+        if size + RECORD_OVERHEAD <= 64 * 1024:
+            return None
+        if topic not in self._topic_limits:
+            try:
+                self._topic_limits[topic] = await self.admin.max_message_bytes(topic)
+            except BusError as exc:  # Kafka itself will refuse what does not fit
+                log.warning("could not read %s's max.message.bytes: %s", topic, exc)
+                return None
+        return self._topic_limits[topic]
 
     def _span(self, item: _Prepared) -> trace.Span:
         """The event's span: from the change's detection to Kafka's acknowledgement."""
@@ -251,35 +296,95 @@ class Publisher:
             },
         )
 
-    async def _store_layers(self, streams: Sequence[Stream]) -> dict[Stream, Layer]:
+    async def _store_layers(
+        self, streams: Sequence[Stream], report: PublishReport
+    ) -> dict[Stream, Layer]:
+        """The streams' store layers. While Redis is unreachable, the last ones read:
+        file edits go on publishing; a stream whose store was never read stays pending
+        (publishing it without its store values would drop an operator's change)."""
         if self.store is None:
             return {}
-        return await self.store.layers(streams)  # pipelined: a fan-out is not N round trips
+        problems: dict[Stream, str] = {}
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                layers = await self.store.layers(streams, problems=problems)
+        except (BusError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {STORE_TIMEOUT_S:g}s"
+            if not self._store_down:
+                log.warning("redis unreachable (%s): using the store values last read", reason)
+            self._store_down = True
+            for stream in streams:
+                if stream not in self._store_seen:
+                    report.pending[stream] = f"store unreachable: {reason}"
+            return {s: layer for s, layer in self._store_seen.items() if layer is not None}
+        if self._store_down:
+            log.info("redis reachable again")
+        self._store_down = False
+        for stream in streams:
+            self._store_seen[stream] = layers.get(stream)
+        for stream, problem in problems.items():
+            self._refuse(report, stream, problem)
+        return layers
+
+    async def _send_batch(self, batch: list[_Prepared], report: PublishReport) -> None:
+        """Send `batch`. When Kafka refuses records for good, the others go again
+        without them, and each refused one alone: Kafka refuses a whole record batch,
+        so only a record refused on its own is refused for what it is."""
+        try:
+            await self._send(batch)
+        except _Refused as refused:
+            await self.producer.restart()  # a failed transaction may leave it unusable
+            if len(batch) == 1:
+                self._refuse(report, batch[0].stream, refused.reason)
+                return
+            rest = [item for item in batch if item not in refused.items]
+            if rest:
+                await self._send_batch(rest, report)
+            for item in refused.items:
+                await self._send_batch([item], report)
+            return
+        except BaseException:
+            for item in batch:
+                report.pending[item.stream] = "kafka did not confirm the batch"
+            raise
+        report.published += [(*item.stream, item.version) for item in batch]
 
     async def _send(self, batch: Sequence[_Prepared]) -> None:
-        tenants = {item.stream[0] for item in batch}
-        await self._ensure_topics(tenants)
         started = time.perf_counter()
         spans = [self._span(item) for item in batch]
         try:
             async with self.producer.transaction():
+                sent: list[tuple[_Prepared, Awaitable[None]]] = []
                 for item, span in zip(batch, spans, strict=True):
                     tenant, env = item.stream
                     headers = headers_with_context(
                         (("content-type", CONTENT_TYPE),), trace.set_span_in_context(span)
                     )
-                    await self.producer.send(
-                        self.topics.tenant_topic(tenant),
-                        item.value,
-                        key=self.topics.record_key(env),
-                        headers=headers,
-                    )
-                    await self.producer.send(
-                        self.topics.audit,
-                        item.value,
-                        key=self.topics.audit_key(tenant, env),
-                        headers=headers,
-                    )
+                    stream_key = self.topics.audit_key(tenant, env)
+                    for topic, key, value in (
+                        (self.topics.tenant_topic(tenant), self.topics.record_key(env), item.value),
+                        (self.topics.audit, stream_key, item.value),
+                        (self.topics.state, stream_key, item.head),
+                    ):
+                        try:
+                            ack = await self.producer.send(topic, value, key=key, headers=headers)
+                        except RefusedError as exc:
+                            raise _Refused([item], f"kafka refused the event: {exc}") from exc
+                        sent.append((item, ack))
+                # Commit only what Kafka acknowledged, every record of it.
+                results = await asyncio.gather(*(ack for _, ack in sent), return_exceptions=True)
+                refused = {
+                    id(item): (item, result)
+                    for (item, _), result in zip(sent, results, strict=True)
+                    if isinstance(result, RefusedError)
+                }
+                if refused:
+                    items = [item for item, _ in refused.values()]
+                    first = next(iter(refused.values()))[1]
+                    raise _Refused(items, f"kafka refused the event: {first}") from first
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
         except BaseException as exc:
             for span in spans:
                 span.record_exception(exc)
@@ -309,20 +414,34 @@ class Publisher:
             )
         if self.store is not None:
             try:
-                await self.store.put_events(cache)
-            except BusError as exc:
+                async with asyncio.timeout(STORE_TIMEOUT_S):
+                    await self.store.put_events(cache)
+            except (BusError, TimeoutError) as exc:
                 log.warning("could not cache %d event(s) in redis: %s", len(cache), exc)
 
     async def _ensure_topics(self, tenants: Iterable[str]) -> None:
-        wanted = {self.topics.tenant_topic(t) for t in tenants} | {self.topics.audit}
+        shared = {self.topics.audit, self.topics.state}
+        wanted = {self.topics.tenant_topic(t) for t in tenants} | shared
         missing = wanted - self._known_topics
         if missing:
-            compacted = missing - {self.topics.audit}
-            await self.admin.ensure_topics(compacted, compact=True)
+            await self.admin.ensure_topics(missing - {self.topics.audit}, compact=True)
             if self.topics.audit in missing:
                 await self.admin.ensure_topics([self.topics.audit], compact=False)
             await self.producer.track_topics(missing)
             self._known_topics |= missing
+
+    def forget_topics(self) -> None:
+        """After a reconnect: topics may have been deleted meanwhile; check again."""
+        self._known_topics.clear()
+        self._topic_limits.clear()
+
+
+class _Refused(Exception):
+    """Kafka refused the records of `items` for good."""
+
+    def __init__(self, items: list[_Prepared], reason: str) -> None:
+        super().__init__(reason)
+        self.items, self.reason = items, reason
 
 
 def now_change(sources: Sequence[str], actor: str, reason: str) -> Change:

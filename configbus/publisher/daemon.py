@@ -1,21 +1,28 @@
 """The publisher daemon: watch for speed, reconcile for correctness.
 
-Tasks, all in one event loop:
+Tasks, all in one event loop and each under `configbus.supervise.supervise` (a task
+that fails is logged and started again after a backoff; none dies silently):
 
 - the file watcher (watchfiles, on the tree's directory) marks the streams a changed
   file feeds as dirty, through an index from file to streams;
 - the store watcher (Redis keyspace notifications) marks a stream dirty when an
-  operator writes its store;
+  operator writes its store, and every stored stream after Redis comes back;
 - the reconcile loop marks every stream dirty every `reconcile_interval` seconds,
   catching whatever a notification missed (and rebuilding the index);
 - the worker publishes dirty streams. A Kafka failure puts them back and retries
-  with bounded, jittered backoff: an outage delays publication, never loses it.
+  with backoff: an outage delays publication, never loses it. A stream that cannot be
+  published as it is (broken input, over a limit) is logged once and waits for its
+  input to change; the others go on;
+- the heartbeat writes the daemon's signed heartbeat to the state topic.
 
-Exactly one daemon publishes: the producer is transactional with a fixed id, so a
-second daemon fences the first, whose next commit fails; the fenced one stops.
+One writer per cluster and topic prefix: the transactional id is derived from the
+topic prefix, so any two publishers of the same topics fence each other, and a daemon
+that sees another writer's heartbeats arrive stays on standby until they stop. A
+daemon fenced by another goes on standby; it never publishes over it.
 
-`stop()` (or SIGTERM/SIGINT through `run`) stops the watchers, lets the worker finish
-what it holds within `shutdown_grace`, then closes the connections.
+`stop()` (or SIGTERM/SIGINT through `run`, at any point, also while Kafka is
+unreachable at start) stops the watchers, lets the worker finish what it holds within
+`shutdown_grace`, resigns as writer, then closes the connections.
 """
 
 from __future__ import annotations
@@ -24,20 +31,32 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
-from collections.abc import Iterable
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import watchfiles
 
-from configbus.bus import Admin, FencedError, Producer
-from configbus.crypto import SigningKey
-from configbus.errors import BusError, TreeError
+from configbus.bus import Bus, KafkaBus
+from configbus.crypto import SigningKey, TrustStore
+from configbus.errors import (
+    ActiveWriterError,
+    BusError,
+    ConfigBusError,
+    FencedError,
+    TreeError,
+    VerificationError,
+)
 from configbus.events import Cause, now_ns
-from configbus.publisher.core import Change, Publisher, PublishReport, recover_states
+from configbus.limits import DEFAULT_LIMITS
+from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.settings import PublisherSettings
+from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
+from configbus.supervise import Backoff, supervise
 from configbus.tree import EnvironmentTree
 from configbus.tree.tree import TENANTS_DIR
 
@@ -118,14 +137,16 @@ class _Dirty:
 class Daemon:
     """The publisher daemon. `async with Daemon(settings)` or start()/stop()."""
 
-    def __init__(self, settings: PublisherSettings) -> None:
+    def __init__(self, settings: PublisherSettings, *, bus: Bus | None = None) -> None:
         self.settings = settings
+        self.bus: Bus = bus or KafkaBus(settings.kafka)
         self.key = SigningKey.load(settings.signing_key, settings.kid)
+        self.trust = TrustStore.of(self.key.public)  # recovery believes only our own key
         self.tree = EnvironmentTree(settings.root)
         self.index = StreamIndex(self.tree)
         self.store = TenantStore(settings.redis_url) if settings.redis_url else None
-        self.admin = Admin(settings.kafka)
-        self.producer = Producer(settings.kafka, transactional_id=settings.transactional_id)
+        self.admin = self.bus.admin()
+        self.producer = self.bus.producer(transactional_id=settings.topics.transactional_id)
         self.publisher = Publisher(
             self.tree,
             self.key,
@@ -135,86 +156,202 @@ class Daemon:
             store=self.store,
             batch_size=settings.batch_size,
         )
-        self.ready = asyncio.Event()
+        self.writer = f"{settings.actor}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.ready = asyncio.Event()  # set after the first publication round
+        self.active = asyncio.Event()  # set while this daemon is the writer
         self.stopped = asyncio.Event()
-        self.fenced = False
-        self._dirty: _Dirty | None = None
+        self.takeovers = 0  # times another writer fenced this one
+        self._dirty = _Dirty()
         self._stop_watching = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # one transaction at a time: publications, beats
+        self._broken = False  # a publication failed: reconnect before the next
+
+    @property
+    def fenced(self) -> bool:
+        """Whether another writer has taken over and this daemon is on standby."""
+        return self._worker is not None and not self.active.is_set()
 
     async def start(self) -> Daemon:
-        """Connect (retrying while Kafka is down), fence older publishers, recover
-        versions from Kafka, and start watching. Returns once the first reconcile is
-        queued."""
+        """Connect (retrying while Kafka is down), wait on standby while another writer
+        is alive, fence older publishers, recover versions from Kafka, and start
+        watching. Returns once the first reconcile is queued. Cancellable."""
         if self._worker is not None:
             return self
-        self._dirty = _Dirty()
         await self._connect()
         self.index.rebuild()
         self._dirty.add(self.index.streams, self._change("start", ()))
-        self._worker = asyncio.create_task(self._work(), name="configbus-publish")
+        self._worker = self._spawn("publish", self._work)
         self._tasks = [
-            asyncio.create_task(self._watch_files(), name="configbus-watch-files"),
-            asyncio.create_task(self._reconcile_loop(), name="configbus-reconcile"),
+            self._spawn("watch-files", self._watch_files),
+            self._spawn("reconcile", self._reconcile_loop),
+            self._spawn("heartbeat", self._heartbeat_loop),
         ]
         if self.store is not None:
-            self._tasks.append(asyncio.create_task(self._watch_store(), name="configbus-store"))
+            self._tasks.append(self._spawn("watch-store", self._watch_store, Backoff(0.1, 1.0)))
         return self
 
-    async def _connect(self) -> None:
-        delay = 0.2
+    def _spawn(self, name: str, body: Any, backoff: Backoff | None = None) -> asyncio.Task[None]:
+        return asyncio.create_task(supervise(f"publisher {name}", body, backoff), name=name)
+
+    async def _connect(self, claim: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Connect, become the writer (`claim`, by default waiting on standby while
+        another writer is alive) and recover, retrying while Kafka is unreachable."""
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 await self.admin.start()
-                await self.producer.start()  # fences any older publisher with our id
-                await self.admin.ensure_topics([self.settings.topics.acks], compact=True)
-                self.publisher.states = await recover_states(
-                    self.settings.kafka, self.settings.topics
-                )
-                if self.store is not None:
-                    await self.store.start()
-                    await self.store.enable_notifications()
+                topics = self.settings.topics
+                await self.admin.ensure_topics([topics.acks, topics.state], compact=True)
+                await (claim or self._claim)()
+                await self._recover()
                 break
             except BusError as exc:
                 if not exc.retriable:
                     raise
-                log.warning("waiting for kafka/redis: %s (retry in %.1fs)", exc, delay)
+                delay = backoff.delay()
+                log.warning("waiting for kafka: %s (retry in %.1fs)", exc, delay)
                 await self.producer.stop()
                 await self.admin.stop()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        versions = sum(state.version for state in self.publisher.states.values())
-        log.info(
-            "recovered %d streams from kafka (%d versions)",
-            len(self.publisher.states),
-            versions,
-        )
+        if self.store is not None:
+            try:
+                await self.store.start()
+                await self.store.enable_notifications()
+            except BusError as exc:  # the store watcher keeps trying; files publish meanwhile
+                log.warning("redis unreachable at start: %s", exc)
 
+    async def _recover(self) -> None:
+        recovery = await recover(self.bus, self.settings.topics, self.trust)
+        self.publisher.states = recovery.states
+        self.publisher.forget_topics()
+        (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
+
+    # -- one writer -------------------------------------------------------------------
+    async def _claim(self, *, take_over: bool = False) -> None:
+        """Become the writer: first wait while another writer's heartbeats arrive (unless
+        `take_over`), then start the producer, which fences any other with our id."""
+        waited = False
+        while not take_over and (other := await self._live_writer()) is not None:
+            if not waited:
+                log.warning("another publisher is active (%s): standing by", other)
+                waited = True
+        async with self._writing:
+            await self.producer.restart()
+            await self._beat()
+        self.active.set()
+        if waited:
+            log.info("taking over as the writer")
+
+    async def _live_writer(self) -> str | None:
+        """The writer whose heartbeats are arriving, or None: its last beat is ours, or
+        resigned, or older than three intervals, or no new beat comes within two."""
+        reader = self.bus.reader(self.settings.topics.state)
+        try:
+            if not await reader.start():
+                return None
+            record = await reader.latest(WRITER_KEY)
+            last = self._beat_of(record.value if record is not None else None)
+            if last is None or last.writer == self.writer or last.interval <= 0:
+                return None
+            if time.time_ns() - last.at > 3 * last.interval * 1e9:
+                return None
+            deadline = time.monotonic() + 2 * last.interval
+            while time.monotonic() < deadline:
+                for record in await reader.poll(200):
+                    beat = self._beat_of(record.value) if record.key == WRITER_KEY else None
+                    if beat is not None and beat.writer != self.writer:
+                        return beat.writer if beat.interval > 0 else None
+            return None
+        finally:
+            await reader.stop()
+
+    def _beat_of(self, value: bytes | None) -> WriterBeat | None:
+        if value is None:
+            return None
+        try:
+            return open_signed(value, self.trust, WriterBeat)
+        except VerificationError as exc:
+            log.warning("ignoring a writer heartbeat that does not verify: %s", exc)
+            return None
+
+    async def _beat(self, *, interval: float | None = None) -> None:
+        """Write one heartbeat (interval 0: resigning). Call holding `_writing`."""
+        beat = WriterBeat(
+            writer=self.writer,
+            at=time.time_ns(),
+            interval=self.settings.heartbeat_interval if interval is None else interval,
+        )
+        try:
+            # Bounded: aiokafka retries a transaction against a dead broker forever, and
+            # a beat holds `_writing`, which publication waits for.
+            async with asyncio.timeout(self.settings.publish_timeout):
+                async with self.producer.transaction():
+                    sent = await self.producer.send(
+                        self.settings.topics.state, seal_signed(beat, self.key), key=WRITER_KEY
+                    )
+                    await sent
+        except TimeoutError:
+            raise BusError(
+                f"heartbeat: kafka did not confirm within {self.settings.publish_timeout:g}s"
+            ) from None
+        if self.store is not None and beat.interval > 0:
+            with contextlib.suppress(ConfigBusError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.store.publisher_heartbeat(self.writer, 3 * beat.interval)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if not self.active.is_set():
+                continue
+            try:
+                async with self._writing:
+                    await self._beat()
+            except FencedError as exc:
+                self._fenced(exc)
+            except BusError as exc:
+                # The producer may be unusable now: the worker reconnects before it
+                # publishes again (woken here, so it does not wait for a change).
+                log.warning("heartbeat failed: %s", exc)
+                self._broken = True
+                self._dirty.event.set()
+
+    def _fenced(self, exc: FencedError) -> None:
+        if self.active.is_set():
+            log.error("another publisher took over; standing by: %s", exc)
+            self.takeovers += 1
+        self.active.clear()
+        self._broken = True
+        self._dirty.event.set()  # the worker claims the role back once the other resigns
+
+    # -- lifecycle ----------------------------------------------------------------------
     async def stop(self) -> None:
-        """Stop watching, let the worker finish within the grace period, disconnect.
-        Safe to call twice."""
+        """Stop watching, let the worker finish within the grace period, resign as the
+        writer, disconnect. Safe to call twice, and after a cancelled start."""
         self._stop_watching.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                if task.cancelled():
-                    continue
-                raise  # stop() itself was cancelled
-            except Exception:
-                log.exception("%s had failed", task.get_name())
         self._tasks = []
         worker, self._worker = self._worker, None
         if worker is not None:
-            if self._dirty is not None:
-                self._dirty.event.set()  # wake it so it can see the stop
+            self._dirty.event.set()  # wake it so it can see the stop
             try:
                 await asyncio.wait_for(worker, self.settings.shutdown_grace)
             except TimeoutError:
                 log.warning("gave up waiting for in-flight publications")
+            except asyncio.CancelledError:
+                if not worker.cancelled():
+                    raise
+        if self.active.is_set():
+            self.active.clear()
+            with contextlib.suppress(ConfigBusError, TimeoutError):
+                async with asyncio.timeout(2.0), self._writing:
+                    await self._beat(interval=0)  # resign: a successor need not wait
         await self.producer.stop()
         await self.admin.stop()
         if self.store is not None:
@@ -233,26 +370,24 @@ class Daemon:
         return Change(now_ns(), cause)
 
     async def _work(self) -> None:
-        """Publish whatever is dirty; on a failure put it back, back off, and reconnect.
+        """Publish whatever is dirty; on a failure put it back, back off, reconnect.
         Nothing is published again until the versions are re-read from Kafka."""
-        dirty = self._dirty
-        if dirty is None:  # pragma: no cover - start() sets it first
-            return
-        backoff, connected = 0.1, True
+        dirty, backoff = self._dirty, Backoff(0.1, 5.0)
         while True:
             await dirty.event.wait()
             if self._stop_watching.is_set() and not dirty.changes:
                 return
-            if not connected:
-                connected = await self._reconnect()
-                if not connected:
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, 5.0)
+            if not self.active.is_set() or self._broken:
+                try:
+                    await self._reconnect()
+                except BusError as exc:
+                    log.warning("kafka still unreachable: %s", exc)
+                    await backoff.sleep()
                     continue
             taken = dirty.take()
             try:
                 try:
-                    async with asyncio.timeout(self.settings.publish_timeout):
+                    async with asyncio.timeout(self.settings.publish_timeout), self._writing:
                         report = await self._publish(taken)
                 except TimeoutError:
                     # aiokafka retries a transaction against a dead broker forever;
@@ -260,44 +395,43 @@ class Daemon:
                     raise BusError(
                         f"kafka did not confirm within {self.settings.publish_timeout:g}s"
                     ) from None
-            except FencedError as exc:
-                log.error("another publisher took over; stopping: %s", exc)
-                self.fenced = True
-                self._stop_watching.set()
-                self.stopped.set()
-                return
             except Exception as exc:  # the worker must outlive any one failure
-                for stream, change in taken.items():
-                    dirty.add([stream], change)
-                delay = backoff * random.uniform(0.5, 1.5)
-                if isinstance(exc, BusError):
+                self._requeue(taken)
+                if isinstance(exc, FencedError):
+                    self._fenced(exc)
+                    continue
+                delay = backoff.delay()
+                if isinstance(exc, ConfigBusError):
                     log.warning("publication failed, retrying in %.2fs: %s", delay, exc)
                 else:
                     log.exception("publication failed unexpectedly, retrying in %.2fs", delay)
+                self._broken = True
                 await asyncio.sleep(delay)
-                backoff = min(backoff * 2, 5.0)
-                connected = False
                 continue
-            backoff = 0.1
-            if report.published or report.failed:
+            backoff.reset()
+            if report.pending:  # Redis unreachable for streams never read: later
+                retry = {s: taken[s] for s in report.pending if s in taken}
+                asyncio.get_running_loop().call_later(1.0, self._requeue, retry)
+            if report.published or report.failed or report.pending:
                 log.info("publish: %s", report.summary())
+            await self._report(report)
             self.ready.set()
             if self._stop_watching.is_set() and not dirty.changes:
                 return
 
-    async def _reconnect(self) -> bool:
-        """A fresh producer after a failure (a failed transaction can leave the old one
-        unusable), then the versions again from Kafka: a commit reported as failed may
-        have landed, and while we were cut off another publisher may have published;
-        our next versions must follow theirs, never repeat them. True when both
-        worked; until then nothing is published."""
-        try:
-            await self.producer.restart()
-            self.publisher.states = await recover_states(self.settings.kafka, self.settings.topics)
-        except BusError as exc:
-            log.warning("kafka still unreachable: %s", exc)
-            return False
-        return True
+    def _requeue(self, taken: dict[Stream, Change]) -> None:
+        for stream, change in taken.items():
+            self._dirty.add([stream], change)
+
+    async def _reconnect(self) -> None:
+        """A fresh producer (a failed transaction can leave the old one unusable), the
+        writer's role again (another may have taken over meanwhile), then the versions
+        from Kafka: a commit reported as failed may have landed, and another publisher
+        may have published; our next versions must follow theirs, never repeat them."""
+        await self.admin.start()
+        await self._claim()
+        await self._recover()
+        self._broken = False
 
     async def _publish(self, taken: dict[Stream, Change]) -> PublishReport:
         by_change: dict[Change, list[Stream]] = {}
@@ -307,6 +441,21 @@ class Daemon:
         for change, streams in by_change.items():
             report.merge(await self.publisher.publish(streams, change))
         return report
+
+    async def _report(self, report: PublishReport) -> None:
+        """Tell operators' tools (`tenant set`) what became of each stream."""
+        if self.store is None or not (report.published or report.failed):
+            return
+        states = self.publisher.states
+        try:
+            async with asyncio.timeout(1.0):
+                for tenant, env, version in report.published:
+                    hash_ = states[(tenant, env)].config_hash
+                    await self.store.report(tenant, env, version=version, config_hash=hash_)
+                for (tenant, env), reason in report.failed.items():
+                    await self.store.report(tenant, env, refused=reason)
+        except (ConfigBusError, TimeoutError) as exc:
+            log.debug("could not report publication status to redis: %s", exc)
 
     async def _watch_files(self) -> None:
         root = str(self.tree.root)
@@ -324,42 +473,51 @@ class Daemon:
                 self.index.rebuild()
             relative = [p[len(root) + 1 :] if p.startswith(root + os.sep) else p for p in paths]
             log.info("changed: %s -> %d stream(s)", ", ".join(relative), len(streams))
-            if self._dirty is not None:
-                change = self._change("file changed", relative)
-                self._dirty.add(streams, Change(detected, change.cause))
+            change = self._change("file changed", relative)
+            self._dirty.add(streams, Change(detected, change.cause))
 
     async def _watch_store(self) -> None:
+        """Follow the store's notifications. After (re)connecting, every stored stream is
+        looked at again: writes made while the link was down sent no notification."""
         store = self.store
         if store is None:
             return
-        delay = 0.2
-        while True:
-            try:
-                async for tenant, env in store.changes():
-                    delay = 0.2
-                    detected = now_ns()
-                    meta = await store.meta(tenant, env)
-                    change = self._change(
-                        meta.get("reason") or "store changed",
-                        [f"redis:{store.store_key(tenant, env)}"],
-                        actor=meta.get("actor") or None,
-                    )
-                    if self._dirty is not None:
-                        self._dirty.add([(tenant, env)], Change(detected, change.cause))
-            except BusError as exc:
-                log.warning("redis notifications lost (%s); reconnecting in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        await store.start()
+        await store.enable_notifications()
+        self._dirty.add(await store.streams(), self._change("store reconnected", ()))
+        async for tenant, env in store.changes():
+            detected = now_ns()
+            actor, reason = _meta(await store.meta(tenant, env), f"{tenant}/{env}")
+            change = self._change(
+                reason or "store changed",
+                [f"redis:{store.store_key(tenant, env)}"],
+                actor=actor or None,
+            )
+            self._dirty.add([(tenant, env)], Change(detected, change.cause))
 
     async def _reconcile_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reconcile_interval)
             self.index.rebuild()
-            if self.store is not None:
-                with contextlib.suppress(BusError):
-                    await self.store.streams()  # touch redis so a dead link shows in logs
-            if self._dirty is not None:
-                self._dirty.add(self.index.streams, self._change("reconcile", ()))
+            self._dirty.add(self.index.streams, self._change("reconcile", ()))
+
+
+def _meta(meta: dict[str, Any], stream: str) -> tuple[str, str]:
+    """The actor and reason of a store write, as strings within the text limit; a value
+    of any other shape is dropped with a warning (it would travel in signed events)."""
+    found = []
+    for name in ("actor", "reason"):
+        value = meta.get(name, "")
+        if not isinstance(value, str) or len(value) > DEFAULT_LIMITS.text_chars:
+            log.warning(
+                "%s: ignoring the store's %s: not a string of at most %d characters",
+                stream,
+                name,
+                DEFAULT_LIMITS.text_chars,
+            )
+            value = ""
+        found.append(value)
+    return found[0], found[1]
 
 
 def _tree_files(change: watchfiles.Change, path: str) -> bool:
@@ -368,34 +526,65 @@ def _tree_files(change: watchfiles.Change, path: str) -> bool:
     return name.endswith((".yml", ".json")) and not name.startswith(".")
 
 
-async def publish_once(settings: PublisherSettings) -> PublishReport:
-    """One full reconcile: recover from Kafka, publish every changed stream, stop."""
-    daemon = Daemon(settings)
-    await daemon._connect()
+async def publish_once(
+    settings: PublisherSettings,
+    *,
+    take_over: bool = False,
+    deadline: float = 120.0,
+    bus: Bus | None = None,
+) -> PublishReport:
+    """One full reconcile: recover from Kafka, publish every changed stream, stop.
+    Raises `ActiveWriterError` while a daemon publishes these topics, unless
+    `take_over` (the daemon then stands by until this run has resigned), and
+    `TimeoutError` after `deadline` seconds."""
+    daemon = Daemon(settings, bus=bus)
+
+    async def claim() -> None:
+        if not take_over and (other := await daemon._live_writer()) is not None:
+            raise ActiveWriterError(
+                f"a publisher daemon is active on these topics ({other}); it publishes "
+                "the tree itself. Pass --take-over to publish from here anyway"
+            )
+        await daemon._claim(take_over=True)
+
     try:
-        daemon.index.rebuild()
-        change = daemon._change("publish --once", ())
-        return await daemon.publisher.publish(daemon.index.streams, change)
+        async with asyncio.timeout(deadline):
+            await daemon._connect(claim)
+            daemon.index.rebuild()
+            change = daemon._change("publish --once", ())
+            async with daemon._writing:
+                report = await daemon.publisher.publish(daemon.index.streams, change)
+            await daemon._report(report)
+            return report
     finally:
-        await daemon.producer.stop()
-        await daemon.admin.stop()
-        if daemon.store is not None:
-            await daemon.store.stop()
+        await daemon.stop()
 
 
 async def run(settings: PublisherSettings) -> int:
-    """Run the daemon until SIGTERM or SIGINT; the process's exit code."""
+    """Run the daemon until SIGTERM or SIGINT, which are honoured at every point (also
+    while Kafka is unreachable at start); the process's exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon = Daemon(settings)
-    async with daemon:
-        log.info("publishing %d streams from %s", len(daemon.index.streams), settings.root)
-        stopped = asyncio.create_task(daemon.stopped.wait())
-        asked = asyncio.create_task(stop.wait())
-        await asyncio.wait({stopped, asked}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
+    asked = asyncio.create_task(stop.wait())
+    starting = asyncio.create_task(daemon.start())
+    try:
+        await asyncio.wait({starting, asked}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start that failed for good raises here
+            log.info("publishing %d streams from %s", len(daemon.index.streams), settings.root)
+            stopped = asyncio.create_task(daemon.stopped.wait())
+            await asyncio.wait({asked, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+    finally:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
         asked.cancel()
+        await daemon.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
     log.info("publisher stopped")
-    return 1 if daemon.fenced else 0
+    return 0

@@ -37,7 +37,7 @@ class PublisherSettings:
     redis_url: str | None = field(default=None, repr=False)
     topics: TopicNames = field(default_factory=TopicNames)
     reconcile_interval: float = 30.0
-    transactional_id: str = "configbus-publisher"
+    heartbeat_interval: float = 5.0  # the writer's heartbeat; a rival waits 2-3 of them
     debounce_ms: int = 10
     step_ms: int = 1  # watchfiles polls its Rust watcher every `step` ms: ~2 ms to detect
     batch_size: int = 1000
@@ -60,7 +60,7 @@ class PublisherSettings:
         reconcile_interval: float | None = None,
         replication_factor: int | None = None,
         min_insync_replicas: int | None = None,
-        transactional_id: str | None = None,
+        heartbeat_interval: float | None = None,
         batch_size: int | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
@@ -94,6 +94,6 @@ class PublisherSettings:
             reconcile_interval=get(
                 reconcile_interval, "RECONCILE_INTERVAL", 30.0, _positive(float)
             ),
-            transactional_id=get(transactional_id, "TRANSACTIONAL_ID", "configbus-publisher"),
+            heartbeat_interval=get(heartbeat_interval, "HEARTBEAT_INTERVAL", 5.0, _positive(float)),
             batch_size=get(batch_size, "BATCH_SIZE", 1000, _positive(int)),
         )

@@ -28,7 +28,8 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from configbus.errors import BusError, SettingsError
+from configbus.errors import BusError, LimitError, SettingsError
+from configbus.limits import DEFAULT_LIMITS, check_shape
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, thaw
 
@@ -120,11 +121,19 @@ class TenantStore:
         return self._layer(tenant, env, values) if values else None
 
     async def layers(
-        self, streams: Iterable[tuple[str, str]], *, batch: int = 1000
+        self,
+        streams: Iterable[tuple[str, str]],
+        *,
+        batch: int = 1000,
+        problems: dict[tuple[str, str], str] | None = None,
     ) -> dict[tuple[str, str], Layer]:
         """The store layers of several streams, by stream; streams with nothing set are
         left out. Pipelined: one round trip per `batch` streams, not one per stream
-        (4,000 streams on loopback: about 65 ms instead of 300-500 ms)."""
+        (4,000 streams on loopback: about 65 ms instead of 300-500 ms).
+
+        A stream holding a value that breaks the limits raises `LimitError`; with
+        `problems` given, it is left out and its problem recorded there instead, so one
+        bad stream does not stop the others."""
         wanted = list(streams)
         found: dict[tuple[str, str], Layer] = {}
         for start in range(0, len(wanted), batch):
@@ -137,7 +146,13 @@ class TenantStore:
             except RedisError as exc:
                 raise BusError(f"redis: {exc}") from exc
             for (tenant, env), raw in zip(chunk, replies, strict=True):
-                values = _values(raw, self.store_key(tenant, env))
+                try:
+                    values = _values(raw, self.store_key(tenant, env))
+                except LimitError as exc:
+                    if problems is None:
+                        raise
+                    problems[(tenant, env)] = str(exc)
+                    continue
                 if values:
                     found[(tenant, env)] = self._layer(tenant, env, values)
         return found
@@ -193,6 +208,32 @@ class TenantStore:
                 found.append(stream)
         return sorted(found)
 
+    # -- the publisher's status ------------------------------------------------------
+    async def publisher_heartbeat(self, writer: str, ttl: float) -> None:
+        """Record that `writer` publishes, for `ttl` seconds."""
+        value = json.dumps({"writer": writer, "at": time.time()})
+        try:
+            await self.redis.set(f"{self.prefix}publisher", value, px=int(ttl * 1000))
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+
+    async def report(
+        self,
+        tenant: str,
+        env: str,
+        *,
+        version: int | None = None,
+        config_hash: str = "",
+        refused: str | None = None,
+    ) -> None:
+        """Record what became of the stream's last publication attempt."""
+        value: dict[str, object] = {"version": version, "config_hash": config_hash}
+        value |= {"refused": refused, "at": time.time()}
+        try:
+            await self.redis.hset(f"{self.prefix}status", f"{tenant}/{env}", json.dumps(value))
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+
     # -- the event cache -----------------------------------------------------------
     async def put_events(self, events: Mapping[tuple[str, str], bytes]) -> None:
         """Cache the latest signed event of several streams (one round trip)."""
@@ -245,7 +286,7 @@ class TenantStore:
         except RedisError as exc:
             raise BusError(f"redis notifications: {exc}") from exc
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis 8
 
 
 def nest(values: Mapping[Path, Value]) -> FrozenDict:
@@ -275,16 +316,26 @@ def _field(path: Path) -> str:
 def _values(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[Path, Value]:
     """A store hash as read by HGETALL: every value by key path (the meta field aside).
     A field written by hand that is not ours (not a JSON array of names, or a value
-    that is not JSON) is skipped with a warning naming it, never its value."""
+    that is not JSON) is skipped with a warning naming it, never its value. A value of
+    ours that breaks the limits (too large, nested too deep) raises `LimitError`."""
     values: dict[Path, Value] = {}
     for name, value in raw.items():
         if name in (META_FIELD, META_FIELD.encode()):
             continue
+        shown = (name.decode(errors="replace") if isinstance(name, bytes) else name)[:100]
+        if len(value) > DEFAULT_LIMITS.config_bytes:
+            raise LimitError(
+                f"{key}: field {shown}: value over {DEFAULT_LIMITS.config_bytes} bytes"
+            )
         try:
-            values[_path(name)] = freeze(json.loads(value))
+            path, decoded = _path(name), json.loads(value)
+        except RecursionError:
+            raise LimitError(f"{key}: field {shown}: value nested too deep") from None
         except (ValueError, TypeError):
-            shown = name.decode(errors="replace") if isinstance(name, bytes) else name
-            log.warning("%s: skipping field %r: not a configbus store field", key, shown[:100])
+            log.warning("%s: skipping field %r: not a configbus store field", key, shown)
+            continue
+        check_shape(decoded, what=f"{key}: field {shown}")
+        values[path] = freeze(decoded)
     return values
 
 

@@ -7,6 +7,7 @@ and/or CONFIGBUS_REDIS_URL to use servers that already run instead; those are
 then neither started nor stopped.
 """
 
+import itertools
 import os
 import re
 import socket
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import pytest
@@ -112,6 +114,21 @@ def redis_url(_services_run_dir: Path) -> Iterator[str]:
     env = {"CONFIGBUS_RUN_DIR": str(_services_run_dir), "CONFIGBUS_REDIS_PORT": str(port)}
     with _started("redis.sh", env, "redis server"):
         yield f"redis://127.0.0.1:{port}/0"
+
+
+_redis_dbs = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture
+def redis_db_url(redis_url: str) -> Iterator[str]:
+    """The session's Redis with a db of this test's own (1-15), emptied before and after:
+    the daemon and the CLI use the default key prefix."""
+    url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{next(_redis_dbs)}"))
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    yield url
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def kid_of(value: bytes | None) -> str | None:
 @dataclass
 class Setup:
     """One test's publisher world: a copy of the sample tree, a key pair and trust
-    store, unique topic names and transactional id, and optionally a Redis db."""
+    store, unique topic names (and so transactional id), and optionally a Redis db."""
 
     root: Path
     kafka: KafkaSettings
@@ -189,7 +189,6 @@ class Setup:
     key_path: Path
     trust: TrustStore
     trust_path: Path
-    transactional_id: str
     redis_url: str | None = None
     workdir: Path = field(default_factory=Path)
 
@@ -206,12 +205,11 @@ class Setup:
         return cls(
             root=root,
             kafka=KafkaSettings(bootstrap, client_id=f"cbtest-{uid}"),
-            topics=TopicNames(prefix=f"t{uid}.", audit=f"a{uid}", acks=f"k{uid}"),
+            topics=TopicNames(prefix=f"t{uid}.", audit=f"a{uid}", acks=f"k{uid}", state=f"s{uid}"),
             kid=kid,
             key_path=private,
             trust=trust,
             trust_path=trust_path,
-            transactional_id=f"cbtest-{uid}",
             workdir=tmp_path,
         )
 
@@ -224,7 +222,7 @@ class Setup:
             "redis_url": self.redis_url,
             "topics": self.topics,
             "reconcile_interval": 60.0,
-            "transactional_id": self.transactional_id,
+            "heartbeat_interval": 1.0,
             "debounce_ms": 10,
             "step_ms": 5,
             "shutdown_grace": 5.0,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -19,11 +18,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import pytest
-import redis
 from helpers import (
     CLI,
     REPO,
@@ -41,9 +38,8 @@ from helpers import (
 )
 
 from configbus.bus import CONTENT_TYPE, Admin, Producer, Record, follow
-from configbus.bus.kafka import FencedError
 from configbus.crypto import SigningKey, generate_keypair
-from configbus.errors import VerificationError
+from configbus.errors import ActiveWriterError, VerificationError
 from configbus.events import Envelope, open_envelope
 from configbus.publisher import Daemon, publish_once
 from configbus.store import TenantStore
@@ -61,21 +57,6 @@ DEFAULT_AUDIT = "configbus.audit"  # the CLI cannot name another audit topic
 @pytest.fixture
 def setup(tmp_path: Path, kafka_bootstrap: str) -> Setup:
     return Setup.create(tmp_path, kafka_bootstrap)
-
-
-_redis_dbs = itertools.cycle(range(1, 16))
-
-
-@pytest.fixture
-def redis_db_url(redis_url: str) -> Iterator[str]:
-    """The session's Redis with a db of this test's own (1-15), emptied before and after:
-    the daemon and the CLI use the default key prefix."""
-    url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{next(_redis_dbs)}"))
-    with redis.Redis.from_url(url) as client:
-        client.flushdb()
-    yield url
-    with redis.Redis.from_url(url) as client:
-        client.flushdb()
 
 
 @pytest.fixture
@@ -321,8 +302,6 @@ async def test_sigkill_mid_fan_out_loses_and_duplicates_nothing(
         setup.kid,
         "--topic-prefix",
         setup.topics.prefix,
-        "--transactional-id",
-        setup.transactional_id,
         "--batch-size",
         "10",
         "--reconcile-interval",
@@ -384,29 +363,59 @@ async def setup_audit(setup: Setup, *, settled: bool = True) -> list[Verified]:
 
 
 # -- 6 ---------------------------------------------------------------------------------
-async def test_second_publisher_fences_the_first(setup: Setup) -> None:
+async def test_one_writer_a_second_daemon_stands_by_until_the_first_resigns(
+    setup: Setup,
+) -> None:
     settings = setup.settings()
     first, second = Daemon(settings), Daemon(settings)
     first_spy, second_spy = PublishSpy(first), PublishSpy(second)
     async with first:
         await started(first)
-        async with second:
-            await started(second)
-            assert second_spy.rounds[0].published == []  # recovered, nothing to republish
-            edit(setup.path(AURORA_PROD), "max_size: 250", "max_size: 275")
-            await wait_until(lambda: first.stopped.is_set(), what="the first daemon to stop")
-            assert first.fenced
-            await wait_until(lambda: published_rounds(second_spy, AURORA_PROD), what="v2")
-            assert not second.fenced and not second.stopped.is_set()
-            failed = first_spy.caused_by(AURORA_PROD)
-            assert failed and isinstance(failed[-1].error, FencedError)
-            after = await setup.records()
+        starting = asyncio.create_task(second.start())
+        # The second sees the first's heartbeats arrive and stands by: it does not fence.
+        edit(setup.path(AURORA_PROD), "max_size: 250", "max_size: 275")
+        await wait_until(lambda: published_rounds(first_spy, AURORA_PROD), what="v2 by the first")
+        await asyncio.sleep(0)  # let `starting` run on
+        assert not starting.done() and not second.active.is_set()
+        assert first.active.is_set() and first.takeovers == 0
+    # The first resigned on stop: the second takes over without waiting out a timeout.
+    await asyncio.wait_for(starting, 15)
+    try:
+        await started(second)
+        assert second.active.is_set() and second_spy.rounds[0].published == []
+        edit(setup.path(AURORA_PROD), "max_size: 275", "max_size: 280")
+        await wait_until(lambda: published_rounds(second_spy, AURORA_PROD), what="v3")
+        after = await setup.records()
+    finally:
+        await second.stop()
 
     audit = [setup.verify(r) for r in after[setup.topics.audit]]
     versions = assert_versions_consistent(audit)
-    assert versions[("aurora-records", "prod")] == [1, 2]
+    assert versions[("aurora-records", "prod")] == [1, 2, 3]
     assert all(v == [1] for s, v in versions.items() if s != ("aurora-records", "prod"))
     assert audit[-1].event.body.config_hash == setup.expected_hash("aurora-records", "prod")
+
+
+async def test_a_fenced_daemon_stands_by_and_takes_over_again(setup: Setup) -> None:
+    """`publish --once --take-over` fences the running daemon: it stands by, never
+    publishes over the other writer, and takes over again once that one resigned."""
+    daemon = Daemon(setup.settings())
+    spy = PublishSpy(daemon)
+    async with daemon:
+        await started(daemon)
+        with pytest.raises(ActiveWriterError, match="daemon is active"):
+            await publish_once(setup.settings())
+        report = await publish_once(setup.settings(), take_over=True)
+        assert report.failed == {} and report.unchanged == len(setup.streams())
+        await wait_until(lambda: daemon.takeovers == 1, what="the daemon to notice the fence")
+        await wait_until(lambda: daemon.active.is_set(), what="the daemon to take over again")
+        edit(setup.path(AURORA_PROD), "max_size: 250", "max_size: 270")
+        await wait_until(lambda: published_rounds(spy, AURORA_PROD), what="v2 by the daemon")
+        assert not daemon.stopped.is_set()
+        after = await setup.records()
+
+    audit = [setup.verify(r) for r in after[setup.topics.audit]]
+    assert assert_versions_consistent(audit)[("aurora-records", "prod")] == [1, 2]
 
 
 # -- 7 ---------------------------------------------------------------------------------
@@ -507,7 +516,7 @@ async def test_broken_edit_publishes_nothing_and_the_fix_publishes(setup: Setup)
         assert not any(r.published for r in spy.caused_by(AURORA_PROD))
         assert new_records(before, await setup.records()) == {}
         # Still up: not stopped, every task running.
-        assert not daemon.stopped.is_set() and not daemon.fenced
+        assert not daemon.stopped.is_set() and daemon.active.is_set()
         assert daemon._worker is not None and not daemon._worker.done()
         assert daemon._tasks and not any(task.done() for task in daemon._tasks)
 
@@ -647,7 +656,7 @@ async def test_publish_once(setup: Setup) -> None:
         *("publish", "--once", "--root", setup.root),
         *("--bootstrap-servers", setup.kafka.bootstrap_servers),
         *("--signing-key", setup.key_path, "--kid", setup.kid),
-        *("--topic-prefix", setup.topics.prefix, "--transactional-id", setup.transactional_id),
+        *("--topic-prefix", setup.topics.prefix),
     )
     streams = setup.streams()
     result = await run_cli(*args)

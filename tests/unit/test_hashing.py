@@ -7,7 +7,7 @@ import json
 import random
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configbus.tree.tree import EnvironmentTree
@@ -125,9 +125,14 @@ SCALARS = (
 NESTED = st.recursive(
     SCALARS,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(KEYS, children, max_size=5),
-    max_leaves=25,
+    max_leaves=12,
 )
-CONFIGS = st.dictionaries(KEYS, NESTED, max_size=6)
+CONFIGS = st.dictionaries(KEYS, NESTED, max_size=5)
+
+# The same examples on every run and machine: a failure here is the code's, not the seed's,
+# and a loaded machine cannot make generation "too slow" (the health check stays on).
+# Timing is for benchmarks/, so no per-example deadline.
+DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=150)
 
 
 def shuffled(value: Any, rng: random.Random) -> Any:
@@ -141,6 +146,7 @@ def shuffled(value: Any, rng: random.Random) -> Any:
     return value
 
 
+@DETERMINISTIC
 @given(CONFIGS, st.randoms(use_true_random=False))
 def test_the_hash_ignores_key_order(config: dict[str, Any], rng: random.Random) -> None:
     original, permuted = freeze(config), freeze(shuffled(config, rng))
@@ -149,6 +155,7 @@ def test_the_hash_ignores_key_order(config: dict[str, Any], rng: random.Random) 
     assert config_hash(original) == config_hash(permuted)
 
 
+@DETERMINISTIC
 @given(CONFIGS)
 def test_canonical_json_round_trips_to_the_same_config(config: dict[str, Any]) -> None:
     frozen = freeze(config)

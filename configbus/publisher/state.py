@@ -1,0 +1,186 @@
+"""The publisher's own records on the state topic, and recovery from Kafka.
+
+Two kinds of record, both signed with the publisher's key (the same envelope as
+events, so one verification path):
+
+- key ``<tenant>/<env>``: the stream's *head*, its last version and config hash,
+  written in the same transaction as the event. A tenant topic can be deleted and
+  recreated; the state topic keeps the high-water mark, so versions never restart.
+- key ``$writer``: the active publisher's heartbeat, written every few seconds. A
+  daemon that sees another writer's heartbeats arrive stays on standby.
+
+Recovery trusts only what verifies against the publisher's own keys, and takes a
+record's stream from where it lies (the topic's tenant, the record's key), never from
+its body alone. Everything else is skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import msgspec
+
+from configbus.bus import Bus, TopicNames
+from configbus.crypto import SigningKey, TrustStore
+from configbus.errors import VerificationError
+from configbus.events import ENVELOPE_VERSION, MAX_VERSION, Envelope, open_envelope
+from configbus.tree.values import Value, freeze
+
+__all__ = [
+    "MAX_VERSION",
+    "WRITER_KEY",
+    "Recovery",
+    "StreamHead",
+    "StreamState",
+    "WriterBeat",
+    "open_signed",
+    "recover",
+    "seal_signed",
+]
+
+log = logging.getLogger(__name__)
+
+Stream = tuple[str, str]
+WRITER_KEY: Final = b"$writer"
+
+
+class StreamHead(msgspec.Struct, frozen=True, kw_only=True, tag="head"):
+    tenant: str
+    env: str
+    version: int
+    config_hash: str
+    issued_at: int
+
+
+class WriterBeat(msgspec.Struct, frozen=True, kw_only=True, tag="writer"):
+    writer: str  # who: unique per daemon process
+    at: int  # ns since the epoch, the writer's clock
+    interval: float  # seconds between beats
+
+
+_T = TypeVar("_T", StreamHead, WriterBeat)
+_encoder: Final = msgspec.msgpack.Encoder()
+_envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)
+
+
+def seal_signed(record: StreamHead | WriterBeat, key: SigningKey) -> bytes:
+    body = _encoder.encode(record)
+    return _encoder.encode(Envelope(ENVELOPE_VERSION, key.kid, key.sign(body), body))
+
+
+def open_signed(value: bytes, trust: TrustStore, kind: type[_T]) -> _T:
+    """Verify a state record and decode it as `kind`; raises `VerificationError`."""
+    try:
+        envelope = _envelope_decoder.decode(value)
+    except (msgspec.DecodeError, TypeError):
+        raise VerificationError("malformed", "not an envelope") from None
+    trusted = trust.get(envelope.kid)
+    if trusted is None:
+        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
+    if not trusted.key.verify(envelope.sig, envelope.body):
+        raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    try:
+        return msgspec.msgpack.decode(envelope.body, type=kind)
+    except (msgspec.DecodeError, TypeError):
+        raise VerificationError("malformed", f"not a {kind.__name__}") from None
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What Kafka holds for a stream: its last version and config hash, and the config
+    itself (as resolved data once known, else the event's JSON, decoded on demand)."""
+
+    version: int
+    config_hash: str
+    data: Mapping[str, Value] | None = None
+    config_json: bytes | None = None
+
+    def config(self) -> Mapping[str, Value] | None:
+        if self.data is None and self.config_json is not None:
+            decoded = freeze(msgspec.json.decode(self.config_json))
+            self.data = decoded if isinstance(decoded, Mapping) else None
+            self.config_json = None
+        return self.data
+
+
+@dataclass(slots=True)
+class Recovery:
+    states: dict[Stream, StreamState] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> records
+    from_state_only: int = 0  # streams whose newest version survives only as a head
+
+    def summary(self) -> str:
+        versions = sum(state.version for state in self.states.values())
+        text = f"recovered {len(self.states)} streams from kafka ({versions} versions)"
+        if self.from_state_only:
+            text += f", {self.from_state_only} from the state topic alone"
+        if self.skipped:
+            reasons = ", ".join(f"{reason} ({n})" for reason, n in sorted(self.skipped.items()))
+            text += f"; skipped {sum(self.skipped.values())} records: {reasons}"
+        return text
+
+
+async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
+    """The last version and hash of every stream: the highest verified version among
+    the stream's events (tenant topics) and heads (state topic)."""
+    admin = bus.admin()
+    await admin.start()
+    try:
+        existing = await admin.topics()
+    finally:
+        await admin.stop()
+    tenant_topics = sorted(t for t in existing if topics.tenant_of(t) is not None)
+    wanted = [*tenant_topics, topics.state] if topics.state in existing else tenant_topics
+    recovery = Recovery()
+    heads: dict[Stream, StreamHead] = {}
+    async for record in bus.read_to_end(wanted):
+        if record.value is None or record.key is None:
+            continue
+        try:
+            if record.topic == topics.state:
+                if record.key != WRITER_KEY:
+                    head = _head(record.key, record.value, trust)
+                    known = heads.get((head.tenant, head.env))
+                    if known is None or head.version > known.version:
+                        heads[(head.tenant, head.env)] = head
+                continue
+            _event(recovery, record.topic, record.key, record.value, topics, trust)
+        except VerificationError as exc:
+            recovery.skipped[exc.reason] += 1
+            log.warning(
+                "recovery: skipping the record at %s@%d: %s", record.topic, record.offset, exc
+            )
+    for stream, head in heads.items():
+        state = recovery.states.get(stream)
+        if state is None or head.version > state.version:
+            recovery.states[stream] = StreamState(head.version, head.config_hash)
+            recovery.from_state_only += 1
+    return recovery
+
+
+def _head(key: bytes, value: bytes, trust: TrustStore) -> StreamHead:
+    head = open_signed(value, trust, StreamHead)
+    if key != TopicNames.audit_key(head.tenant, head.env):
+        raise VerificationError(
+            "wrong_stream", f"a head for {head.tenant}/{head.env} under {key!r}"
+        )
+    if not 0 < head.version <= MAX_VERSION:
+        raise VerificationError("malformed", f"version {head.version} out of range")
+    return head
+
+
+def _event(
+    recovery: Recovery, topic: str, key: bytes, value: bytes, topics: TopicNames, trust: TrustStore
+) -> None:
+    tenant = topics.tenant_of(topic) or ""
+    event = open_envelope(value, trust, stream=(tenant, key.decode(errors="replace")))
+    body = event.body
+    known = recovery.states.get((body.tenant, body.env))
+    if known is None or body.version > known.version:
+        recovery.states[(body.tenant, body.env)] = StreamState(
+            body.version, body.config_hash, config_json=event.config_json
+        )

@@ -1,0 +1,71 @@
+"""One retry policy and one supervisor for every background task.
+
+`Backoff` is the only retry schedule in configbus: exponential, jittered, capped, reset
+after a success. `supervise` runs a task body for as long as its owner lives: whatever
+the body raises (except cancellation) is logged with the task's name and the body is
+started again after the next backoff delay, so no background task dies silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from configbus.errors import ConfigBusError
+
+__all__ = ["Backoff", "supervise"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Delays of `initial`, doubling up to `maximum`, each jittered by ±50 % so that
+    many clients retrying one server do not retry in step."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    _next: float = field(default=0.0, init=False)
+
+    def delay(self) -> float:
+        """The delay before the next attempt (and move the schedule on)."""
+        current = self._next or self.initial
+        self._next = min(current * 2, self.maximum)
+        return current * random.uniform(0.5, 1.5)
+
+    def reset(self) -> None:
+        """After a success: the next failure starts from `initial` again."""
+        self._next = 0.0
+
+    async def sleep(self) -> float:
+        """Sleep for the next delay; returns it."""
+        delay = self.delay()
+        await asyncio.sleep(delay)
+        return delay
+
+
+async def supervise(
+    name: str,
+    body: Callable[[], Awaitable[None]],
+    backoff: Backoff | None = None,
+) -> None:
+    """Run `body()` until cancelled. When it returns, it is done; when it raises, the
+    error is logged (expected errors in one line, anything else with its traceback) and
+    `body()` runs again after a backoff delay."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            await body()
+            return
+        except asyncio.CancelledError:
+            raise
+        except ConfigBusError as exc:
+            delay = backoff.delay()
+            log.warning("%s failed, restarting in %.2fs: %s", name, delay, exc)
+        except Exception:
+            delay = backoff.delay()
+            log.exception("%s failed unexpectedly, restarting in %.2fs", name, delay)
+        await asyncio.sleep(delay)

@@ -1,0 +1,278 @@
+"""The publisher daemon on the in-memory bus: what it reports published is what the bus
+holds, a refused stream fails alone, recovery believes only verified records, versions
+survive a lost tenant topic, and one writer publishes at a time. The same promises are
+checked against real Kafka in tests/integration/test_hardening.py and test_publisher.py;
+here they run in milliseconds, with faults injected where Kafka cannot be made to fail."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from configbus.bus import KafkaSettings, TopicNames
+from configbus.bus.memory import MemoryBus
+from configbus.crypto import SigningKey, TrustStore, generate_keypair
+from configbus.errors import ActiveWriterError, BusError
+from configbus.events import Cause, VerifiedEvent, build_body, now_ns, open_envelope, seal
+from configbus.limits import Limits
+from configbus.publisher import Daemon, PublisherSettings
+from configbus.publisher.daemon import publish_once
+from configbus.publisher.state import StreamHead, open_signed
+
+SAMPLE_TREE = Path(__file__).resolve().parents[2] / "environments"
+AURORA = ("aurora-records", "prod")
+HELIX = ("helix-audio", "prod")
+T = TypeVar("T")
+
+
+async def eventually(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+    """Poll `predicate` until it returns something true, or fail after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := predicate()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return result
+
+
+class World:
+    """A copy of the sample tree, a key, topics, and one MemoryBus standing in for Kafka."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "environments"
+        shutil.copytree(SAMPLE_TREE, self.root)
+        self.kid = "unit"
+        self.key_path, _ = generate_keypair(self.kid, tmp_path / "keys")
+        self.key = SigningKey.load(self.key_path, self.kid)
+        self.trust = TrustStore.of(self.key.public)
+        self.topics = TopicNames(prefix="t.", audit="audit", acks="acks", state="state")
+        self.bus = MemoryBus()
+
+    def settings(self, **changes: Any) -> PublisherSettings:
+        options: dict[str, Any] = {
+            "root": self.root,
+            "kafka": KafkaSettings("unused:9092"),
+            "signing_key": self.key_path,
+            "kid": self.kid,
+            "topics": self.topics,
+            "reconcile_interval": 60.0,
+            "heartbeat_interval": 0.2,
+            "step_ms": 5,
+            "shutdown_grace": 2.0,
+            "actor": "unit-test",
+        }
+        return PublisherSettings(**{**options, **changes})
+
+    def daemon(self, **changes: Any) -> Daemon:
+        return Daemon(self.settings(**changes), bus=self.bus)
+
+    def events(self, tenant: str) -> list[VerifiedEvent]:
+        """The verified events on `tenant`'s topic, in offset order."""
+        topic = self.topics.tenant_topic(tenant)
+        return [open_envelope(r.value or b"", self.trust) for r in self.bus.records(topic)]
+
+    def versions(self, stream: tuple[str, str]) -> list[int]:
+        tenant, env = stream
+        return [e.body.version for e in self.events(tenant) if e.body.env == env]
+
+    def edit(self, relative: str, old: str, new: str) -> None:
+        path = self.root / relative
+        text = path.read_text(encoding="utf-8")
+        assert text.count(old) == 1, f"{old!r} not once in {relative}"
+        path.write_text(text.replace(old, new), encoding="utf-8")
+
+    def forged(self, stream: tuple[str, str], version: int, key: SigningKey) -> bytes:
+        tenant, env = stream
+        body = build_body(
+            tenant=tenant,
+            env=env,
+            version=version,
+            config_json=b'{"forged":true}',
+            detected_at=now_ns(),
+            cause=Cause(sources=(), actor="mallory", reason="forged"),
+        )
+        return seal(body, key)
+
+    async def put(self, topic: str, key: bytes, value: bytes) -> None:
+        self.bus.create_topic(topic, compact=True)
+        async with self.bus.producer() as producer:
+            await producer.send_and_wait(topic, value, key=key)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def failures(daemon: Daemon) -> list[BaseException]:
+    """The exceptions the daemon's publish rounds raise from now on."""
+    seen: list[BaseException] = []
+    inner = daemon.publisher.publish
+
+    async def publish(*args: Any) -> Any:
+        try:
+            return await inner(*args)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    daemon.publisher.publish = publish  # type: ignore[method-assign]
+    return seen
+
+
+# -- publication --------------------------------------------------------------------
+
+
+async def test_every_stream_published_is_on_the_bus_with_its_head(world: World) -> None:
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        streams = daemon.index.streams
+        assert streams and all(daemon.publisher.states[s].version == 1 for s in streams)
+    heads = {
+        r.key: open_signed(r.value or b"", world.trust, StreamHead)
+        for r in world.bus.records(world.topics.state)
+        if r.key != b"$writer"
+    }
+    audit = [open_envelope(r.value or b"", world.trust) for r in world.bus.records("audit")]
+    assert sorted(e.stream for e in audit) == sorted(streams)
+    for tenant, env in streams:
+        assert world.versions((tenant, env)) == [1]
+        assert heads[f"{tenant}/{env}".encode()].version == 1
+
+
+async def test_an_event_its_topic_cannot_take_fails_its_stream_alone(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bus refuses aurora's record (its topic takes 100 bytes): aurora keeps v0 and
+    one error line says why, while every other stream is published."""
+    world.bus.create_topic(world.topics.tenant_topic("aurora-records"), max_message_bytes=100)
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        assert AURORA not in daemon.publisher.states
+        assert daemon.publisher.states[HELIX].version == 1
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+    assert world.versions(HELIX) == [1, 2]
+    assert world.events("aurora-records") == []
+    refusals = [r.getMessage() for r in caplog.records if "aurora-records/prod" in r.getMessage()]
+    assert any("not published, keeping v0" in line and "refused" in line for line in refusals)
+    assert len([line for line in refusals if "not published" in line]) == 1  # once per reason
+
+
+async def test_an_event_over_our_limit_is_refused_before_sending(world: World) -> None:
+    daemon = world.daemon()
+    daemon.publisher.limits = Limits(event_bytes=200)
+    async with daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        assert daemon.publisher.states == {}
+    assert world.bus.records(world.topics.audit) == []
+
+
+async def test_a_bus_outage_leaves_streams_pending_and_they_publish_after_it(
+    world: World,
+) -> None:
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        failed = failures(daemon)
+        world.bus.down = True
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: failed, "a round to fail on the bus")
+        assert daemon.publisher.states[HELIX].version == 1
+        world.bus.fail_next("commit")  # and the first try after it fails at the commit
+        world.bus.down = False
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+    assert world.versions(HELIX) == [1, 2]
+
+
+# -- recovery -----------------------------------------------------------------------
+
+
+async def test_recovery_believes_only_verified_records_of_their_own_stream(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown key claiming v2^64-1, and our own event for helix placed on aurora's
+    topic: both skipped and reported; aurora is published as v1."""
+    caplog.set_level(logging.WARNING)
+    mallory_path, _ = generate_keypair("mallory", tmp_path / "mallory")
+    mallory = SigningKey.load(mallory_path, "mallory")
+    topic = world.topics.tenant_topic("aurora-records")
+    await world.put(topic, b"prod", world.forged(AURORA, 2**64 - 1, mallory))
+    await world.put(topic, b"prod", world.forged(HELIX, 7, world.key))
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        assert daemon.publisher.states[AURORA].version == 1
+    summary = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert any(
+        "skipped 2 records" in line and "unknown_key (1)" in line and "wrong_stream (1)" in line
+        for line in summary
+    )
+
+
+async def test_versions_survive_the_loss_of_a_tenant_topic(world: World) -> None:
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        world.edit("tenants/aurora-records/prod.yml", "max_size:", "max_size: 251 #")
+        await eventually(lambda: daemon.publisher.states[AURORA].version == 2, "aurora v2")
+    admin = world.bus.admin()
+    await admin.delete_topics([world.topics.tenant_topic("aurora-records")])
+    world.edit("tenants/aurora-records/prod.yml", "max_size: 251 #", "max_size: 252 #")
+    async with world.daemon() as daemon:
+        await eventually(lambda: daemon.publisher.states[AURORA].version == 3, "aurora v3")
+    assert world.versions(AURORA) == [3]
+
+
+# -- one writer ---------------------------------------------------------------------
+
+
+async def test_a_second_daemon_stands_by_until_the_first_resigns(world: World) -> None:
+    first = await world.daemon().start()
+    try:
+        await eventually(first.ready.is_set, "the first daemon's round")
+        second = world.daemon()
+        starting = asyncio.create_task(second.start())
+        await asyncio.sleep(0.5)  # two heartbeats: the second must still be waiting
+        assert not starting.done() and not second.active.is_set()
+    finally:
+        await first.stop()
+    await asyncio.wait_for(starting, 5)
+    try:
+        assert second.active.is_set()
+        await eventually(second.ready.is_set, "the second daemon's round")
+    finally:
+        await second.stop()
+
+
+async def test_publish_once_refuses_while_a_daemon_is_active(world: World) -> None:
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the daemon's round")
+        with pytest.raises(ActiveWriterError, match="--take-over"):
+            await publish_once(world.settings(), bus=world.bus, deadline=5)
+        report = await publish_once(world.settings(), bus=world.bus, take_over=True, deadline=5)
+        # It recovered every version from the bus: nothing to publish again.
+        assert report.checked == report.unchanged == len(daemon.index.streams)
+        await eventually(lambda: daemon.takeovers == 1, "the daemon to see it was fenced")
+        # Once the one-off run has resigned, the daemon claims the role back.
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+        assert daemon.active.is_set() and not daemon.fenced
+    assert world.versions(HELIX) == [1, 2]
+
+
+async def test_publish_once_has_a_deadline(world: World) -> None:
+    world.bus.down = True
+    with pytest.raises(TimeoutError):
+        await publish_once(world.settings(), bus=world.bus, deadline=0.3)
+
+
+async def test_a_fatal_bus_error_at_start_is_raised_not_retried(world: World) -> None:
+    fatal = BusError("not authorised")
+    fatal.retriable = False
+    world.bus.fail_next("admin", fatal)
+    with pytest.raises(BusError, match="not authorised"):
+        await world.daemon().start()
