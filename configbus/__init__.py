@@ -5,17 +5,22 @@ change without notice.
 """
 
 from configbus.errors import (
+    ActiveWriterError,
     BusError,
     ConfigBusError,
+    FencedError,
     KeyringError,
+    LimitError,
+    NoConfigError,
     Problem,
+    RefusedError,
     SchemaError,
     SettingsError,
     TreeError,
     UnknownNameError,
     VerificationError,
 )
-from configbus.subscriber import ConfigSubscriber, NoConfigError, SyncSubscriber
+from configbus.subscriber import ConfigSubscriber, Snapshot, SyncSubscriber
 from configbus.tree import (
     EnvironmentConfigManager,
     EnvironmentTree,
@@ -28,19 +33,24 @@ from configbus.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveWriterError",
     "BusError",
     "ConfigBusError",
     "ConfigSubscriber",
     "EnvironmentConfigManager",
     "EnvironmentTree",
     "EnvironmentType",
+    "FencedError",
     "KeyringError",
+    "LimitError",
     "NoConfigError",
     "Problem",
+    "RefusedError",
     "ResolvedConfig",
     "SchemaError",
     "SecretRef",
     "SettingsError",
+    "Snapshot",
     "SyncSubscriber",
     "TreeError",
     "UnknownNameError",

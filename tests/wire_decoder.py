@@ -54,6 +54,7 @@ def decode_and_verify(
     scopes: Mapping[str, Scope] | None = None,  # kid -> scope; absent: every stream
     stream: tuple[str, str] | None = None,  # (tenant, env) the record was read from
     last_version: int | None = None,  # version last applied to that stream
+    max_config_bytes: int = 4 * 1024 * 1024,  # the reader's inflate limit
 ) -> dict[str, Any]:
     """The steps of §7 in order. Returns kid, body (a dict, `config` as sent), the
     uncompressed config_json bytes and the parsed config."""
@@ -88,19 +89,28 @@ def decode_and_verify(
     tenants, envs = (scopes or {}).get(kid, (("*",), ("*",)))  # 6
     if not ({"*", tenant} & set(tenants) and {"*", env} & set(envs)):
         raise WireError("untrusted_scope", f"{kid!r} may not sign {tenant}/{env}")
-    if body["config_encoding"] == "json":  # 7
+    if stream is not None and stream != (tenant, env):  # 7
+        raise WireError("wrong_stream", f"{tenant}/{env} read from {stream[0]}/{stream[1]}")
+    if not 1 <= body["version"] < 2**64:
+        raise WireError("malformed", f"version {body['version']} out of range")
+    if body["config_encoding"] == "json":  # 8
         config_json = body["config"]
     elif body["config_encoding"] == "json+zlib":
+        inflater = zlib.decompressobj()
         try:
-            config_json = zlib.decompress(body["config"])
+            config_json = inflater.decompress(body["config"], max_config_bytes + 1)
         except zlib.error as exc:
             raise WireError("malformed", f"bad zlib data: {exc}") from None
+        if len(config_json) > max_config_bytes or inflater.unconsumed_tail:
+            raise WireError("too_large", f"config inflates past {max_config_bytes} bytes")
+        if not inflater.eof:
+            raise WireError("malformed", "truncated zlib data")
     else:
         raise WireError("unknown_schema", f"config_encoding {body['config_encoding']!r}")
-    if hashlib.sha256(config_json).hexdigest() != body["config_hash"]:  # 8
+    if len(config_json) > max_config_bytes:
+        raise WireError("too_large", f"config over {max_config_bytes} bytes")
+    if hashlib.sha256(config_json).hexdigest() != body["config_hash"]:  # 9
         raise WireError("hash_mismatch", "config does not hash to config_hash")
-    if stream is not None and stream != (tenant, env):  # 9
-        raise WireError("wrong_stream", f"{tenant}/{env} read from {stream[0]}/{stream[1]}")
     if last_version is not None and body["version"] <= last_version:  # 10
         raise WireError("stale_version", f"version {body['version']} <= {last_version}")
     try:  # 11

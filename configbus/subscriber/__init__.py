@@ -1,6 +1,12 @@
 """The subscriber SDK that services embed: verified hot reload of one stream."""
 
-from configbus.subscriber.core import Callback, ConfigSubscriber, NoConfigError, Validator
+from configbus.subscriber.core import (
+    Callback,
+    ConfigSubscriber,
+    NoConfigError,
+    Snapshot,
+    Validator,
+)
 from configbus.subscriber.settings import SubscriberSettings
 from configbus.subscriber.sync import SyncSubscriber
 
@@ -8,6 +14,7 @@ __all__ = [
     "Callback",
     "ConfigSubscriber",
     "NoConfigError",
+    "Snapshot",
     "SubscriberSettings",
     "SyncSubscriber",
     "Validator",

@@ -10,11 +10,16 @@ covers this stream, tenant and environment match, version above the current one,
 known schema, config hash) -> validators -> an atomic swap (readers see the old config
 or the new one, never a mix) -> callbacks in registration order -> acknowledged ->
 written to the disk cache. Anything that fails keeps the last good config, is logged
-with its reason and acknowledged as rejected.
+with its reason, counted and acknowledged as rejected: every record ends applied or
+rejected, whatever it holds. The follow loop survives anything but cancellation, and
+`stop()` always completes.
 
 At start the subscriber applies its disk cache (re-verified) if it has one, then
-reads the latest record of its stream from Kafka. Without Kafka it runs on the cache
-and keeps retrying; with neither, `start()` fails after `start_timeout`. Callbacks
+reads the recent records of its stream from Kafka and applies the highest version
+among them that verifies (docs/wire-format.md §2.1): a replayed old event or a forged
+one at the end of the topic neither rolls it back nor stops it from starting. Without
+Kafka it runs on the cache and keeps retrying; with neither, `start()` fails after
+`start_timeout`, saying what it found. Callbacks
 run on the event loop that started the subscriber; sync callbacks run inline.
 The SDK never installs signal handlers and never configures logging.
 """
@@ -26,8 +31,8 @@ import contextlib
 import inspect
 import logging
 import os
-import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +42,19 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
-from configbus.bus import PartitionReader, Producer, Record
-from configbus.errors import BusError, ConfigBusError, VerificationError
-from configbus.events import Ack, VerifiedEvent, open_envelope
+from configbus.bus import Bus, KafkaBus, Record
+from configbus.bus.base import ReaderAPI
+from configbus.errors import (
+    BusError,
+    ConfigBusError,
+    LimitError,
+    NoConfigError,
+    VerificationError,
+)
+from configbus.events import Ack, Envelope, VerifiedEvent, open_envelope
+from configbus.limits import check_shape
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
+from configbus.supervise import Backoff, supervise
 from configbus.telemetry import (
     applied_counter,
     extract,
@@ -52,7 +66,7 @@ from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.values import FrozenDict, freeze_json
 
-__all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Validator"]
+__all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Snapshot", "Validator"]
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +74,40 @@ Callback: TypeAlias = Callable[[ResolvedConfig, ResolvedConfig, list[str]], Awai
 Validator: TypeAlias = Callable[[ResolvedConfig], object]
 
 
-class NoConfigError(ConfigBusError):
-    """`start()` found no config: Kafka unreachable (or the stream never published)
-    and no disk cache. Retriable: the next start may find it."""
-
-    retriable = True
-
-
 class _AlreadyApplied(Exception):
     """The event is the one already applied."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Current:
+class Snapshot:
+    """What a subscriber runs, as one immutable value: the config, its version, the
+    verified event it came from and the trace id of its apply. Read `sub.snapshot`
+    once to get a config and a version that belong together."""
+
     config: ResolvedConfig
     version: int
     event: VerifiedEvent | None
     trace_id: str = ""  # of the apply: the publisher's trace, continued here
 
 
+class _BodyVersion(msgspec.Struct):  # the claimed version, to order candidates (unverified)
+    version: int
+
+
 _EMPTY = ResolvedConfig(FrozenDict())
 _ack_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_version_decoder = msgspec.msgpack.Decoder(_BodyVersion)
+BOOTSTRAP_RECORDS = 256  # records of the stream read back at start, at most
+
+
+def _claimed_version(record: Record) -> int:
+    """The version a record claims, unverified: only the order in which start-up tries
+    candidates. -1 when it claims nothing readable (it is still tried, and rejected)."""
+    try:
+        return _version_decoder.decode(_envelope_decoder.decode(record.value or b"").body).version
+    except (msgspec.DecodeError, TypeError):
+        return -1
 
 
 class ConfigSubscriber:
@@ -92,20 +119,25 @@ class ConfigSubscriber:
         env: str,
         *,
         settings: SubscriberSettings | None = None,
+        bus: Bus | None = None,
         **options: Unpack[SubscriberOptions],
     ) -> None:
         """`options` (see `SubscriberOptions`: bootstrap_servers, trust, instance_id,
         service, cache_dir, topic_prefix, start_timeout, ...) fall back to their
-        ``CONFIGBUS_*`` variables; or pass ready `settings`."""
+        ``CONFIGBUS_*`` variables; or pass ready `settings`. `bus` replaces Kafka (tests
+        pass a `configbus.bus.MemoryBus`)."""
         self.settings = settings or SubscriberSettings.build(tenant, env, **options)
         self.tenant, self.env = self.settings.tenant, self.settings.env
-        self._current = _Current(_EMPTY, 0, None)
+        self._bus: Bus = bus or KafkaBus(self.settings.kafka)
+        self._current = Snapshot(_EMPTY, 0, None)
         self._callbacks: list[tuple[str, Callback]] = []
         self._validators: list[Validator] = []
         self.applied = 0
         self.ignored = 0
         self.rejected: dict[str, int] = {}
         self.last_rejection: str | None = None
+        self._start_rejections: Counter[str] = Counter()  # reason -> records, before the first
+        self._last_bus_error: str | None = None
         self.source: str | None = None  # "kafka" or "cache": where the config came from
         self._task: asyncio.Task[None] | None = None
         self._acks: asyncio.Queue[Ack] | None = None
@@ -121,6 +153,12 @@ class ConfigSubscriber:
         )
 
     # -- what services read ---------------------------------------------------------
+    @property
+    def snapshot(self) -> Snapshot:
+        """The config, version, event and trace id that run now, as one value: two
+        reads of `config` and `version` may straddle an apply; one of this cannot."""
+        return self._current
+
     @property
     def config(self) -> ResolvedConfig:
         """The current config: immutable, swapped whole on every apply."""
@@ -198,8 +236,8 @@ class ConfigSubscriber:
             if not cached:
                 await self.stop()
                 raise NoConfigError(
-                    f"no config for {self.tenant}/{self.env}: nothing from Kafka within "
-                    f"{wait:g}s and no disk cache"
+                    f"no config for {self.tenant}/{self.env} within {wait:g}s and no disk "
+                    f"cache: {self._why_nothing()}"
                 ) from None
             log.warning(
                 "%s/%s: Kafka unreachable; running on the disk cache (v%d), still retrying",
@@ -210,26 +248,34 @@ class ConfigSubscriber:
         self._state = "started"
         return self
 
+    def _why_nothing(self) -> str:
+        """Why no config came from Kafka, for the error `start()` raises."""
+        if self._start_rejections:
+            count = sum(self._start_rejections.values())
+            reasons = ", ".join(
+                f"{reason} ({n})" for reason, n in sorted(self._start_rejections.items())
+            )
+            return f"{count} record(s) of the stream rejected: {reasons}"
+        if self._last_bus_error is not None:
+            return f"Kafka: {self._last_bus_error}"
+        return "the stream has no record in Kafka yet"
+
     async def stop(self) -> None:
-        """Stop following; flush pending acknowledgements briefly. Safe twice."""
+        """Stop following; flush pending acknowledgements briefly. Safe twice; always
+        completes (a task that failed is logged, not raised here)."""
         if self._state == "stopped":
             return
         self._state = "stopped"
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _finish(task, f"{self.tenant}/{self.env} follow")
         ack_task, self._ack_task = self._ack_task, None
         if ack_task is not None:
-            if self._acks is not None:
+            if self._acks is not None and not ack_task.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._acks.join(), 2.0)
-            ack_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ack_task
+            await _finish(ack_task, f"{self.tenant}/{self.env} acks")
 
     async def __aenter__(self) -> ConfigSubscriber:
         return await self.start()
@@ -239,34 +285,48 @@ class ConfigSubscriber:
 
     # -- following the stream ---------------------------------------------------------
     async def _follow(self) -> None:
-        """Bootstrap from the latest record, then follow; reconnect with bounded,
-        jittered backoff after any Kafka failure."""
+        """Bootstrap, then follow, under the supervisor: a Kafka failure or anything
+        unexpected is logged and the loop starts again after a backoff."""
+        backoff = Backoff(0.1, 10.0)
+        await supervise(
+            f"subscriber {self.tenant}/{self.env}", lambda: self._follow_once(backoff), backoff
+        )
+
+    async def _follow_once(self, backoff: Backoff) -> None:
         topic = self.settings.topics.tenant_topic(self.tenant)
         key = self.env.encode()
-        backoff = 0.1
-        while True:
-            reader = PartitionReader(self.settings.kafka, topic)
+        reader = self._bus.reader(topic)
+        try:
             try:
                 if not await reader.start():
                     raise BusError(f"topic {topic} does not exist yet")
-                latest = await reader.latest(key)
-                if latest is not None:
-                    first = self._bootstrapped is not None and not self._bootstrapped.is_set()
-                    await self._handle(latest, startup=first)
-                self._mark_bootstrapped()
-                backoff = 0.1
-                while True:
-                    for record in await reader.poll(1000):
-                        if record.key == key:
-                            await self._handle(record)
-                            self._mark_bootstrapped()
+                await self._bootstrap(reader, key)
             except BusError as exc:
-                delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("%s/%s: %s; retrying in %.1fs", self.tenant, self.env, exc, delay)
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, 10.0)
-            finally:
+                self._last_bus_error = str(exc)
+                raise
+            self._last_bus_error = None
+            self._mark_bootstrapped()
+            backoff.reset()
+            while True:
+                for record in await reader.poll(1000):
+                    if record.key == key:
+                        await self._handle(record)
+                        self._mark_bootstrapped()
+        finally:
+            with contextlib.suppress(Exception):
                 await reader.stop()
+
+    async def _bootstrap(self, reader: ReaderAPI, key: bytes) -> None:
+        """Apply the highest version among the stream's recent records that verifies:
+        candidates are tried from the highest version they claim down, and the first
+        that verifies (or is no newer than what runs) ends the search."""
+        records = await reader.recent(key, limit=BOOTSTRAP_RECORDS)
+        first = self._bootstrapped is not None and not self._bootstrapped.is_set()
+        for record in sorted(records, key=_claimed_version, reverse=True):
+            if self.version > 0 and _claimed_version(record) <= self.version:
+                return  # nothing newer than what runs (the cache, or a previous connection)
+            if await self._handle(record, startup=first):
+                return
 
     def _mark_bootstrapped(self) -> None:
         """Let start() return, once there is a verified config: a rejected record (a
@@ -301,8 +361,10 @@ class ConfigSubscriber:
             event: VerifiedEvent | None = None
             try:
                 with tracer.start_as_current_span("verify"):
-                    event = open_envelope(record.value or b"", self.settings.trust)
-                    self._check_stream(event)
+                    event = open_envelope(
+                        record.value or b"", self.settings.trust, stream=(self.tenant, self.env)
+                    )
+                    self._check_version(event)
                 span.set_attribute("configbus.version", event.body.version)
                 previous = self.version
                 with tracer.start_as_current_span("apply"):
@@ -314,6 +376,12 @@ class ConfigSubscriber:
             except VerificationError as exc:
                 span.set_status(StatusCode.ERROR, exc.reason)
                 self._rejected(exc, event, received_at, span)
+                return False
+            except Exception as exc:  # whatever a record holds, it ends rejected
+                log.exception("%s/%s: unexpected error on a record", self.tenant, self.env)
+                error = VerificationError("internal_error", f"{exc.__class__.__name__}")
+                span.set_status(StatusCode.ERROR, error.reason)
+                self._rejected(error, event, received_at, span)
                 return False
             self.applied += 1
             self.source = "cache" if from_cache else "kafka"
@@ -341,13 +409,10 @@ class ConfigSubscriber:
                 await self._write_cache(record)
             return True
 
-    def _check_stream(self, event: VerifiedEvent) -> None:
-        """A verified event must be for this stream and newer than what runs here."""
+    def _check_version(self, event: VerifiedEvent) -> None:
+        """A verified event (for this stream: `open_envelope` checked) must be newer
+        than what runs here."""
         body = event.body
-        if (body.tenant, body.env) != (self.tenant, self.env):
-            raise VerificationError(
-                "wrong_stream", f"event for {body.tenant}/{body.env} on {self.tenant}/{self.env}"
-            )
         current = self._current.event
         if current is not None and (body.version, body.config_hash) == (
             current.body.version,
@@ -361,9 +426,15 @@ class ConfigSubscriber:
 
     def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
-            data = freeze_json(msgspec.json.decode(event.config_json))
+            decoded = msgspec.json.decode(event.config_json)
+            check_shape(decoded)
+        except RecursionError:
+            raise VerificationError("too_large", "config nested too deep to decode") from None
+        except LimitError as exc:
+            raise VerificationError("too_large", str(exc)) from None
         except (msgspec.DecodeError, TypeError) as exc:
             raise VerificationError("malformed", f"config is not JSON ({exc})") from None
+        data = freeze_json(decoded)
         if not isinstance(data, dict):
             raise VerificationError("malformed", "config is not a JSON object")
         new = ResolvedConfig(data, env=self.env, tenant=self.tenant)
@@ -381,7 +452,7 @@ class ConfigSubscriber:
         old = self._current.config
         trace_id = trace.get_current_span().get_span_context().trace_id
         traced = format(trace_id, "032x") if trace_id else ""
-        self._current = _Current(new, event.body.version, event, traced)  # the atomic swap
+        self._current = Snapshot(new, event.body.version, event, traced)  # the atomic swap
         if self._changed is not None:
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()  # wakes every wait_for_version
@@ -418,6 +489,8 @@ class ConfigSubscriber:
     ) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
         self.last_rejection = str(exc)
+        if self.version == 0:
+            self._start_rejections[exc.reason] += 1
         rejected_counter.add(
             1, {"configbus.tenant": self.tenant, "configbus.env": self.env, "reason": exc.reason}
         )
@@ -472,7 +545,7 @@ class ConfigSubscriber:
         queue = self._acks
         if queue is None:
             return
-        producer = Producer(self.settings.kafka)
+        producer = self._bus.producer()
         base = f"{self.tenant}/{self.env}/{self.settings.instance_id}"
         try:
             while True:
@@ -484,13 +557,15 @@ class ConfigSubscriber:
                     key = f"{base}/{ack.status}".encode()
                     value = _ack_encoder.encode(ack)
                     await producer.send(self.settings.topics.acks, value, key=key)
-                except BusError as exc:
+                except Exception as exc:  # an ack is telemetry: never worth the task
                     log.warning("%s/%s: could not send an ack: %s", self.tenant, self.env, exc)
-                    await producer.stop()
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
                 finally:
                     queue.task_done()
         finally:
-            await producer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
 
     # -- the disk cache ---------------------------------------------------------------
     def _cache_file(self) -> Path | None:
@@ -529,6 +604,20 @@ class ConfigSubscriber:
             await asyncio.to_thread(write)
         except OSError as exc:
             log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
+
+
+async def _finish(task: asyncio.Task[None] | None, what: str, grace: float = 5.0) -> None:
+    """Cancel `task` and wait for it, at most `grace` seconds (a library under it may
+    swallow a cancellation); an error it had ended with is logged, not raised."""
+    if task is None:
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        log.error("%s did not stop within %gs; leaving it", what, grace)
+        return
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("%s had failed: %r", what, error)
 
 
 def _name(function: object) -> str:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, Unpack
 
 from configbus.errors import ConfigBusError
 from configbus.events import VerifiedEvent
-from configbus.subscriber.core import Callback, ConfigSubscriber, Validator
+from configbus.subscriber.core import Callback, ConfigSubscriber, Snapshot, Validator
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.tree.resolved import ResolvedConfig
 
@@ -59,6 +59,11 @@ class SyncSubscriber:
 
     def __repr__(self) -> str:
         return repr(self._subscriber).replace("ConfigSubscriber", "SyncSubscriber", 1)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """As `ConfigSubscriber.snapshot`: config, version, event and trace id as one."""
+        return self._subscriber.snapshot
 
     @property
     def config(self) -> ResolvedConfig:

@@ -55,7 +55,7 @@ from configbus.errors import ConfigBusError
 from configbus.events import Envelope, seal
 from configbus.ops.rollout import rollout_status
 from configbus.publisher import Daemon
-from configbus.subscriber import ConfigSubscriber, NoConfigError, SyncSubscriber
+from configbus.subscriber import ConfigSubscriber, NoConfigError, Snapshot, SyncSubscriber
 from configbus.telemetry import tracer
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.values import SecretRef
@@ -296,11 +296,12 @@ async def test_forged_and_broken_events_are_rejected_and_acknowledged(
     assert [a.config_hash for a in applied] == [good.hash, body.config_hash, good.hash]
 
 
-async def test_a_rejected_latest_record_is_no_config_to_start_on(
+async def test_a_rejected_latest_record_starts_on_the_newest_good_one(
     setup: Setup, subscribers: list[ConfigSubscriber], tmp_path: Path
 ) -> None:
-    """A forged record after the last good one: a new subscriber must not start on an
-    empty config. With a cache it runs on the cache; without, it has no config."""
+    """A forged record after the last good one: a new subscriber starts on the good one,
+    with or without a cache, and reports the forgery; with only forgeries it has no
+    config, and says why."""
     tenant, env = AURORA
     await crafted_stream(setup)
     cache = tmp_path / "cache"
@@ -311,11 +312,18 @@ async def test_a_rejected_latest_record_is_no_config_to_start_on(
     rogue = SigningKey.load(generate_keypair(rogue_kid, tmp_path / "rogue")[0], rogue_kid)
     await produce(setup, tenant, env, seal(event_body(tenant, env, 2, {"database": {}}), rogue))
 
-    with pytest.raises(NoConfigError):
-        await subscribe(setup, subscribers, tenant, env, start_timeout=3.0)
+    fresh = await subscribe(setup, subscribers, tenant, env, start_timeout=10.0)
+    assert fresh.version == 1 and fresh.config.hash == good.hash
+    assert fresh.rejected == {"unknown_key": 1}
     cached = await subscribe(setup, subscribers, tenant, env, cache_dir=cache)
     assert cached.version == 1 and cached.config.hash == good.hash
     assert cached.rejected == {"unknown_key": 1}
+
+    other = ("nimbus-fm", "prod")
+    await ensure_topics(setup, other[0])
+    await produce(setup, *other, seal(event_body(*other, 1, {"database": {}}), rogue))
+    with pytest.raises(NoConfigError, match=r"1 record\(s\) of the stream rejected: unknown_key"):
+        await subscribe(setup, subscribers, *other, start_timeout=3.0)
 
 
 # -- 4 ---------------------------------------------------------------------------------
@@ -598,27 +606,28 @@ async def test_readers_never_see_a_mixed_config(
     threaded = SyncSubscriber(tenant, env, settings=subscriber_settings(setup, tenant, env))
     await asyncio.to_thread(threaded.start)
     stop = threading.Event()
-    mixed: list[tuple[object, object]] = []
+    mixed: list[tuple[object, object, int]] = []
     seen_by_task: set[int] = set()
     seen_by_thread: set[int] = set()
     reads = Counter[str]()
 
-    def check(config: Mapping[str, Any], seen: set[int]) -> None:
-        flags = config["feature_flags"]
+    def check(snapshot: Snapshot, seen: set[int]) -> None:
+        """One read: the config's two flags and the version must all agree."""
+        flags = snapshot.config["feature_flags"]
         a, b = flags["a"], flags["b"]
-        if a != b:
-            mixed.append((a, b))
+        if not a == b == snapshot.version:
+            mixed.append((a, b, snapshot.version))
         seen.add(a)
 
     async def read_in_task() -> None:
         while not stop.is_set():
-            check(sub.config, seen_by_task)
+            check(sub.snapshot, seen_by_task)
             reads["task"] += 1
             await asyncio.sleep(0)
 
     def read_in_thread() -> None:
         while not stop.is_set():
-            check(threaded.config, seen_by_thread)
+            check(threaded.snapshot, seen_by_thread)
             reads["thread"] += 1
 
     reader_thread = threading.Thread(target=read_in_thread, name="reader")

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import pkgutil
+import re
 
 import configbus
 
 PUBLIC = [
+    "ActiveWriterError",
     "BusError",
     "ConfigBusError",
     "ConfigSubscriber",
     "EnvironmentConfigManager",
     "EnvironmentTree",
     "EnvironmentType",
+    "FencedError",
     "KeyringError",
+    "LimitError",
     "NoConfigError",
     "Problem",
+    "RefusedError",
     "ResolvedConfig",
     "SchemaError",
     "SecretRef",
     "SettingsError",
+    "Snapshot",
     "SyncSubscriber",
     "TreeError",
     "UnknownNameError",
@@ -45,20 +52,51 @@ def test_every_public_name_is_importable() -> None:
     assert sorted(k for k in namespace if k != "__builtins__") == sorted(PUBLIC)
 
 
-def test_the_errors_form_one_tree() -> None:
-    from configbus import (
-        ConfigBusError,
-        SchemaError,
-        SettingsError,
-        TreeError,
-        UnknownNameError,
-    )
+def _drawn_tree() -> dict[str, str]:
+    """Each exception in the diagram of configbus.errors' docstring, with its drawn parent."""
+    import configbus.errors
 
-    assert issubclass(SettingsError, ConfigBusError)
-    assert issubclass(TreeError, ConfigBusError)
-    assert issubclass(UnknownNameError, TreeError)
-    assert issubclass(SchemaError, TreeError)
-    assert issubclass(ConfigBusError, Exception)
+    parents: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in (configbus.errors.__doc__ or "").splitlines():
+        match = re.match(r"^(\s*(?:[│ ]\s*)*(?:[├└]── )?)([A-Z]\w+Error)\b", line)
+        if not match:
+            continue
+        depth, name = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        parents[name] = stack[-1][1] if stack else "Exception"
+        stack.append((depth, name))
+    return parents
+
+
+def _defined_errors() -> dict[str, type[BaseException]]:
+    """Every ConfigBusError subclass defined anywhere in the configbus package."""
+    found: dict[str, type[BaseException]] = {}
+    package = importlib.import_module("configbus")
+    for info in pkgutil.walk_packages(package.__path__, "configbus."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, configbus.ConfigBusError)
+                and value.__module__ == info.name
+                and not name.startswith("_")
+            ):
+                found[name] = value
+    return found
+
+
+def test_the_errors_form_one_tree_and_the_docstring_draws_all_of_it() -> None:
+    drawn, defined = _drawn_tree(), _defined_errors()
+
+    assert drawn["ConfigBusError"] == "Exception"
+    assert sorted(drawn) == sorted(defined), "an error outside the drawn tree"
+    for name, parent in drawn.items():
+        cls = defined[name]
+        expected = Exception if parent == "Exception" else defined[parent]
+        assert cls.__mro__[1] is expected, f"{name} is drawn under {parent}"
+        assert getattr(configbus, name) is cls, f"{name} is not exported"
 
 
 def test_the_version_is_the_installed_distributions() -> None:
