@@ -6,12 +6,18 @@ Layout (file names are the contract; see the README for the full rules)::
     <root>/<env>/<env>.yml                   an environment; may `extends:` a parent file
     <root>/<env>/overrides/<name>.yml        overrides a tenant may select for <env>
     <root>/tenants/<tenant>/tenant.yml       the tenant: its environments and overrides
-    <root>/tenants/<tenant>/<env>.yml        the tenant's own layer for <env> (optional)
+    <root>/tenants/<tenant>/<env>.yml        the tenant's own layer for <env>: optional,
+                                             or required when tenant.yml says
+                                             `layer: true` for <env>
 
 A stream is a (tenant, environment) pair. Its layers, lowest first: the environment
 file's `extends:` ancestors, the environment file, the selected overrides in order,
 the tenant's layer, then any run-time layers the caller adds (tenant store, emergency
 overrides). Parsed files are cached and re-read only when their stat changes.
+
+A tenant layer declared with `layer: true` that is missing or empty is a problem of
+its stream, not a layer silently dropped: a file deleted and restored, or truncated
+and rewritten, must never publish the stream without the tenant's values.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class TenantSpec:
     name: str
     environments: Mapping[str, tuple[str, ...]]  # environment -> selected overrides
     source: str
+    layers: frozenset[str] = frozenset()  # environments whose tenant layer is required
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +256,25 @@ class EnvironmentTree:
             path = os.path.join(env_dir, "overrides", f"{name}.yml")
             stack += self._file_layers(path, LayerKind.OVERRIDE, name)
         if tenant is not None:
-            tenant_dir = os.path.join(self._tenants_dir, tenant)
-            if f"{env}.yml" in self._listings.names(tenant_dir):
-                path = os.path.join(tenant_dir, f"{env}.yml")
-                stack += self._file_layers(path, LayerKind.TENANT, tenant)
+            stack += self._tenant_layer(tenant, env)
         return stack
+
+    def _tenant_layer(self, tenant: str, env: str) -> list[Layer]:
+        """The tenant's own layer for `env`: none when it has no file, unless tenant.yml
+        declares it (`layer: true`); then a missing or empty file is a problem."""
+        tenant_dir = os.path.join(self._tenants_dir, tenant)
+        path = os.path.join(tenant_dir, f"{env}.yml")
+        required = env in self.tenant(tenant).layers
+        if f"{env}.yml" not in self._listings.names(tenant_dir) or not os.path.isfile(path):
+            if required:
+                message = "missing: tenant.yml declares this layer (layer: true)"
+                raise TreeError([Problem(path, None, None, message)])
+            return []
+        layers = self._file_layers(path, LayerKind.TENANT, tenant)
+        if required and not layers[-1].data:
+            message = "empty: tenant.yml declares this layer (layer: true), so it must set values"
+            raise TreeError([Problem(path, None, None, message)])
+        return layers
 
     def resolve(
         self,
@@ -414,6 +435,7 @@ class EnvironmentTree:
             problem(("name",), "must be a string")
         envs = data.get("environments")
         declared: dict[str, tuple[str, ...]] = {}
+        required: set[str] = set()
         if not isinstance(envs, Mapping) or not envs:
             problem(
                 ("environments",), "must map each environment the tenant runs in to its overrides"
@@ -426,9 +448,14 @@ class EnvironmentTree:
                 problem(where, f"unknown environment (the tree has: {', '.join(known)})")
                 continue
             selected = spec.get("overrides", ()) if isinstance(spec, Mapping) else None
-            if not isinstance(spec, Mapping) or set(spec) - {"overrides"}:
-                problem(where, "must be a mapping with one key, overrides: [names]")
+            if not isinstance(spec, Mapping) or set(spec) - {"overrides", "layer"}:
+                problem(where, "must be a mapping of overrides: [names] and layer: true|false")
                 continue
+            if not isinstance(spec.get("layer", False), bool):
+                problem((*where, "layer"), "must be true or false")
+                continue
+            if spec.get("layer", False):
+                required.add(env)
             if not isinstance(selected, tuple) or not all(isinstance(s, str) for s in selected):
                 problem((*where, "overrides"), "must be a list of override names")
                 continue
@@ -443,7 +470,7 @@ class EnvironmentTree:
             declared[env] = tuple(str(s) for s in selected)
         if problems:
             raise TreeError(problems)
-        return TenantSpec(tenant_id, str(name), declared, source)
+        return TenantSpec(tenant_id, str(name), declared, source, frozenset(required))
 
     def _stray_tenant_layers(self, spec: TenantSpec) -> list[Problem]:
         tenant_dir = self.root / TENANTS_DIR / spec.id

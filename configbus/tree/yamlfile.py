@@ -11,6 +11,10 @@ and every problem in the file is reported, not only the first:
   numbers JSON cannot hold (``.inf``, ``.nan``) are refused. Anchors, aliases and
   ``<<`` merge keys work as YAML defines them.
 - A top-level ``extends: PATH`` names the parent file, relative to this file's folder.
+- The limits of `configbus.limits` hold while building: a value nested deeper than
+  ``depth`` is a problem at its line, and a file whose aliases expand to more than
+  ``nodes`` values is refused at once (a few hundred bytes of nested aliases would
+  otherwise expand to billions of values).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Final
 import yaml
 
 from configbus.errors import Problem, TreeError
+from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.tree.values import (
     DELETE,
     EMPTY,
@@ -115,12 +120,14 @@ def _key_id(node: yaml.Node) -> object:
 class _Builder:
     """Turns composed nodes into values, noting lines and collecting problems."""
 
-    def __init__(self, loader: Any, source: str) -> None:
+    def __init__(self, loader: Any, source: str, limits: Limits = DEFAULT_LIMITS) -> None:
         self.loader = loader
         self.source = source
+        self.limits = limits
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
         self._open: set[int] = set()  # nodes being built, to refuse recursive aliases
+        self._built = 0  # values built, aliases expanded
 
     def problem(self, node: yaml.Node, path: Path, message: str) -> None:
         self.problems.append(Problem(self.source, _line(node), format_path(path) or None, message))
@@ -128,6 +135,15 @@ class _Builder:
     def build(self, node: yaml.Node, path: Path) -> LayerValue:
         if id(node) in self._open:
             self.problem(node, path, "recursive alias")
+            return None
+        self._built += 1
+        if self._built > self.limits.nodes:
+            message = f"expands to more than {self.limits.nodes} values (limit nodes)"
+            raise TreeError([Problem(self.source, _line(node), None, message)])
+        container = isinstance(node, yaml.MappingNode | yaml.SequenceNode)
+        if container and len(path) >= self.limits.depth:
+            message = f"nested deeper than {self.limits.depth} levels (limit depth)"
+            self.problem(node, path, message)
             return None
         tag = node.tag
         if tag == "!secret":

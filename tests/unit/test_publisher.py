@@ -190,6 +190,67 @@ async def test_a_bus_outage_leaves_streams_pending_and_they_publish_after_it(
     assert world.versions(HELIX) == [1, 2]
 
 
+async def test_a_list_nested_300_deep_in_one_tenant_file_fails_that_stream_alone(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        deep = "[" * 300 + "]" * 300
+        world.edit(
+            "tenants/aurora-records/prod.yml", "max_size: 250", f"max_size: 250\n      deep: {deep}"
+        )
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+        await eventually(
+            lambda: any("limit depth" in r.getMessage() for r in caplog.records),
+            "aurora's refusal",
+        )
+        assert daemon.publisher.states[AURORA].version == 1
+        assert daemon._worker is not None and not daemon._worker.done()
+    assert world.versions(AURORA) == [1]
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+async def test_a_declared_tenant_layer_briefly_absent_is_never_published(
+    world: World, how: str
+) -> None:
+    """Delete-then-restore and truncate-then-rewrite of aurora's prod layer: while it is
+    absent the stream fails (its last version stays); restored, nothing new is due."""
+    layer = world.root / "tenants/aurora-records/prod.yml"
+    text = layer.read_text(encoding="utf-8")
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        rounds = failures(daemon)
+        reports: list[Any] = []
+        inner = daemon.publisher.publish
+
+        async def publish(*args: Any) -> Any:
+            reports.append(await inner(*args))
+            return reports[-1]
+
+        daemon.publisher.publish = publish  # type: ignore[method-assign]
+        if how == "deleted":
+            layer.unlink()
+        else:
+            layer.write_text("", encoding="utf-8")
+        failed = await eventually(
+            lambda: [r.failed[AURORA] for r in reports if AURORA in r.failed], "aurora to fail"
+        )
+        assert ("missing" if how == "deleted" else "empty") in failed[0]
+        assert "layer: true" in failed[0]
+        layer.write_text(text, encoding="utf-8")
+        await eventually(
+            lambda: (
+                any(AURORA in r.failed for r in reports)
+                and reports[-1].checked
+                and AURORA not in reports[-1].failed
+            ),
+            "a round after the restore",
+        )
+        assert rounds == []
+    assert world.versions(AURORA) == [1]
+
+
 # -- recovery -----------------------------------------------------------------------
 
 

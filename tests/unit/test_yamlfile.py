@@ -373,3 +373,35 @@ def test_a_dotted_key_beside_its_own_prefix_is_still_reachable(make_tree: TreeFa
     assert config.get("loggers.sqlalchemy.engine.level") == "DEBUG"
     assert config.origin("loggers.uvicorn.access").line == 3  # type: ignore[union-attr]
     assert config.get("loggers.sqlalchemy.engine.missing", "d") == "d"
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+
+def test_a_value_nested_past_the_depth_limit_is_a_problem_at_its_line() -> None:
+    deep = "[" * 300 + "]" * 300
+    problem = only_problem(f"name: ok\nitems: {deep}\n")
+    assert problem.line == 2
+    assert problem.message == "nested deeper than 32 levels (limit depth)"
+    assert problem.key is not None and problem.key.startswith("items.0.0")
+
+
+def test_nesting_up_to_the_depth_limit_is_fine() -> None:
+    # The top mapping is level 1; `items` and 30 lists inside it make 32 levels.
+    parsed = parse("items: " + "[" * 31 + "1" + "]" * 31 + "\n")
+    value: object = parsed.data["items"]
+    for _ in range(30):
+        assert isinstance(value, tuple)
+        value = value[0]
+    assert value == (1,)
+
+
+def test_aliases_that_expand_past_the_value_limit_are_refused_at_once() -> None:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for index in range(1, 8):  # 9^8 values, ~43 million, from a few hundred bytes
+        name, previous = chr(ord("a") + index), chr(ord("a") + index - 1)
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    text = "\n".join(lines) + "\n"
+    assert len(text) < 500
+    problem = only_problem(text)
+    assert problem.message == "expands to more than 200000 values (limit nodes)"
