@@ -18,7 +18,13 @@ import yaml
 
 from configbus import __version__, cli_bus
 from configbus.crypto import SigningKey, TrustStore, check_kid, generate_keypair
-from configbus.errors import ConfigBusError, KeyringError, TreeError, UnknownNameError
+from configbus.errors import (
+    ConfigBusError,
+    KeyringError,
+    SettingsError,
+    TreeError,
+    UnknownNameError,
+)
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.resolved import ResolvedConfig, Step
 from configbus.tree.values import DELETE, redacted
@@ -34,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args, sys.stdout)
-    except UnknownNameError as exc:
+    except (UnknownNameError, SettingsError) as exc:  # usage: what was asked cannot be
         _errors(exc)
         return 2
     except ConfigBusError as exc:
@@ -43,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `configbus render ... | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C, e.g. on `tail -f`: a clean stop, no traceback
+        print(file=sys.stderr)
+        return 130
     return code
 
 
@@ -63,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     stream = argparse.ArgumentParser(add_help=False)
     stream.add_argument("tenant", metavar="TENANT", help=f"tenant id, or {NO_TENANT} for none")
     stream.add_argument("env", metavar="ENV", help="environment (dev, staging, prod, ...)")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--redis",
+        metavar="URL",
+        help="include the tenant store's layer (default $CONFIGBUS_REDIS_URL), as the daemon does",
+    )
+    store.add_argument(
+        "--no-store", action="store_true", help="the files alone, without the tenant store"
+    )
 
     validate = commands.add_parser(
         "validate",
@@ -73,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
 
     render = commands.add_parser(
-        "render", parents=[root, stream], help="print a stream's resolved config, secrets redacted"
+        "render",
+        parents=[root, stream, store],
+        help="print a stream's resolved config, secrets redacted",
     )
     render.add_argument(
         "--overrides",
@@ -84,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     render.set_defaults(func=_render)
 
     explain = commands.add_parser(
-        "explain", parents=[root, stream], help="show which layers set a key, lowest first"
+        "explain", parents=[root, stream, store], help="show which layers set a key, lowest first"
     )
     explain.add_argument("key", metavar="KEY", help="dotted key, e.g. database.postgresql.port")
     explain.set_defaults(func=_explain)
@@ -146,7 +166,8 @@ def _render(args: argparse.Namespace, out: TextIO) -> int:
     overrides = None
     if args.overrides is not None:
         overrides = [name.strip() for name in args.overrides.split(",") if name.strip()]
-    config = tree.validate(tree.resolve(env, tenant, overrides))
+    runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
+    config = tree.validate(tree.resolve(env, tenant, overrides, runtime=runtime))
     data = config.redacted()
     if args.format == "json":
         json.dump(data, out, indent=2, ensure_ascii=False)
@@ -160,7 +181,8 @@ def _render(args: argparse.Namespace, out: TextIO) -> int:
 def _explain(args: argparse.Namespace, out: TextIO) -> int:
     tree = _tree(args)
     tenant, env = _stream(args, tree)
-    config = tree.resolve(env, tenant)
+    runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
+    config = tree.resolve(env, tenant, runtime=runtime)
     steps = config.explain(args.key)
     if not steps:
         raise TreeError(f"{args.key}: not set by any layer of {_title(config)}")

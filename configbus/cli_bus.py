@@ -11,18 +11,19 @@ import asyncio
 import datetime
 import json
 import sys
+import time
 from collections.abc import Coroutine
 from typing import Any, TextIO, TypeVar
 
 import yaml
 
-from configbus.bus import KafkaSettings, TopicNames, follow, read_to_end
+from configbus.bus import Admin, KafkaSettings, TopicNames, follow, read_to_end
 from configbus.bus.kafka import Record
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
 from configbus.events import open_envelope
 from configbus.logs import configure
-from configbus.ops import rollout_status
+from configbus.ops import RolloutReport, rollout_status
 from configbus.options import pick
 from configbus.publisher import PublisherSettings, publish_once, run
 from configbus.store import TenantStore, nest
@@ -32,7 +33,7 @@ from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import parse_key
 from configbus.tree.values import Path, Value, format_path, freeze, redacted, walk
 
-__all__ = ["register"]
+__all__ = ["register", "store_layers"]
 
 T = TypeVar("T")
 
@@ -105,6 +106,26 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     status.add_argument("env", metavar="ENV")
     status.add_argument("--version", type=int, metavar="N", help="default: the latest published")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--trust",
+        metavar="FILE",
+        help="trust file (default $CONFIGBUS_TRUST): the target "
+        "version is the newest that verifies",
+    )
+    status.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait until every live instance is at the target; exit 1 on a refusal or on "
+        "stragglers when the time is up",
+    )
+    status.add_argument(
+        "--instance-ttl",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="instances behind and silent longer than this are gone, not stragglers (86400)",
+    )
     status.set_defaults(func=_rollout_status)
 
     tenant = commands.add_parser("tenant", help="the run-time tenant store in Redis")
@@ -115,6 +136,13 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     who = argparse.ArgumentParser(add_help=False)
     who.add_argument("--actor", default="", help="who makes the change (for the audit trail)")
     who.add_argument("--reason", default="", help="why")
+    who.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for the daemon to publish the change (10; 0: do not wait)",
+    )
     set_ = actions.add_parser(
         "set", parents=[stream, who], help="set typed values, validated first"
     )
@@ -195,6 +223,12 @@ async def _tail_topic(
     keep_following: bool,
     out: TextIO,
 ) -> int:
+    async with Admin(kafka) as admin:
+        if topic not in await admin.topics():
+            raise UnknownNameError(
+                f"tenant {tenant!r} has no topic {topic!r}: it never published "
+                "(is the tenant id or --topic-prefix right?)"
+            )
     records = follow(kafka, [topic]) if keep_following else read_to_end(kafka, [topic])
     last: dict[str, int] = {}
     rejected = 0
@@ -251,16 +285,67 @@ def _tail_line(
 def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
     kafka, topics = _kafka(args)
     _tenant_topic(topics, args.tenant)
-    report = run_async(rollout_status(kafka, topics, args.tenant, args.env, args.version))
+    trust_file = pick(args.trust, "CONFIGBUS_TRUST", "", str)
+    if not trust_file:
+        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
+    trust = TrustStore.load(trust_file)
+    if args.wait is not None and args.wait < 0:
+        raise SettingsError(f"--wait {args.wait:g}: must not be negative")
+
+    async def status() -> tuple[RolloutReport, int]:
+        deadline = time.monotonic() + (args.wait or 0.0)
+        while True:
+            report = await rollout_status(
+                kafka,
+                topics,
+                args.tenant,
+                args.env,
+                args.version,
+                trust=trust,
+                instance_ttl=args.instance_ttl,
+            )
+            if args.wait is None:
+                return report, 0
+            if report.rejections:
+                return report, 1
+            if not report.stragglers:
+                return report, 0
+            if time.monotonic() >= deadline:
+                return report, 1
+            await asyncio.sleep(0.5)
+
+    report, code = run_async(status())
     if args.json:
         json.dump(report.to_dict(), out, indent=2)
         out.write("\n")
     else:
         print(report.table(), file=out)
-    return 0
+    if code:
+        why = "refused" if report.rejections else f"not at the target within {args.wait:g}s"
+        print(
+            f"rollout of {args.tenant}/{args.env} v{report.target_version}: {why}",
+            file=sys.stderr,
+        )
+    return code
 
 
 # -- tenant store ---------------------------------------------------------------------
+def store_layers(redis: str | None, tenant: str | None, env: str) -> list[Layer]:
+    """The stream's Redis store layer for `render` and `explain`, when a store is
+    configured (`redis`, else CONFIGBUS_REDIS_URL): they show what the daemon publishes.
+    Raises `BusError` when the store is configured but cannot be read."""
+    url = pick(redis, "CONFIGBUS_REDIS_URL", "", str)
+    if tenant is None or not url:
+        return []
+
+    async def read() -> Layer | None:
+        async with TenantStore(url) as store:
+            return await store.layer(tenant, env)
+
+    layer = run_async(read())
+    return [layer] if layer is not None else []
+
+
 def _store(args: argparse.Namespace) -> TenantStore:
     url = pick(args.redis, "CONFIGBUS_REDIS_URL", "", str)
     if not url:
@@ -301,21 +386,17 @@ def _tenant_set(args: argparse.Namespace, out: TextIO) -> int:
         values[_spelt(tree, tenant, env, key)] = freeze(value)
     store = _store(args)
 
-    async def apply() -> None:
+    async def apply() -> int:
         async with store:
-            current = await store.values(tenant, env)
-            merged = {**current, **values}
-            source = f"redis:{store.store_key(tenant, env)}"
-            layer = Layer(LayerKind.STORE, tenant, source, nest(merged))
-            problems = tree.problems(tree.resolve(env, tenant, runtime=[layer]))
-            if problems:
-                raise TreeError(problems)
+            merged = {**await store.values(tenant, env), **values}
+            expected = _checked(tree, store, tenant, env, merged)
             await store.set(tenant, env, values, actor=args.actor, reason=args.reason)
+            for path, value in values.items():
+                shown = json.dumps(redacted(value))
+                print(f"set {tenant}/{env} {format_path(path)} = {shown}", file=out, flush=True)
+            return await _confirm(store, tenant, env, expected, args.wait, out)
 
-    run_async(apply())
-    for path, value in values.items():
-        print(f"set {tenant}/{env} {format_path(path)} = {json.dumps(redacted(value))}", file=out)
-    return 0
+    return run_async(apply())
 
 
 def _tenant_unset(args: argparse.Namespace, out: TextIO) -> int:
@@ -325,11 +406,59 @@ def _tenant_unset(args: argparse.Namespace, out: TextIO) -> int:
 
     async def apply() -> int:
         async with store:
-            return await store.unset(tenant, env, paths, actor=args.actor, reason=args.reason)
+            current = await store.values(tenant, env)
+            left = {path: value for path, value in current.items() if path not in paths}
+            expected = _checked(tree, store, tenant, env, left)
+            removed = await store.unset(tenant, env, paths, actor=args.actor, reason=args.reason)
+            print(f"removed {removed} of {len(paths)} value(s) from {tenant}/{env}", file=out)
+            return await _confirm(store, tenant, env, expected, args.wait, out)
 
-    removed = run_async(apply())
-    print(f"removed {removed} of {len(paths)} value(s) from {tenant}/{env}", file=out)
-    return 0
+    return run_async(apply())
+
+
+def _checked(
+    tree: EnvironmentTree, store: TenantStore, tenant: str, env: str, values: dict[Path, Value]
+) -> str:
+    """The config hash the stream will have with `values` in its store; raises
+    `TreeError` (nothing is written) when that config would be refused."""
+    layer = Layer(LayerKind.STORE, tenant, f"redis:{store.store_key(tenant, env)}", nest(values))
+    config = tree.resolve(env, tenant, runtime=[layer] if values else ())
+    problems = tree.problems(config)
+    if problems:
+        raise TreeError(problems)
+    return config.hash
+
+
+async def _confirm(
+    store: TenantStore, tenant: str, env: str, expected: str, wait: float, out: TextIO
+) -> int:
+    """Wait up to `wait` seconds for the daemon to publish the stream with the `expected`
+    config hash. 0 when published; 1 when refused, not confirmed in time, or when no
+    daemon publishes (the change then waits in the store for one)."""
+    if wait <= 0:
+        return 0
+    stream = f"{tenant}/{env}"
+    if await store.publisher() is None:
+        print(
+            f"not published: no publisher daemon is running; {stream} will be published "
+            "when one starts",
+            file=sys.stderr,
+        )
+        return 1
+    started = time.time()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = await store.status(tenant, env) or {}
+        if status.get("config_hash") == expected:
+            print(f"published {stream} v{status.get('version')}", file=out)
+            return 0
+        refused, at = status.get("refused"), status.get("at")
+        if refused and isinstance(at, int | float) and at >= started:
+            print(f"refused by the publisher: {stream}: {refused}", file=sys.stderr)
+            return 1
+        await asyncio.sleep(0.05)
+    print(f"not confirmed within {wait:g}s: {stream} is not published yet", file=sys.stderr)
+    return 1
 
 
 def _tenant_show(args: argparse.Namespace, out: TextIO) -> int:

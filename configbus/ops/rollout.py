@@ -1,9 +1,14 @@
 """Rollout status: has every instance got the change, and how long did it take?
 
-Read from Kafka alone: the stream's latest version from its tenant topic, and every
-instance's acknowledgements from the acks topic (compacted, keyed
-``<tenant>/<env>/<instance>/<status>``, so the last applied and the last rejected ack
-of each instance survive).
+Read from Kafka alone: the stream's latest version from its tenant topic (the highest
+version among its recent records that verifies with the trust file: a forged record
+cannot set the target), and every instance's acknowledgements from the acks topic
+(compacted, keyed ``<tenant>/<env>/<instance>/<status>``, so the last applied and the
+last rejected ack of each instance survive).
+
+An instance behind the target whose last acknowledgement is older than `instance_ttl`
+is counted as gone, not as a straggler: acknowledgements are all there is to know an
+instance by until instances send heartbeats.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any
 import msgspec
 
 from configbus.bus import KafkaSettings, PartitionReader, TopicNames, read_to_end
-from configbus.events import Ack, Envelope, EventBody
+from configbus.crypto import TrustStore
+from configbus.errors import UnknownNameError, VerificationError
+from configbus.events import Ack, open_envelope
 
 __all__ = ["InstanceStatus", "RolloutReport", "rollout_status"]
 
@@ -39,6 +46,7 @@ class RolloutReport:
     env: str
     target_version: int
     instances: list[InstanceStatus] = field(default_factory=list)
+    gone: list[InstanceStatus] = field(default_factory=list)  # silent past the TTL, behind
 
     @property
     def at_target(self) -> list[InstanceStatus]:
@@ -50,7 +58,9 @@ class RolloutReport:
 
     @property
     def rejections(self) -> list[InstanceStatus]:
-        return [i for i in self.instances if i.rejected_version > i.version]
+        """Instances that refused the target (or a later version) and run an older one."""
+        target = self.target_version
+        return [i for i in self.instances if i.version < target <= i.rejected_version]
 
     def latency_percentiles(self) -> dict[str, float | None]:
         """p50/p95/p99 of detection-to-applied for the instances that applied exactly
@@ -78,6 +88,7 @@ class RolloutReport:
             "total": len(self.instances),
             "latency": self.latency_percentiles(),
             "stragglers": [i.instance for i in self.stragglers],
+            "gone": [i.instance for i in self.gone],
             "rejections": [
                 {"instance": i.instance, "version": i.rejected_version, "reason": i.rejected_reason}
                 for i in self.rejections
@@ -106,6 +117,12 @@ class RolloutReport:
                 note = "(got it at start-up)"
             row = f"  {i.instance:<{width}}  {i.service[:16]:<16} v{i.version:<6} {latency}  {note}"
             lines.append(row.rstrip())
+        if self.gone:
+            lines.append(
+                f"  ({len(self.gone)} instance(s) silent past the TTL not counted: "
+                f"{', '.join(i.instance for i in self.gone[:5])}"
+                f"{' ...' if len(self.gone) > 5 else ''})"
+            )
         p = self.latency_percentiles()
         if p["p50_ms"] is not None:
             lines.append(
@@ -115,22 +132,29 @@ class RolloutReport:
         return "\n".join(lines)
 
 
-async def latest_version(kafka: KafkaSettings, topics: TopicNames, tenant: str, env: str) -> int:
-    """The stream's last committed version, 0 when it never published."""
+async def latest_version(
+    kafka: KafkaSettings, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> int:
+    """The highest version among the stream's recent records that verifies with
+    `trust`; 0 when none does. Raises `UnknownNameError` when the tenant has no topic."""
     reader = PartitionReader(kafka, topics.tenant_topic(tenant))
     try:
         if not await reader.start():
-            return 0
-        record = await reader.latest(env.encode())
+            raise UnknownNameError(
+                f"tenant {tenant!r} has no topic {topics.tenant_topic(tenant)!r}: "
+                "it never published (is the tenant id or --topic-prefix right?)"
+            )
+        records = await reader.recent(env.encode(), limit=256)
     finally:
         await reader.stop()
-    if record is None or record.value is None:
-        return 0
-    try:
-        envelope = msgspec.msgpack.decode(record.value, type=Envelope)
-        return msgspec.msgpack.decode(envelope.body, type=EventBody).version
-    except msgspec.DecodeError:
-        return 0
+    best = 0
+    for record in records:
+        try:
+            event = open_envelope(record.value or b"", trust, stream=(tenant, env))
+        except VerificationError:
+            continue
+        best = max(best, event.body.version)
+    return best
 
 
 async def rollout_status(
@@ -139,10 +163,15 @@ async def rollout_status(
     tenant: str,
     env: str,
     version: int | None = None,
+    *,
+    trust: TrustStore,
+    instance_ttl: float = 86400.0,
 ) -> RolloutReport:
     """Every instance of the stream, the version it runs, and the rollout of `version`
-    (default: the latest published)."""
-    target = version if version is not None else await latest_version(kafka, topics, tenant, env)
+    (default: the latest verified one). Instances behind it and silent for longer than
+    `instance_ttl` seconds are reported as gone."""
+    latest = await latest_version(kafka, topics, tenant, env, trust)
+    target = version if version is not None else latest
     prefix = f"{tenant}/{env}/".encode()
     applied: dict[str, Ack] = {}
     rejected: dict[str, Ack] = {}
@@ -158,20 +187,24 @@ async def rollout_status(
         if known is None or ack.version >= known.version:
             seen[ack.instance] = ack
     report = RolloutReport(tenant, env, target)
+    horizon = time.time_ns() - int(instance_ttl * 1e9)
     for instance in sorted(applied.keys() | rejected.keys()):
         good, bad = applied.get(instance), rejected.get(instance)
         latency = None
         if good is not None and good.detected_at and good.applied_at and not good.startup:
             latency = (good.applied_at - good.detected_at) / 1e6
-        report.instances.append(
-            InstanceStatus(
-                instance=instance,
-                service=next((a.service for a in (good, bad) if a is not None), ""),
-                version=good.version if good else 0,
-                latency_ms=latency,
-                applied_at=good.applied_at if good else 0,
-                rejected_version=bad.version if bad else 0,
-                rejected_reason=bad.reason if bad else "",
-            )
+        last_heard = max(
+            (a.received_at or a.applied_at for a in (good, bad) if a is not None), default=0
         )
+        status = InstanceStatus(
+            instance=instance,
+            service=next((a.service for a in (good, bad) if a is not None), ""),
+            version=good.version if good else 0,
+            latency_ms=latency,
+            applied_at=good.applied_at if good else 0,
+            rejected_version=bad.version if bad else 0,
+            rejected_reason=bad.reason if bad else "",
+        )
+        behind = status.version < target
+        (report.gone if behind and last_heard < horizon else report.instances).append(status)
     return report

@@ -83,6 +83,7 @@ class PublishReport:
     checked: int = 0
     published: list[tuple[str, str, int]] = field(default_factory=list)
     unchanged: int = 0
+    unchanged_streams: list[Stream] = field(default_factory=list)
     failed: dict[Stream, str] = field(default_factory=dict)
     pending: dict[Stream, str] = field(default_factory=dict)
 
@@ -90,6 +91,7 @@ class PublishReport:
         self.checked += other.checked
         self.published += other.published
         self.unchanged += other.unchanged
+        self.unchanged_streams += other.unchanged_streams
         self.failed.update(other.failed)
         self.pending.update(other.pending)
 
@@ -205,6 +207,7 @@ class Publisher:
             if state.data is None:
                 state.data, state.config_json = config.data, None  # share, drop the copy
             report.unchanged += 1
+            report.unchanged_streams.append(stream)
             return None
         previous = state.config() if state is not None else None
         version = (state.version if state is not None else 0) + 1

@@ -167,6 +167,7 @@ class Daemon:
         self._worker: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()  # one transaction at a time: publications, beats
         self._broken = False  # a publication failed: reconnect before the next
+        self._reported: dict[Stream, str] = {}  # config hash last reported to the store
 
     @property
     def fenced(self) -> bool:
@@ -219,6 +220,7 @@ class Daemon:
             try:
                 await self.store.start()
                 await self.store.enable_notifications()
+                await self._store_beat()
             except BusError as exc:  # the store watcher keeps trying; files publish meanwhile
                 log.warning("redis unreachable at start: %s", exc)
 
@@ -296,10 +298,17 @@ class Daemon:
             raise BusError(
                 f"heartbeat: kafka did not confirm within {self.settings.publish_timeout:g}s"
             ) from None
-        if self.store is not None and beat.interval > 0:
-            with contextlib.suppress(ConfigBusError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self.store.publisher_heartbeat(self.writer, 3 * beat.interval)
+        if beat.interval > 0:
+            await self._store_beat()
+
+    async def _store_beat(self) -> None:
+        """Tell operators' tools through Redis that this daemon publishes (best effort)."""
+        if self.store is None or not self.active.is_set():
+            return
+        with contextlib.suppress(ConfigBusError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                ttl = 3 * self.settings.heartbeat_interval
+                await self.store.publisher_heartbeat(self.writer, ttl)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -352,6 +361,10 @@ class Daemon:
             with contextlib.suppress(ConfigBusError, TimeoutError):
                 async with asyncio.timeout(2.0), self._writing:
                     await self._beat(interval=0)  # resign: a successor need not wait
+            if self.store is not None:
+                with contextlib.suppress(ConfigBusError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self.store.publisher_resign(self.writer)
         await self.producer.stop()
         await self.admin.stop()
         if self.store is not None:
@@ -443,17 +456,27 @@ class Daemon:
         return report
 
     async def _report(self, report: PublishReport) -> None:
-        """Tell operators' tools (`tenant set`) what became of each stream."""
-        if self.store is None or not (report.published or report.failed):
+        """Tell operators' tools (`tenant set`) what became of each stream: published
+        (or found unchanged: what Kafka has is what is desired) with which version and
+        hash, or refused and why. Each state is written once."""
+        if self.store is None:
             return
         states = self.publisher.states
+        done = [(tenant, env) for tenant, env, _ in report.published]
+        done += report.unchanged_streams
         try:
-            async with asyncio.timeout(1.0):
-                for tenant, env, version in report.published:
-                    hash_ = states[(tenant, env)].config_hash
-                    await self.store.report(tenant, env, version=version, config_hash=hash_)
-                for (tenant, env), reason in report.failed.items():
-                    await self.store.report(tenant, env, refused=reason)
+            async with asyncio.timeout(2.0):
+                for stream in done:
+                    state = states.get(stream)
+                    if state is None or self._reported.get(stream) == state.config_hash:
+                        continue
+                    await self.store.report(
+                        *stream, version=state.version, config_hash=state.config_hash
+                    )
+                    self._reported[stream] = state.config_hash
+                for stream, reason in report.failed.items():
+                    await self.store.report(*stream, refused=reason)
+                    self._reported.pop(stream, None)
         except (ConfigBusError, TimeoutError) as exc:
             log.debug("could not report publication status to redis: %s", exc)
 
@@ -484,6 +507,7 @@ class Daemon:
             return
         await store.start()
         await store.enable_notifications()
+        await self._store_beat()
         self._dirty.add(await store.streams(), self._change("store reconnected", ()))
         async for tenant, env in store.changes():
             detected = now_ns()

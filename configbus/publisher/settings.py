@@ -45,6 +45,32 @@ class PublisherSettings:
     publish_timeout: float = 30.0  # a publication still waiting on Kafka then is retried
     actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
 
+    def __post_init__(self) -> None:
+        """Refuse values no publisher can run with, wherever they came from (argument,
+        variable or code), naming the setting: one line, before anything starts."""
+        positive = {
+            "batch_size": self.batch_size,
+            "reconcile_interval": self.reconcile_interval,
+            "heartbeat_interval": self.heartbeat_interval,
+            "publish_timeout": self.publish_timeout,
+            "replication_factor": self.kafka.replication_factor,
+            "min_insync_replicas": self.kafka.min_insync_replicas,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                flag = name.replace("_", "-")
+                raise SettingsError(
+                    f"{name} {value!r}: must be a positive number "
+                    f"(--{flag} or CONFIGBUS_{name.upper()})"
+                )
+        for name, value in {
+            "shutdown_grace": self.shutdown_grace,
+            "debounce_ms": self.debounce_ms,
+            "step_ms": self.step_ms,
+        }.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise SettingsError(f"{name} {value!r}: must not be negative")
+
     @classmethod
     def build(
         cls,

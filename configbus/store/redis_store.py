@@ -6,6 +6,10 @@ the tenant's file layer and publishes. Redis holds:
     <prefix>store:<tenant>:<env>    HASH   field: the key path as a JSON array
                                            value: the value as JSON
     <prefix>event:<tenant>:<env>    STRING the latest signed event (record value bytes)
+    <prefix>status                  HASH   field: <tenant>/<env>; value: JSON of what
+                                           became of the stream's last publication
+                                           (version, config_hash, refused, times)
+    <prefix>publisher               STRING the active daemon, expiring with its heartbeat
 
 Paths are stored as JSON arrays, not dotted strings, so a key that itself holds dots
 (a logger name such as ``uvicorn.access``) survives the round trip. Redis is never
@@ -30,6 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from configbus.errors import BusError, LimitError, SettingsError
 from configbus.limits import DEFAULT_LIMITS, check_shape
+from configbus.redact import without_credentials
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, thaw
 
@@ -217,6 +222,14 @@ class TenantStore:
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
 
+    async def publisher_resign(self, writer: str) -> None:
+        """`writer` stops publishing: forget its heartbeat (if it is still the last)."""
+        try:
+            if await self.publisher() == writer:
+                await self.redis.delete(f"{self.prefix}publisher")
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+
     async def report(
         self,
         tenant: str,
@@ -226,13 +239,45 @@ class TenantStore:
         config_hash: str = "",
         refused: str | None = None,
     ) -> None:
-        """Record what became of the stream's last publication attempt."""
-        value: dict[str, object] = {"version": version, "config_hash": config_hash}
-        value |= {"refused": refused, "at": time.time()}
+        """Record what became of the stream's last publication attempt: published as
+        `version` with `config_hash`, or `refused` for a reason (the last published
+        version stays recorded). Only the active daemon writes this."""
+        field = f"{tenant}/{env}"
         try:
-            await self.redis.hset(f"{self.prefix}status", f"{tenant}/{env}", json.dumps(value))
+            status = await self.status(tenant, env) or {}
+            if refused is None:
+                status |= {"version": version, "config_hash": config_hash, "refused": None}
+            else:
+                status |= {"refused": refused}
+            status["at"] = time.time()
+            await self.redis.hset(f"{self.prefix}status", field, json.dumps(status))
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
+
+    async def status(self, tenant: str, env: str) -> dict[str, Any] | None:
+        """What the daemon last reported for the stream (see `report`), or None."""
+        try:
+            raw = await self.redis.hget(f"{self.prefix}status", f"{tenant}/{env}")
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        try:
+            found = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
+
+    async def publisher(self) -> str | None:
+        """The daemon that publishes now (its heartbeat has not expired), or None."""
+        try:
+            raw = await self.redis.get(f"{self.prefix}publisher")
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        try:
+            found = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        writer = found.get("writer") if isinstance(found, dict) else None
+        return writer if isinstance(writer, str) else None
 
     # -- the event cache -----------------------------------------------------------
     async def put_events(self, events: Mapping[tuple[str, str], bytes]) -> None:
@@ -351,10 +396,5 @@ def _json(value: Value) -> str:
 
 
 def _safe_url(url: str) -> str:
-    """The URL without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
+    """The URL without its password (in the user part or the query)."""
+    return without_credentials(url)

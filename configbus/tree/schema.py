@@ -15,6 +15,7 @@ import jsonschema_rs
 import msgspec
 
 from configbus.errors import Problem, TreeError
+from configbus.redact import without_credentials
 from configbus.tree.layer import LayerKind
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.values import SECRET_KEY, Path, format_path, looks_secret
@@ -98,11 +99,12 @@ def _explain(config: ResolvedConfig, error: Any, path: Path) -> Iterator[Problem
         got = _JSON_TYPES.get(type(error.instance), type(error.instance).__name__)
         yield _problem(config, path, f"expected {_or(kind.types)}, got {got}")
     elif isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum) and not secret:
-        yield _problem(config, path, f"{error.instance!r} is not one of {_or(kind.options)}")
+        shown = without_credentials(repr(error.instance))
+        yield _problem(config, path, f"{shown} is not one of {_or(kind.options)}")
     elif secret:
         yield _problem(config, path, f"breaks the schema rule {kind.name!r}")
     else:
-        yield _problem(config, path, error.message)
+        yield _problem(config, path, without_credentials(error.message))
 
 
 def _holds_secret(instance: Any) -> bool:

@@ -444,7 +444,8 @@ async def test_tenant_store_set_and_unset_publish(
         )
         assert (code, err) == (0, ""), err
         assert MAX_SIZE in out
-        await wait_until(lambda: published_rounds(spy, source), what="the store's event")
+        # `tenant set` waited for the daemon: the event is in Kafka when it returns.
+        assert out.splitlines()[-1] == "published aurora-records/prod v2"
         events = await prod_events()
         assert [v.version for v in events] == [1, 2]
         body = events[-1].event.body
@@ -454,6 +455,21 @@ async def test_tenant_store_set_and_unset_publish(
         config = json.loads(events[-1].event.config_json)
         assert config["database"]["postgresql"]["connection_pool"]["max_size"] == 300
         assert await store.latest_event("aurora-records", "prod") == events[-1].record.value
+
+        # render and explain show what prod runs: the store's layer over the files'.
+        code, out, _ = await call_main(
+            capsys, "render", "aurora-records", "prod", "--format", "json", *stream
+        )
+        assert code == 0
+        assert json.loads(out)["database"]["postgresql"]["connection_pool"]["max_size"] == 300
+        code, out, _ = await call_main(
+            capsys, "explain", "aurora-records", "prod", MAX_SIZE, *stream
+        )
+        assert code == 0 and out.splitlines()[-1].startswith(f"=> 300  from {source}"), out
+        code, out, _ = await call_main(
+            capsys, "render", "aurora-records", "prod", "--format", "json", "--no-store", *stream
+        )
+        assert json.loads(out)["database"]["postgresql"]["connection_pool"]["max_size"] == 250
 
         # A value the schema refuses: one line naming key and store; nothing written.
         code, shown, _ = await call_main(
@@ -482,13 +498,17 @@ async def test_tenant_store_set_and_unset_publish(
             *("--actor", "bob", "--reason", "sale over", *stream),
         )
         assert (code, err) == (0, ""), err
-        await wait_until(
-            lambda: sum(len(r.published) for r in spy.caused_by(source)) >= 2,
-            what="the unset's event",
-        )
+        assert out.splitlines()[-1] == "published aurora-records/prod v3"
+        assert sum(len(r.published) for r in spy.caused_by(source)) == 2
         events = await prod_events()
 
     assert [v.version for v in events] == [1, 2, 3]
+    # The daemon has stopped (and resigned): a set is stored, and says it is not published.
+    code, out, err = await call_main(
+        capsys, *("tenant", "set", "aurora-records", "prod", f"{MAX_SIZE}=310"), *stream
+    )
+    assert code == 1 and "no publisher daemon is running" in err
+    assert f"set aurora-records/prod {MAX_SIZE} = 310" in out
     body = events[-1].event.body
     assert (body.cause.actor, body.cause.reason) == ("bob", "sale over")
     assert body.config_hash == file_hash

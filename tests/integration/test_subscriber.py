@@ -813,7 +813,7 @@ async def test_rollout_status_shows_who_applied_who_refused_and_how_fast(
     assert topics.acks == DEFAULT_ACKS
 
     async def reported() -> Any:
-        report = await rollout_status(setup.kafka, topics, tenant, "prod")
+        report = await rollout_status(setup.kafka, topics, tenant, "prod", trust=setup.trust)
         done = len(report.instances) == 4 and len(report.at_target) == 3 and report.rejections
         return report if done else None
 
@@ -826,7 +826,11 @@ async def test_rollout_status_shows_who_applied_who_refused_and_how_fast(
         "--bootstrap-servers",
         setup.kafka.bootstrap_servers,
     )
-    args += ("--topic-prefix", setup.topics.prefix)
+    args += ("--topic-prefix", setup.topics.prefix, "--trust", str(setup.trust_path))
+    # A forged record claiming a huge version does not move the target.
+    rogue_kid = f"rogue-{setup.kid}"
+    rogue = SigningKey.load(generate_keypair(rogue_kid, folder / "rogue")[0], rogue_kid)
+    await produce(setup, tenant, "prod", seal(event_body(tenant, "prod", 2**63, {}), rogue))
     code, out, err = await call_main(capsys, *args)
     assert (code, err) == (0, "")
     lines = out.splitlines()
@@ -849,3 +853,24 @@ async def test_rollout_status_shows_who_applied_who_refused_and_how_fast(
     versions = {i["instance"]: i["version"] for i in report["instances"]}
     assert versions == {s.settings.instance_id: (1 if s is refuser else 2) for s in subs}
     assert all(i["service"] == "rollout-test" for i in report["instances"])
+
+    # As a gate: a refusal fails it at once; without the refuser's stream it passes.
+    code, out, err = await call_main(capsys, *args, "--wait", "30")
+    assert code == 1 and err.strip() == f"rollout of {tenant}/prod v2: refused"
+    code, out, err = await call_main(capsys, *args, "--wait", "5", "--version", "1")
+    assert (code, err) == (0, "")
+    # Stragglers past the deadline fail it; silent past the TTL, they are gone instead.
+    code, out, err = await call_main(capsys, *args, "--wait", "0.5", "--version", "3")
+    assert code == 1 and "not at the target within 0.5s" in err
+    code, out, err = await call_main(
+        capsys, *args, "--version", "3", "--wait", "0.5", "--instance-ttl", "0.001", "--json"
+    )
+    assert code == 0 and json.loads(out)["gone"] == sorted(s.settings.instance_id for s in subs)
+
+    # An unknown tenant is a usage error, for rollout status and tail alike.
+    unknown = ("no-such-tenant", "prod", *args[4:])
+    code, out, err = await call_main(capsys, "rollout", "status", *unknown)
+    assert code == 2 and "no-such-tenant" in err and "never published" in err
+    tail = ("tail", "no-such-tenant", *args[4:])
+    code, out, err = await call_main(capsys, *tail)
+    assert code == 2 and "never published" in err
