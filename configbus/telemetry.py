@@ -26,9 +26,11 @@ __all__ = [
     "applied_counter",
     "configure_from_env",
     "extract",
+    "failed_counter",
     "headers_with_context",
     "latency_histogram",
     "meter",
+    "published_counter",
     "rejected_counter",
     "tracer",
 ]
@@ -46,6 +48,13 @@ applied_counter: Final = meter.create_counter(
 )
 rejected_counter: Final = meter.create_counter(
     "configbus.events.rejected", description="Events refused, by reason"
+)
+published_counter: Final = meter.create_counter(
+    "configbus.publish.published", description="Events Kafka confirmed, by stream"
+)
+failed_counter: Final = meter.create_counter(
+    "configbus.publish.failed",
+    description="Streams that could not be published as they are, by stream and reason",
 )
 
 Headers = tuple[tuple[str, bytes], ...]

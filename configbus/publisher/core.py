@@ -39,7 +39,7 @@ from configbus.events import Cause, EventKind, build_body, now_ns, seal
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.publisher.state import MAX_VERSION, StreamHead, StreamState, seal_signed
 from configbus.store import TenantStore
-from configbus.telemetry import headers_with_context, tracer
+from configbus.telemetry import failed_counter, headers_with_context, published_counter, tracer
 from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.diff import changed_paths
 from configbus.tree.layer import Layer
@@ -148,7 +148,8 @@ class Publisher:
             try:
                 prepared = self._prepare(stream, change, store_layers.get(stream), report)
             except Exception as exc:  # one stream's failure is that stream's alone
-                self._refuse(report, stream, f"{exc.__class__.__name__}: {exc}", exc)
+                code = "too_large" if isinstance(exc, LimitError) else "internal_error"
+                self._refuse(report, stream, f"{exc.__class__.__name__}: {exc}", exc, code=code)
                 continue
             if prepared is not None:
                 pending.append(prepared)
@@ -162,11 +163,20 @@ class Publisher:
         return report
 
     def _refuse(
-        self, report: PublishReport, stream: Stream, reason: str, exc: BaseException | None = None
+        self,
+        report: PublishReport,
+        stream: Stream,
+        reason: str,
+        exc: BaseException | None = None,
+        *,
+        code: str = "invalid",
     ) -> None:
-        """`stream` cannot be published as it is: one log line per new reason."""
+        """`stream` cannot be published as it is: one log line per new reason, and the
+        metric configbus.publish.failed by stream and `code` (invalid, too_large,
+        kafka_refused, internal_error)."""
         tenant, env = stream
         report.failed[stream] = reason
+        failed_counter.add(1, {"configbus.tenant": tenant, "configbus.env": env, "reason": code})
         if self._refusals.get(stream) == reason:
             return
         self._refusals[stream] = reason
@@ -254,13 +264,13 @@ class Publisher:
             reason = (
                 f"event is {size} bytes, over the limit event_bytes ({self.limits.event_bytes})"
             )
-            self._refuse(report, item.stream, reason)
+            self._refuse(report, item.stream, reason, code="too_large")
             return False
         for topic in (self.topics.tenant_topic(item.stream[0]), self.topics.audit):
             accepted = await self._topic_limit(topic, size)
             if accepted is not None and size + RECORD_OVERHEAD > accepted:
                 reason = f"event is {size} bytes, over {topic}'s max.message.bytes ({accepted})"
-                self._refuse(report, item.stream, reason)
+                self._refuse(report, item.stream, reason, code="too_large")
                 return False
         return True
 
@@ -338,7 +348,7 @@ class Publisher:
         except _Refused as refused:
             await self.producer.restart()  # a failed transaction may leave it unusable
             if len(batch) == 1:
-                self._refuse(report, batch[0].stream, refused.reason)
+                self._refuse(report, batch[0].stream, refused.reason, code="kafka_refused")
                 return
             rest = [item for item in batch if item not in refused.items]
             if rest:
@@ -351,6 +361,9 @@ class Publisher:
                 report.pending[item.stream] = "kafka did not confirm the batch"
             raise
         report.published += [(*item.stream, item.version) for item in batch]
+        for item in batch:
+            tenant, env = item.stream
+            published_counter.add(1, {"configbus.tenant": tenant, "configbus.env": env})
 
     async def _send(self, batch: Sequence[_Prepared]) -> None:
         started = time.perf_counter()

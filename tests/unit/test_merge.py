@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+import sys
 from typing import Any
 
 import pytest
@@ -223,13 +224,29 @@ def test_merge_cache_merges_a_stack_lowest_first() -> None:
     assert thaw(MergeCache().merge(stack)) == {"a": 2}
 
 
-def test_merge_cache_reuses_prefixes_and_a_new_layer_object_misses() -> None:
+def test_merge_cache_reuses_prefixes_and_a_new_layer_object_misses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    merging = sys.modules[MergeCache.__module__]  # the module (the package exports `merge`)
+    steps: list[object] = []  # the layer data merged in, one entry per merge step
+    real = merging.merge
+
+    def counted(lower: Any, upper: Any) -> Any:
+        steps.append(upper)
+        return real(lower, upper)
+
+    monkeypatch.setattr(merging, "merge", counted)
     cache = MergeCache()
     base, env = layer({"a": 1}, "base"), layer({"b": 1}, "env")
-    first = cache.merge([base, env, layer({"c": 1}, "t1")])
-    second = cache.merge([base, env, layer({"c": 2}, "t2")])
+    first = cache.merge([base, env, t1 := layer({"c": 1}, "t1")])
+    assert steps == [base.data, env.data, t1.data]
+    steps.clear()
+    second = cache.merge([base, env, t2 := layer({"c": 2}, "t2")])
+    assert steps == [t2.data]  # base and env came from the cache
+    steps.clear()
     # The same file re-read is a new Layer: its old merge must not be served.
-    reread = cache.merge([base, layer({"b": 9}, "env"), layer({"c": 2}, "t2")])
+    reread = cache.merge([base, env2 := layer({"b": 9}, "env"), t2])
+    assert steps == [env2.data, t2.data]  # only base's merge was reused
 
     assert thaw(first) == {"a": 1, "b": 1, "c": 1}
     assert thaw(second) == {"a": 1, "b": 1, "c": 2}

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.bus.memory import MemoryBus
@@ -165,13 +168,45 @@ async def test_an_event_its_topic_cannot_take_fails_its_stream_alone(
     assert len([line for line in refusals if "not published" in line]) == 1  # once per reason
 
 
-async def test_an_event_over_our_limit_is_refused_before_sending(world: World) -> None:
+async def test_an_event_over_our_limit_is_refused_before_sending(
+    world: World, metrics_reader: InMemoryMetricReader
+) -> None:
     daemon = world.daemon()
     daemon.publisher.limits = Limits(event_bytes=200)
     async with daemon:
         await eventually(daemon.ready.is_set, "the first publish round")
         assert daemon.publisher.states == {}
     assert world.bus.records(world.topics.audit) == []
+    failed = counted(metrics_reader, "configbus.publish.failed")
+    assert failed[("aurora-records", "prod", "too_large")] >= 1
+    assert {reason for _, _, reason in failed} == {"too_large"}
+
+
+@pytest.fixture(scope="module")
+def metrics_reader() -> InMemoryMetricReader:
+    """An in-memory reader on the process's meter provider (set here if none is)."""
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def counted(reader: InMemoryMetricReader, name: str) -> dict[tuple[str, str, str], int]:
+    """The sums of counter `name` by (tenant, env, reason)."""
+    found: dict[tuple[str, str, str], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:  # type: ignore[union-attr]
+                    attributes = point.attributes or {}
+                    key = tuple(
+                        str(attributes.get(a, ""))
+                        for a in ("configbus.tenant", "configbus.env", "reason")
+                    )
+                    found[key] = found.get(key, 0) + int(point.value)  # type: ignore[union-attr]
+    return found  # type: ignore[return-value]
 
 
 async def test_a_bus_outage_leaves_streams_pending_and_they_publish_after_it(
