@@ -839,7 +839,7 @@ class Configbus(System):
         command = [str(exe)] if exe.exists() else [sys.executable, "-m", "configbus.cli"]
         command += ["daemon", "--root", str(root), "--bootstrap-servers", self.bench.servers]
         command += ["--redis", self.bench.redis_url, "--signing-key", str(private), "--kid", kid]
-        command += ["--topic-prefix", self.prefix, "--transactional-id", f"e2e-{kid}"]
+        command += ["--topic-prefix", self.prefix]  # the transactional id derives from it
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONFIGBUS_", "OTEL_"))}
         if self.bench.args.tracing == "sdk":
             env["OTEL_TRACES_EXPORTER"] = "none"  # as `make demo`: real ids, no exporter

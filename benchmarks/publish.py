@@ -78,8 +78,7 @@ async def latency(servers: str, edits: int, scratch: Path) -> dict[str, Any]:
         bootstrap_servers=servers,
         signing_key=str(private),
         kid=kid,
-        topic_prefix=unique_topics().prefix,
-        transactional_id=f"bench-{uuid.uuid4().hex[:6]}",
+        topic_prefix=unique_topics().prefix,  # the transactional id derives from it
         environ={},
     )
     target = root / "tenants" / "aurora-records" / "prod.yml"
@@ -203,8 +202,7 @@ import asyncio, os, sys
 from configbus.publisher import Daemon, PublisherSettings
 async def main():
     settings = PublisherSettings.build(root=sys.argv[1], bootstrap_servers=sys.argv[2],
-        signing_key=sys.argv[3], kid=sys.argv[4], topic_prefix=sys.argv[5],
-        transactional_id=sys.argv[4], environ={})
+        signing_key=sys.argv[3], kid=sys.argv[4], topic_prefix=sys.argv[5], environ={})
     async with Daemon(settings) as daemon:
         await asyncio.wait_for(daemon.ready.wait(), 600)
         streams = len(daemon.publisher.states)

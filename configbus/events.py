@@ -30,6 +30,7 @@ from typing import Final
 import msgspec
 
 from configbus.crypto import SigningKey, TrustStore
+from configbus.crypto.trust import TrustedKey
 from configbus.errors import VerificationError
 from configbus.limits import DEFAULT_LIMITS, Limits
 
@@ -44,6 +45,7 @@ __all__ = [
     "EventKind",
     "VerifiedEvent",
     "build_body",
+    "check_signature",
     "config_json_of",
     "now_ns",
     "open_envelope",
@@ -219,11 +221,7 @@ def open_envelope(
         raise VerificationError("malformed", f"not an event envelope ({exc})") from None
     if envelope.v != ENVELOPE_VERSION:
         raise VerificationError("unknown_schema", f"envelope version {envelope.v}")
-    trusted = trust.get(envelope.kid)
-    if trusted is None:
-        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
-    if not trusted.key.verify(envelope.sig, envelope.body):
-        raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    trusted = check_signature(envelope, trust)
     try:
         body = _body_decoder.decode(envelope.body)
     except (msgspec.DecodeError, TypeError) as exc:
@@ -247,6 +245,17 @@ def open_envelope(
     if hashlib.sha256(config_json).hexdigest() != body.config_hash:
         raise VerificationError("hash_mismatch", "config does not match config_hash")
     return VerifiedEvent(envelope.kid, body, config_json)
+
+
+def check_signature(envelope: Envelope, trust: TrustStore) -> TrustedKey:
+    """The trust entry of the envelope's key, once its signature over the body bytes
+    verifies; raises `VerificationError` (unknown_key, bad_signature) otherwise."""
+    trusted = trust.get(envelope.kid)
+    if trusted is None:
+        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
+    if not trusted.key.verify(envelope.sig, envelope.body):
+        raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    return trusted
 
 
 def _peek(read: Callable[[], int]) -> int | None:

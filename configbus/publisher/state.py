@@ -27,7 +27,13 @@ import msgspec
 from configbus.bus import Bus, TopicNames
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import VerificationError
-from configbus.events import ENVELOPE_VERSION, MAX_VERSION, Envelope, open_envelope
+from configbus.events import (
+    ENVELOPE_VERSION,
+    MAX_VERSION,
+    Envelope,
+    check_signature,
+    open_envelope,
+)
 from configbus.tree.values import Value, freeze
 
 __all__ = [
@@ -78,11 +84,7 @@ def open_signed(value: bytes, trust: TrustStore, kind: type[_T]) -> _T:
         envelope = _envelope_decoder.decode(value)
     except (msgspec.DecodeError, TypeError):
         raise VerificationError("malformed", "not an envelope") from None
-    trusted = trust.get(envelope.kid)
-    if trusted is None:
-        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
-    if not trusted.key.verify(envelope.sig, envelope.body):
-        raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    check_signature(envelope, trust)
     try:
         return msgspec.msgpack.decode(envelope.body, type=kind)
     except (msgspec.DecodeError, TypeError):

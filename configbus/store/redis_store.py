@@ -260,11 +260,7 @@ class TenantStore:
             raw = await self.redis.hget(f"{self.prefix}status", f"{tenant}/{env}")
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        try:
-            found = json.loads(raw) if raw is not None else None
-        except ValueError:
-            return None
-        return found if isinstance(found, dict) else None
+        return _json_object(raw)
 
     async def publisher(self) -> str | None:
         """The daemon that publishes now (its heartbeat has not expired), or None."""
@@ -272,11 +268,7 @@ class TenantStore:
             raw = await self.redis.get(f"{self.prefix}publisher")
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        try:
-            found = json.loads(raw) if raw is not None else None
-        except ValueError:
-            return None
-        writer = found.get("writer") if isinstance(found, dict) else None
+        writer = (_json_object(raw) or {}).get("writer")
         return writer if isinstance(writer, str) else None
 
     # -- the event cache -----------------------------------------------------------
@@ -393,6 +385,15 @@ def _path(field: bytes | str) -> Path:
 
 def _json(value: Value) -> str:
     return json.dumps(thaw(value), separators=(",", ":"), sort_keys=True)
+
+
+def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """`raw` as a JSON object, or None when it is missing or anything else."""
+    try:
+        found = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _safe_url(url: str) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from configbus.errors import display_path
 
@@ -73,3 +74,16 @@ SMALL_SCHEMA: dict[str, Any] = {
         }
     },
 }
+
+
+T = TypeVar("T")
+
+
+async def eventually(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+    """Poll `predicate` until it returns something true, or fail after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := predicate()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return result

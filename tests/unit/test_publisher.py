@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from opentelemetry import metrics
@@ -28,20 +27,11 @@ from configbus.publisher import Daemon, PublisherSettings
 from configbus.publisher.daemon import publish_once
 from configbus.publisher.state import StreamHead, open_signed
 
+from .helpers import eventually
+
 SAMPLE_TREE = Path(__file__).resolve().parents[2] / "environments"
 AURORA = ("aurora-records", "prod")
 HELIX = ("helix-audio", "prod")
-T = TypeVar("T")
-
-
-async def eventually(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """Poll `predicate` until it returns something true, or fail after `timeout`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 class World:

@@ -5,12 +5,11 @@ record can make it inflate or recurse without bound."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,19 +23,11 @@ from configbus.events import Ack, Cause, EventBody, build_body, now_ns, open_env
 from configbus.limits import Limits
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
 
-T = TypeVar("T")
+from .helpers import eventually
+
 TENANT, ENV = "acme", "prod"
 TOPICS = TopicNames(prefix="t.", audit="audit", acks="acks", state="state")
 TOPIC = TOPICS.tenant_topic(TENANT)
-
-
-async def eventually(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 class Stream:
