@@ -4,6 +4,8 @@
 after a success. `supervise` runs a task body for as long as its owner lives: whatever
 the body raises (except cancellation) is logged with the task's name and the body is
 started again after the next backoff delay, so no background task dies silently.
+`finish` stops such a task within a bound, so that a library that swallows a
+cancellation cannot hang a `stop()`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 from configbus.errors import ConfigBusError
 
-__all__ = ["Backoff", "supervise"]
+__all__ = ["Backoff", "finish", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +71,17 @@ async def supervise(
             delay = backoff.delay()
             log.exception("%s failed unexpectedly, restarting in %.2fs", name, delay)
         await asyncio.sleep(delay)
+
+
+async def finish(task: asyncio.Task[None] | None, what: str, grace: float = 5.0) -> None:
+    """Cancel `task` and wait for it, at most `grace` seconds (a library under it may
+    swallow a cancellation); an error it had ended with is logged, not raised."""
+    if task is None:
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        log.error("%s did not stop within %gs; leaving it", what, grace)
+        return
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("%s had failed: %r", what, error)

@@ -448,7 +448,10 @@ class PartitionReader:
             self.settings,
             "read_committed",
             fetch_max_wait_ms=500,  # answered at once when data arrives; idle polls cost CPU
-            auto_offset_reset="latest",
+            # Positions are always set explicitly; this only answers "out of range", as
+            # after the topic was deleted and made again: read the new log from its start
+            # (older versions are then refused as stale), never skip what it holds.
+            auto_offset_reset="earliest",
         )
         try:
             await consumer.start()

@@ -56,7 +56,7 @@ from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.settings import PublisherSettings
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
-from configbus.supervise import Backoff, supervise
+from configbus.supervise import Backoff, finish, supervise
 from configbus.tree import EnvironmentTree
 from configbus.tree.tree import TENANTS_DIR
 
@@ -340,12 +340,11 @@ class Daemon:
         """Stop watching, let the worker finish within the grace period, resign as the
         writer, disconnect. Safe to call twice, and after a cancelled start."""
         self._stop_watching.set()
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        for task in tasks:
+            await finish(task, f"publisher {task.get_name()}")
         worker, self._worker = self._worker, None
         if worker is not None:
             self._dirty.event.set()  # wake it so it can see the stop

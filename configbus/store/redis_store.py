@@ -61,7 +61,7 @@ class TenantStore:
         if self._redis is None:
             self._redis = aioredis.Redis.from_url(self.url)
             try:
-                await self._redis.ping()
+                await self.redis.ping()
             except RedisError as exc:
                 await self.stop()
                 raise BusError(f"redis at {_safe_url(self.url)}: {exc}") from exc
@@ -79,7 +79,9 @@ class TenantStore:
         await self.stop()
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> Any:
+        """The started client. Typed `Any`: redis-py types the async client's commands
+        as "awaitable or plain value" unions, which its versions spell differently."""
         if self._redis is None:
             raise SettingsError("TenantStore is not started")
         return self._redis
@@ -185,7 +187,7 @@ class TenantStore:
         }
         mapping[META_FIELD] = json.dumps({"actor": actor, "reason": reason, "at": time.time_ns()})
         try:
-            await self.redis.hset(self.store_key(tenant, env), mapping=mapping)  # type: ignore[arg-type]
+            await self.redis.hset(self.store_key(tenant, env), mapping=mapping)
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
 

@@ -54,7 +54,7 @@ from configbus.errors import (
 from configbus.events import Ack, Envelope, VerifiedEvent, open_envelope
 from configbus.limits import check_shape
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
-from configbus.supervise import Backoff, supervise
+from configbus.supervise import Backoff, finish, supervise
 from configbus.telemetry import (
     applied_counter,
     extract,
@@ -269,13 +269,13 @@ class ConfigSubscriber:
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
-        await _finish(task, f"{self.tenant}/{self.env} follow")
+        await finish(task, f"{self.tenant}/{self.env} follow")
         ack_task, self._ack_task = self._ack_task, None
         if ack_task is not None:
             if self._acks is not None and not ack_task.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._acks.join(), 2.0)
-            await _finish(ack_task, f"{self.tenant}/{self.env} acks")
+            await finish(ack_task, f"{self.tenant}/{self.env} acks")
 
     async def __aenter__(self) -> ConfigSubscriber:
         return await self.start()
@@ -604,20 +604,6 @@ class ConfigSubscriber:
             await asyncio.to_thread(write)
         except OSError as exc:
             log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
-
-
-async def _finish(task: asyncio.Task[None] | None, what: str, grace: float = 5.0) -> None:
-    """Cancel `task` and wait for it, at most `grace` seconds (a library under it may
-    swallow a cancellation); an error it had ended with is logged, not raised."""
-    if task is None:
-        return
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=grace)
-    if not done:
-        log.error("%s did not stop within %gs; leaving it", what, grace)
-        return
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("%s had failed: %r", what, error)
 
 
 def _name(function: object) -> str:

@@ -358,3 +358,22 @@ async def _latest_event(setup: Setup, tenant: str, env: str) -> bytes:
     topic = setup.topics.tenant_topic(tenant)
     records = [r for r in (await setup.records([topic]))[topic] if r.key == env.encode()]
     return setup.verify(records[-1]).event.config_json
+
+
+async def test_a_store_call_cancelled_mid_command_ends_at_once(redis_db_url: str) -> None:
+    """Stopping the daemon cancels its store watcher in the middle of Redis commands; a
+    client that swallowed the cancellation would hang `stop()` (redis-py 8.0-8.2 do)."""
+    async with TenantStore(redis_db_url) as store:
+
+        async def busy() -> None:
+            while True:
+                await store.meta("aurora-records", "prod")
+
+        for attempt in range(100):
+            task = asyncio.create_task(busy())
+            for _ in range(attempt % 5 + 1):
+                await asyncio.sleep(0)  # let it get into a command
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, f"a cancelled store call still runs after 5 s (attempt {attempt})"
+            assert task.cancelled()
