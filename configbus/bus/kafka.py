@@ -49,6 +49,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+ABORT_TIMEOUT_S = 5.0  # aborting a failed transaction, at most
+STOP_TIMEOUT_S = 10.0  # closing a producer (it flushes what is queued), at most
+
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
@@ -264,9 +267,15 @@ class Producer:
         return self
 
     async def stop(self) -> None:
+        """Close the producer; bounded, since closing flushes what is queued, which
+        against an unreachable broker would never end."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await producer.stop()
+            except TimeoutError:
+                log.warning("a producer did not close within %gs; dropped", STOP_TIMEOUT_S)
 
     async def __aenter__(self) -> Producer:
         return await self.start()
@@ -301,16 +310,40 @@ class Producer:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        """Everything sent inside commits together, or not at all."""
+        """Everything sent inside commits together, or not at all.
+
+        When the block fails (or is cancelled, e.g. by a caller's deadline), the abort
+        is given `ABORT_TIMEOUT_S`: against an unreachable broker aiokafka would wait for
+        it forever, out of reach of the caller's deadline, which has already fired. A
+        transaction left open is aborted by the broker, or fenced when the producer is
+        made again (`restart`), which callers do after any failure."""
+        producer = self._live
         try:
-            async with self._live.transaction():
-                yield
+            await producer.begin_transaction()
         except KafkaError as exc:
-            raise _bus_error(exc, "committing a transaction") from exc
+            raise _bus_error(exc, "starting a transaction") from exc
         except AssertionError as exc:
             # aiokafka's transaction state machine, after a fence: "Invalid state
             # transition FATAL_ERROR -> IN_TRANSACTION". Only a new producer can go on.
             raise FencedError(f"starting a transaction: the producer is unusable ({exc})") from exc
+        try:
+            yield
+            await producer.commit_transaction()
+        except BaseException as exc:
+            await self._abort(producer)
+            if isinstance(exc, KafkaError):
+                raise _bus_error(exc, "committing a transaction") from exc
+            raise
+
+    @staticmethod
+    async def _abort(producer: Any) -> None:
+        if producer._txn_manager.is_fatal_error():  # fenced: nothing to abort
+            return
+        try:
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                await producer.abort_transaction()
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("could not abort a transaction: %s", exc.__class__.__name__)
 
     async def send(
         self,
