@@ -472,6 +472,7 @@ class PartitionReader:
         self.topic = topic
         self._consumer: Any = None
         self._tp = TopicPartition(topic, 0)
+        self._seen = False  # whether the consumer's metadata has held the topic
 
     async def start(self) -> bool:
         """Connect. Returns False (and stays stopped) while the topic does not exist."""
@@ -556,11 +557,19 @@ class PartitionReader:
         return found[-limit:]
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
-        """The records that arrived since the last call (waits up to `timeout_ms`)."""
+        """The records that arrived since the last call (waits up to `timeout_ms`).
+        Raises `BusError` once the topic is gone from the cluster: aiokafka would go on
+        asking for it, logging an error each time (thousands a second), where the
+        caller should back off and wait for the topic to come back."""
         try:
             batch = await self._consumer.getmany(self._tp, timeout_ms=timeout_ms)
         except KafkaError as exc:
             raise _bus_error(exc, f"reading {self.topic}") from exc
+        client = self._consumer._client
+        if client.cluster.partitions_for_topic(self.topic) is not None:
+            self._seen = True
+        elif self._seen or self.topic in client._topics:  # asked for, and not there
+            raise BusError(f"topic {self.topic} is gone from the cluster")
         return [_record(message) for message in batch.get(self._tp, ())]
 
 

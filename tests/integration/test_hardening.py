@@ -259,6 +259,30 @@ async def test_versions_survive_the_loss_of_a_tenant_topic(setup: Setup) -> None
     assert [setup.verify(r).version for r in records if r.key == b"prod"] == [3]
 
 
+async def test_a_subscriber_backs_off_while_its_topic_is_gone(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With its tenant topic deleted, a subscriber notices and backs off, instead of
+    leaving aiokafka to ask for the topic, and log an error, thousands of times a
+    second for as long as the topic is missing."""
+    async with Daemon(setup.settings()) as daemon:
+        await started(daemon)
+    settings = subscriber_settings(setup, "aurora-records", "prod")
+    async with ConfigSubscriber("aurora-records", "prod", settings=settings) as subscriber:
+        topic = setup.topics.tenant_topic("aurora-records")
+        async with Admin(setup.kafka) as admin:
+            await admin.delete_topics([topic])
+        gone = await wait_until(
+            lambda: [r for r in caplog.records if "is gone from the cluster" in r.getMessage()],
+            what="the subscriber to notice",
+        )
+        assert gone[0].name == "configbus.supervise" and gone[0].levelno == logging.WARNING
+        noise = [r for r in caplog.records if r.name.startswith("aiokafka")]
+        assert len(noise) < 5000, len(noise)
+        assert subscriber._task is not None and not subscriber._task.done()
+        assert subscriber.version == 1  # still running on what it had
+
+
 async def _gone(admin: Admin, topic: str) -> bool:
     return topic not in await admin.topics()
 
