@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from configbus.errors import LimitError
 
@@ -51,21 +51,22 @@ DEFAULT_LIMITS: Final = Limits()
 
 def check_shape(value: object, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> None:
     """Raise `LimitError` when `value` (plain data: mappings, lists, scalars) is nested
-    deeper than ``limits.depth`` or holds more than ``limits.nodes`` values. Iterative:
-    no value, however deep, can exhaust the stack here."""
-    nodes = 0
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        nodes += 1
-        if nodes > limits.nodes:
-            raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
-        if isinstance(item, Mapping):
-            children: object = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
+    deeper than ``limits.depth`` or holds more than ``limits.nodes`` values. Iterative,
+    level by level, looking only at containers: no value, however deep, can exhaust the
+    stack here, and a config of scalars costs little more than counting them."""
+    nodes, depth = 1, 1
+    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
+    while level:
         if depth > limits.depth:
             raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
-        stack.extend((child, depth + 1) for child in children)  # type: ignore[attr-defined]
+        deeper: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, Mapping) else item
+            nodes += len(children)
+            deeper.extend(child for child in children if isinstance(child, _CONTAINERS))
+        if nodes > limits.nodes:
+            raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
+        level, depth = deeper, depth + 1
+
+
+_CONTAINERS: Final = (Mapping, list, tuple)

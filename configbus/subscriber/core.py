@@ -52,7 +52,6 @@ from configbus.errors import (
     VerificationError,
 )
 from configbus.events import Ack, Envelope, VerifiedEvent, open_envelope
-from configbus.limits import check_shape
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.supervise import Backoff, finish, supervise
 from configbus.telemetry import (
@@ -64,7 +63,7 @@ from configbus.telemetry import (
 )
 from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import FrozenDict, freeze_json
+from configbus.tree.values import FrozenDict, freeze_json_within
 
 __all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Snapshot", "Validator"]
 
@@ -362,7 +361,10 @@ class ConfigSubscriber:
             try:
                 with tracer.start_as_current_span("verify"):
                     event = open_envelope(
-                        record.value or b"", self.settings.trust, stream=(self.tenant, self.env)
+                        record.value or b"",
+                        self.settings.trust,
+                        stream=(self.tenant, self.env),
+                        limits=self.settings.limits,
                     )
                     self._check_version(event)
                 span.set_attribute("configbus.version", event.body.version)
@@ -426,15 +428,17 @@ class ConfigSubscriber:
 
     def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
-            decoded = msgspec.json.decode(event.config_json)
-            check_shape(decoded)
+            data = freeze_json_within(
+                msgspec.json.decode(event.config_json),
+                depth=self.settings.limits.depth,
+                nodes=self.settings.limits.nodes,
+            )
         except RecursionError:
             raise VerificationError("too_large", "config nested too deep to decode") from None
         except LimitError as exc:
             raise VerificationError("too_large", str(exc)) from None
         except (msgspec.DecodeError, TypeError) as exc:
             raise VerificationError("malformed", f"config is not JSON ({exc})") from None
-        data = freeze_json(decoded)
         if not isinstance(data, dict):
             raise VerificationError("malformed", "config is not a JSON object")
         new = ResolvedConfig(data, env=self.env, tenant=self.tenant)

@@ -13,6 +13,7 @@ from typing import TypedDict, Unpack
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError
+from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.options import pick
 
 __all__ = ["SubscriberOptions", "SubscriberSettings"]
@@ -54,6 +55,7 @@ class SubscriberSettings:
     start_timeout: float = 30.0
     offline_grace: float = 5.0  # with a disk cache: how long start() waits for Kafka
     send_acks: bool = True
+    limits: Limits = DEFAULT_LIMITS  # what a record may hold (configbus.limits)
 
     @classmethod
     def build(

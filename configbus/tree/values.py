@@ -20,6 +20,8 @@ from typing import Any, Final, TypeAlias, final
 
 import msgspec
 
+from configbus.errors import LimitError
+
 __all__ = [
     "DELETE",
     "EMPTY",
@@ -35,6 +37,7 @@ __all__ = [
     "format_path",
     "freeze",
     "freeze_json",
+    "freeze_json_within",
     "looks_secret",
     "plain_secret_paths",
     "redacted",
@@ -206,6 +209,31 @@ def freeze_json(value: Any) -> Value:
 
 
 _CONTAINERS: Final = (dict, list)
+
+
+def freeze_json_within(value: Any, *, depth: int, nodes: int) -> Value:
+    """`freeze_json`, refusing (`LimitError`) data nested deeper than `depth` levels or
+    holding more than `nodes` values: the checks ride along the one walk that freezing
+    makes anyway, so a subscriber pays almost nothing for them."""
+    count = 0
+
+    def walk(item: Any, level: int) -> Value:
+        nonlocal count
+        if level > depth:
+            raise LimitError(f"config is nested deeper than {depth} levels (limit depth)")
+        count += len(item)
+        if type(item) is list:
+            return tuple(walk(i, level + 1) if type(i) in _CONTAINERS else i for i in item)
+        if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
+            return SecretRef(item[SECRET_KEY])
+        return FrozenDict(
+            {k: walk(i, level + 1) if type(i) in _CONTAINERS else i for k, i in item.items()}
+        )
+
+    frozen = walk(value, 1) if type(value) in _CONTAINERS else freeze(value)
+    if count + 1 > nodes:
+        raise LimitError(f"config holds more than {nodes} values (limit nodes)")
+    return frozen
 
 
 def thaw(value: Value) -> Any:

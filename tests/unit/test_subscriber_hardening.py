@@ -20,7 +20,7 @@ from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.crypto.trust import TrustedKey
 from configbus.errors import NoConfigError, VerificationError
 from configbus.events import Ack, Cause, EventBody, build_body, now_ns, open_envelope, seal
-from configbus.limits import Limits
+from configbus.limits import LimitError, Limits
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
 
 from .helpers import eventually
@@ -191,14 +191,14 @@ async def test_an_unexpected_error_on_a_record_rejects_it_and_the_loop_goes_on(
 ) -> None:
     import configbus.subscriber.core as core
 
-    real = core.freeze_json
+    real = core.freeze_json_within
 
-    def broken(value: Any) -> Any:
+    def broken(value: Any, **limits: int) -> Any:
         if isinstance(value, dict) and value.get("boom"):
             raise ValueError("a bug")
-        return real(value)
+        return real(value, **limits)
 
-    monkeypatch.setattr(core, "freeze_json", broken)
+    monkeypatch.setattr(core, "freeze_json_within", broken)
     await stream.put(stream.event(2, {"boom": True}))
     await eventually(lambda: running.rejected.get("internal_error"), "the rejection")
     await stream.put(stream.event(3, {"size": 3}))
@@ -281,3 +281,19 @@ async def test_a_key_scoped_to_another_tenant_cannot_feed_this_one(tmp_path: Pat
     async with stream.subscriber() as subscriber:
         assert subscriber.version == 1
         assert subscriber.rejected == {"untrusted_scope": 1}
+
+
+def test_the_bounded_freeze_equals_the_plain_one_within_the_limits() -> None:
+    from configbus.tree.values import freeze_json, freeze_json_within
+
+    sample = json.loads((Path(__file__).parents[2] / "environments/schema.json").read_text())
+    assert freeze_json_within(sample, depth=32, nodes=200_000) == freeze_json(sample)
+    assert freeze_json_within({"db": {"$secret": "db/pw"}}, depth=32, nodes=10) == freeze_json(
+        {"db": {"$secret": "db/pw"}}
+    )
+    at_limit = json.loads(nested(32))  # 32 objects, one in the other: 32 levels
+    assert freeze_json_within(at_limit, depth=32, nodes=100) == freeze_json(at_limit)
+    with pytest.raises(LimitError, match="deeper than 32 levels"):
+        freeze_json_within(json.loads(nested(33)), depth=32, nodes=100)
+    with pytest.raises(LimitError, match="more than 10 values"):
+        freeze_json_within({"k": list(range(10))}, depth=32, nodes=10)
