@@ -21,7 +21,7 @@ from configbus.bus import Admin, KafkaSettings, TopicNames, follow, read_to_end
 from configbus.bus.kafka import Record
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
-from configbus.events import open_envelope
+from configbus.events import open_envelope, shown
 from configbus.logs import configure
 from configbus.ops import RolloutReport, rollout_status
 from configbus.options import pick
@@ -251,27 +251,25 @@ def _tenant_topic(topics: TopicNames, tenant: str) -> str:
 def _tail_line(
     record: Record, trust: TrustStore, last: dict[str, int], tenant: str
 ) -> tuple[str, bool]:
-    key = (record.key or b"").decode(errors="replace")
+    raw_key = (record.key or b"").decode(errors="replace")
+    key = shown(raw_key, 32, quote=False)  # anyone may write a key: no terminal tricks
     where = f"@{record.offset}"
     try:
-        event = open_envelope(record.value or b"", trust)
+        # The stream is checked before the config is inflated (wire format §7).
+        event = open_envelope(record.value or b"", trust, stream=(tenant, raw_key))
         body = event.body
-        if body.tenant != tenant:
-            raise VerificationError("wrong_stream", f"an event for tenant {body.tenant!r}")
-        if body.env != key:
-            raise VerificationError("wrong_stream", f"record key {key!r} but event for {body.env}")
         if body.version <= last.get(body.env, 0):
             raise VerificationError("stale_version", f"v{body.version} after v{last[body.env]}")
     except VerificationError as exc:
-        return f"{where:<7} {key:<8} REJECTED {exc}", False
+        return f"{where:<7} {key:<8} REJECTED {shown(str(exc), 300, quote=False)}", False
     last[body.env] = body.version
     when = datetime.datetime.fromtimestamp(body.issued_at / 1e9, datetime.UTC)
-    cause = body.cause.reason or body.kind
+    cause = shown(body.cause.reason, 200, quote=False) if body.cause.reason else body.kind
     if body.cause.actor:
-        cause += f" by {body.cause.actor}"
+        cause += f" by {shown(body.cause.actor, quote=False)}"
     if body.cause.sources:
-        cause += f" ({', '.join(body.cause.sources)})"
-    changed = ", ".join(body.changed_paths[:5])
+        cause += f" ({', '.join(shown(s, 200, quote=False) for s in body.cause.sources[:5])})"
+    changed = ", ".join(shown(p, 200, quote=False) for p in body.changed_paths[:5])
     if len(body.changed_paths) > 5:
         changed += f" (+{len(body.changed_paths) - 5} more)"
     return (
@@ -306,6 +304,8 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
             )
             if args.wait is None:
                 return report, 0
+            if report.target_version == 0:  # nothing verified to wait for: no pass
+                return report, 1
             if report.rejections:
                 return report, 1
             if not report.stragglers:
@@ -322,6 +322,8 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
         print(report.table(), file=out)
     if code:
         why = "refused" if report.rejections else f"not at the target within {args.wait:g}s"
+        if report.target_version == 0:
+            why = "no verified event of the stream (is the environment right?)"
         print(
             f"rollout of {args.tenant}/{args.env} v{report.target_version}: {why}",
             file=sys.stderr,

@@ -50,6 +50,7 @@ __all__ = [
     "now_ns",
     "open_envelope",
     "seal",
+    "shown",
 ]
 
 ENVELOPE_VERSION: Final = 1
@@ -144,6 +145,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+# What msgspec raises on bytes that are not the expected shape; RecursionError for
+# values nested past the interpreter's limit (a 5 KB record can be).
+_UNDECODABLE: Final = (msgspec.DecodeError, TypeError, RecursionError)
 _body_encoder: Final = msgspec.msgpack.Encoder()
 _envelope_encoder: Final = msgspec.msgpack.Encoder()
 _envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)
@@ -213,7 +217,7 @@ def open_envelope(
         )
     try:
         envelope = _envelope_decoder.decode(value)
-    except (msgspec.DecodeError, TypeError) as exc:
+    except _UNDECODABLE as exc:
         # A later envelope version may change the other fields: say so, not "malformed".
         version = _peek(lambda: _version_decoder.decode(value).v)
         if version is not None and version != ENVELOPE_VERSION:
@@ -224,7 +228,7 @@ def open_envelope(
     trusted = check_signature(envelope, trust)
     try:
         body = _body_decoder.decode(envelope.body)
-    except (msgspec.DecodeError, TypeError) as exc:
+    except _UNDECODABLE as exc:
         schema = _peek(lambda: _schema_decoder.decode(envelope.body).schema)
         if schema is not None and schema != SCHEMA_VERSION:
             raise VerificationError("unknown_schema", f"body schema {schema}") from None
@@ -233,11 +237,13 @@ def open_envelope(
         raise VerificationError("unknown_schema", f"body schema {body.schema}")
     if not trusted.covers(body.tenant, body.env):
         raise VerificationError(
-            "untrusted_scope", f"key {envelope.kid!r} may not sign {body.tenant}/{body.env}"
+            "untrusted_scope",
+            f"key {envelope.kid!r} may not sign {_plain(body.tenant)}/{_plain(body.env)}",
         )
     if stream is not None and (body.tenant, body.env) != stream:
         raise VerificationError(
-            "wrong_stream", f"event for {body.tenant}/{body.env} on {stream[0]}/{stream[1]}"
+            "wrong_stream",
+            f"event for {_plain(body.tenant)}/{_plain(body.env)} on {stream[0]}/{stream[1]}",
         )
     if not 0 < body.version <= MAX_VERSION:
         raise VerificationError("malformed", f"version {body.version} out of range")
@@ -252,17 +258,31 @@ def check_signature(envelope: Envelope, trust: TrustStore) -> TrustedKey:
     verifies; raises `VerificationError` (unknown_key, bad_signature) otherwise."""
     trusted = trust.get(envelope.kid)
     if trusted is None:
-        raise VerificationError("unknown_key", f"key id {envelope.kid!r} is not trusted")
+        raise VerificationError("unknown_key", f"key id {shown(envelope.kid)} is not trusted")
     if not trusted.key.verify(envelope.sig, envelope.body):
         raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
     return trusted
+
+
+def shown(text: str, limit: int = 64, *, quote: bool = True) -> str:
+    """Text from a record (any length, any characters) for a message: quoted (or, with
+    `quote=False`, as it is when it is short and printable), else as a repr cut at
+    `limit` characters, so no record can make a log line or an ack huge or smuggle
+    control characters into a terminal."""
+    if not quote and len(text) <= limit and text.isprintable():
+        return text
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _plain(text: str) -> str:
+    return shown(text, quote=False)
 
 
 def _peek(read: Callable[[], int]) -> int | None:
     """The version number `read` finds, or None when there is none to find."""
     try:
         return read()
-    except (msgspec.DecodeError, TypeError):
+    except _UNDECODABLE:
         return None
 
 
@@ -287,4 +307,4 @@ def config_json_of(body: EventBody, *, limit: int = DEFAULT_LIMITS.config_bytes)
         if not inflater.eof:
             raise VerificationError("malformed", "config is truncated zlib data")
         return config
-    raise VerificationError("unknown_schema", f"config encoding {body.config_encoding!r}")
+    raise VerificationError("unknown_schema", f"config encoding {shown(body.config_encoding)}")

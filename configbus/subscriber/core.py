@@ -98,6 +98,7 @@ _ack_encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _version_decoder = msgspec.msgpack.Decoder(_BodyVersion)
 BOOTSTRAP_RECORDS = 256  # records of the stream read back at start, at most
+_REASON_LIMIT = 500  # characters of a rejection's reason in an ack
 
 
 def _claimed_version(record: Record) -> int:
@@ -105,7 +106,7 @@ def _claimed_version(record: Record) -> int:
     candidates. -1 when it claims nothing readable (it is still tried, and rejected)."""
     try:
         return _version_decoder.decode(_envelope_decoder.decode(record.value or b"").body).version
-    except (msgspec.DecodeError, TypeError):
+    except (msgspec.DecodeError, TypeError, RecursionError):
         return -1
 
 
@@ -522,6 +523,8 @@ class ConfigSubscriber:
         if self._acks is None:
             return
         body = event.body if event is not None else None
+        if len(reason) > _REASON_LIMIT:  # a record's text can be any length
+            reason = reason[: _REASON_LIMIT - 3] + "..."
         ack = Ack(
             tenant=self.tenant,
             env=self.env,
@@ -560,7 +563,9 @@ class ConfigSubscriber:
                     # applied and the last rejected ack of every instance.
                     key = f"{base}/{ack.status}".encode()
                     value = _ack_encoder.encode(ack)
-                    await producer.send(self.settings.topics.acks, value, key=key)
+                    # Awaited to delivery: a refused ack leaves the producer unable to
+                    # send the next ones (out of sequence) until it is made again.
+                    await (await producer.send(self.settings.topics.acks, value, key=key))
                 except Exception as exc:  # an ack is telemetry: never worth the task
                     log.warning("%s/%s: could not send an ack: %s", self.tenant, self.env, exc)
                     with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from helpers import (
     PublishSpy,
@@ -401,3 +402,28 @@ async def test_a_store_call_cancelled_mid_command_ends_at_once(redis_db_url: str
             done, _ = await asyncio.wait({task}, timeout=5)
             assert done, f"a cancelled store call still runs after 5 s (attempt {attempt})"
             assert task.cancelled()
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "snappy", "gzip"])
+async def test_a_record_in_a_compressed_batch_stalls_no_reader(setup: Setup, codec: str) -> None:
+    """Anyone who can write to a tenant topic may send a batch compressed with any codec
+    Kafka knows; a reader that cannot decode it would be stuck before it forever."""
+    async with Daemon(setup.settings()) as daemon:
+        await started(daemon)
+        settings = subscriber_settings(setup, "aurora-records", "prod")
+        async with ConfigSubscriber("aurora-records", "prod", settings=settings) as subscriber:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=setup.kafka.bootstrap_servers, compression_type=codec
+            )
+            await producer.start()
+            try:
+                topic = setup.topics.tenant_topic("aurora-records")
+                await producer.send_and_wait(topic, b"\x00junk" * 100, key=b"not-an-env")
+            finally:
+                await producer.stop()
+            edit(setup.path(AURORA_PROD), "max_size: 250", "max_size: 251")
+            await subscriber.wait_for_version(2, timeout=30)
+            assert subscriber.config.get(MAX_SIZE) == 251
+        fresh = ConfigSubscriber("aurora-records", "prod", settings=settings)
+        async with fresh:
+            assert fresh.version == 2

@@ -867,6 +867,12 @@ async def test_rollout_status_shows_who_applied_who_refused_and_how_fast(
     )
     assert code == 0 and json.loads(out)["gone"] == sorted(s.settings.instance_id for s in subs)
 
+    # Nothing verified to wait for (a mistyped environment) is no pass.
+    code, out, err = await call_main(
+        capsys, "rollout", "status", tenant, "stagin", *args[4:], "--wait", "1"
+    )
+    assert code == 1 and "no verified event" in err
+
     # An unknown tenant is a usage error, for rollout status and tail alike.
     unknown = ("no-such-tenant", "prod", *args[4:])
     code, out, err = await call_main(capsys, "rollout", "status", *unknown)

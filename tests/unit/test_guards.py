@@ -81,3 +81,23 @@ def test_tail_rejects_an_event_of_another_tenant_on_this_tenants_topic(
     line, ok = _tail_line(record, TrustStore.of(key.public), {}, "acme")
     assert not ok
     assert "REJECTED wrong_stream" in line
+
+
+def test_tail_shows_a_hostile_key_and_cause_escaped(key: SigningKey) -> None:
+    trick = b"\r\x1b[2K@9 prod v99 verified:pub emergency fix\x1b[8m"
+    record = Record("configbus.tenant.acme", 0, 5, trick, b"\x00not an event", (), 0)
+    line, ok = _tail_line(record, TrustStore.of(key.public), {}, "acme")
+    assert not ok and "REJECTED malformed" in line
+    assert "\x1b" not in line and "\r" not in line
+    body = build_body(
+        tenant="acme",
+        env="prod",
+        version=1,
+        config_json=b"{}",
+        detected_at=1,
+        cause=Cause(reason="ok\x1b[8m hidden", actor="a\nb"),
+    )
+    line, ok = _tail_line(
+        Record("t", 0, 6, b"prod", seal(body, key), (), 0), TrustStore.of(key.public), {}, "acme"
+    )
+    assert ok and "\x1b" not in line and "\n" not in line

@@ -15,13 +15,14 @@ import msgspec
 import pytest
 
 from configbus.bus import TopicNames
-from configbus.bus.memory import MemoryBus
+from configbus.bus.memory import MemoryBus, _batch_size
 from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.crypto.trust import TrustedKey
 from configbus.errors import NoConfigError, VerificationError
 from configbus.events import Ack, Cause, EventBody, build_body, now_ns, open_envelope, seal
 from configbus.limits import LimitError, Limits
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+from configbus.tree.resolved import ResolvedConfig
 
 from .helpers import eventually
 
@@ -68,10 +69,8 @@ class Stream:
             environ={},
             bootstrap_servers="unused:9092",
             trust=self.trust,
-            topic_prefix=TOPICS.prefix,
-            acks_topic=TOPICS.acks,
-            instance_id="i-1",
-            **options,
+            **{"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks, "instance_id": "i-1"}
+            | options,
         )
         return ConfigSubscriber(TENANT, ENV, settings=settings, bus=self.bus)
 
@@ -297,3 +296,72 @@ def test_the_bounded_freeze_equals_the_plain_one_within_the_limits() -> None:
         freeze_json_within(json.loads(nested(33)), depth=32, nodes=100)
     with pytest.raises(LimitError, match="more than 10 values"):
         freeze_json_within({"k": list(range(10))}, depth=32, nodes=10)
+
+
+def unsigned_nested(depth: int) -> bytes:
+    """An envelope-shaped record (no valid signature) with one extra key holding
+    arrays nested `depth` deep: msgspec gives up with RecursionError."""
+    nested_array = b"\x91" * depth + b"\xc0"  # fixarray of 1, `depth` times, then nil
+    head = msgspec.msgpack.encode({"v": 1, "kid": "pub", "sig": b"\0" * 64, "body": b"x"})
+    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("pad") + nested_array
+
+
+async def test_a_record_nested_past_the_interpreters_limit_is_malformed(
+    stream: Stream,
+) -> None:
+    value = unsigned_nested(5000)
+    with pytest.raises(VerificationError) as refused:
+        open_envelope(value, stream.trust, stream=(TENANT, ENV))
+    assert refused.value.reason == "malformed"
+    for version in (1, 2):
+        await stream.put(stream.event(version, {"size": version}))
+    await stream.put(value)
+    await stream.put(stream.event(3, {"size": 3}))
+    async with stream.subscriber(start_timeout=5) as subscriber:
+        assert subscriber.version == 3
+
+
+async def test_a_refused_ack_does_not_silence_the_later_ones(tmp_path: Path) -> None:
+    """The acks topic takes an applied ack but not a rejection with a long reason: the
+    rejection's ack is refused, and the producer, made again, delivers the next ones
+    (a refused record leaves a producer unable to send more until then)."""
+    stream = Stream(tmp_path)
+    reason = "no " * 66  # the validator's words: ~200 characters in the ack
+    applied = Ack(
+        tenant=TENANT,
+        env=ENV,
+        version=9,
+        instance="i-1",
+        service="s",
+        status="applied",
+        config_hash="0" * 64,
+        trace_id="0" * 32,
+        detected_at=1,
+        issued_at=1,
+        received_at=1,
+        applied_at=1,
+    )
+    refused = msgspec.structs.replace(applied, status="rejected", reason="refused: no: " + reason)
+    sizes = [_batch_size(b"k" * 40, msgspec.msgpack.encode(a), ()) for a in (applied, refused)]
+    assert sizes[0] < sizes[1]
+    stream.bus.create_topic("acks-small", compact=True, max_message_bytes=sum(sizes) // 2)
+    await stream.put(stream.event(1, {"size": 1}))
+    subscriber = stream.subscriber(acks_topic="acks-small")
+
+    def refuse_two(config: ResolvedConfig) -> None:
+        if config.get("size") == 2:
+            raise ValueError(reason)
+
+    def acks() -> list[Ack]:
+        records = stream.bus.records("acks-small")
+        return [msgspec.msgpack.decode(r.value or b"", type=Ack) for r in records]
+
+    async with subscriber:
+        subscriber.add_validator(refuse_two)
+        await stream.put(stream.event(2, {"size": 2}))
+        await eventually(lambda: subscriber.rejected.get("refused"), "v2's refusal")
+        await stream.put(stream.event(3, {"size": 3}))
+        await subscriber.wait_for_version(3, timeout=5)
+        got = await eventually(lambda: [a for a in acks() if a.version == 3], "v3's ack")
+        assert got[0].status == "applied"
+    assert not [a for a in acks() if a.status == "rejected"]  # that one was refused
