@@ -67,6 +67,15 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     publisher.add_argument("--replication-factor", type=int, metavar="N")
     publisher.add_argument("--min-insync-replicas", type=int, metavar="N")
     publisher.add_argument("--batch-size", type=int, metavar="N", help="events per transaction")
+    publisher.add_argument(
+        "--heartbeat-interval", type=float, metavar="SECONDS", help="writer heartbeat (5)"
+    )
+    publisher.add_argument(
+        "--trust",
+        metavar="FILE",
+        help="trust file (default $CONFIGBUS_TRUST): after a key rotation, the versions the "
+        "previous keys published are recovered too",
+    )
     publisher.add_argument("--log-level", default="INFO")
 
     daemon = commands.add_parser(
@@ -170,6 +179,8 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         replication_factor=args.replication_factor,
         min_insync_replicas=args.min_insync_replicas,
         batch_size=args.batch_size,
+        heartbeat_interval=args.heartbeat_interval,
+        trust=args.trust,
     )
 
 

@@ -323,9 +323,13 @@ class Producer:
         except KafkaError as exc:
             raise _bus_error(exc, "starting a transaction") from exc
         except AssertionError as exc:
-            # aiokafka's transaction state machine, after a fence: "Invalid state
-            # transition FATAL_ERROR -> IN_TRANSACTION". Only a new producer can go on.
-            raise FencedError(f"starting a transaction: the producer is unusable ({exc})") from exc
+            # aiokafka's transaction state machine refusing to begin: after a fence
+            # ("FATAL_ERROR -> IN_TRANSACTION") this producer may never write again;
+            # after an abort that did not finish (a lost topic, a dead broker) only a new
+            # producer can go on. Neither is worth a traceback.
+            if producer._txn_manager.is_fatal_error():
+                raise FencedError(f"starting a transaction: fenced ({exc})") from exc
+            raise BusError(f"starting a transaction: the producer is unusable ({exc})") from exc
         try:
             yield
             await producer.commit_transaction()

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import watchfiles
@@ -141,7 +142,7 @@ class Daemon:
         self.settings = settings
         self.bus: Bus = bus or KafkaBus(settings.kafka)
         self.key = SigningKey.load(settings.signing_key, settings.kid)
-        self.trust = TrustStore.of(self.key.public)  # recovery believes only our own key
+        self.trust = _recovery_trust(self.key, settings.trust)
         self.tree = EnvironmentTree(settings.root)
         self.index = StreamIndex(self.tree)
         self.store = TenantStore(settings.redis_url) if settings.redis_url else None
@@ -248,7 +249,9 @@ class Daemon:
 
     async def _live_writer(self) -> str | None:
         """The writer whose heartbeats are arriving, or None: its last beat is ours, or
-        resigned, or older than three intervals, or no new beat comes within two."""
+        resigned, or older than the silence it announced (`grace`: three intervals plus
+        its publish timeout, since a long publication round holds the beats back), or
+        no new beat comes before that silence is up."""
         reader = self.bus.reader(self.settings.topics.state)
         try:
             if not await reader.start():
@@ -257,9 +260,11 @@ class Daemon:
             last = self._beat_of(record.value if record is not None else None)
             if last is None or last.writer == self.writer or last.interval <= 0:
                 return None
-            if time.time_ns() - last.at > 3 * last.interval * 1e9:
+            grace = last.grace or 3 * last.interval
+            silent = (time.time_ns() - last.at) / 1e9
+            if silent > grace:
                 return None
-            deadline = time.monotonic() + 2 * last.interval
+            deadline = time.monotonic() + grace - silent
             while time.monotonic() < deadline:
                 for record in await reader.poll(200):
                     beat = self._beat_of(record.value) if record.key == WRITER_KEY else None
@@ -284,6 +289,7 @@ class Daemon:
             writer=self.writer,
             at=time.time_ns(),
             interval=self.settings.heartbeat_interval if interval is None else interval,
+            grace=3 * self.settings.heartbeat_interval + self.settings.publish_timeout,
         )
         try:
             # Bounded: aiokafka retries a transaction against a dead broker forever, and
@@ -476,7 +482,7 @@ class Daemon:
                 for stream, reason in report.failed.items():
                     await self.store.report(*stream, refused=reason)
                     self._reported.pop(stream, None)
-        except (ConfigBusError, TimeoutError) as exc:
+        except Exception as exc:  # best effort: operators' tools say "not confirmed"
             log.debug("could not report publication status to redis: %s", exc)
 
     async def _watch_files(self) -> None:
@@ -523,6 +529,17 @@ class Daemon:
             await asyncio.sleep(self.settings.reconcile_interval)
             self.index.rebuild()
             self._dirty.add(self.index.streams, self._change("reconcile", ()))
+
+
+def _recovery_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
+    """Whose records recovery and the writer heartbeats believe: our own key, and the
+    keys of the trust file (the previous publisher keys, after a rotation, so versions
+    go on rising instead of starting again at 1). Anything else is skipped."""
+    own = TrustStore.of(key.public)
+    if trust_file is None:
+        return own
+    others = [entry for entry in TrustStore.load(trust_file).entries() if entry.key.kid != key.kid]
+    return TrustStore([*own.entries(), *others])
 
 
 def _meta(meta: dict[str, Any], stream: str) -> tuple[str, str]:

@@ -43,6 +43,7 @@ class PublisherSettings:
     batch_size: int = 1000
     shutdown_grace: float = 10.0
     publish_timeout: float = 30.0  # a publication still waiting on Kafka then is retried
+    trust: Path | None = None  # publisher keys whose events recovery believes besides ours
     actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class PublisherSettings:
         min_insync_replicas: int | None = None,
         heartbeat_interval: float | None = None,
         batch_size: int | None = None,
+        trust: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
         """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
@@ -122,4 +124,5 @@ class PublisherSettings:
             ),
             heartbeat_interval=get(heartbeat_interval, "HEARTBEAT_INTERVAL", 5.0, _positive(float)),
             batch_size=get(batch_size, "BATCH_SIZE", 1000, _positive(int)),
+            trust=Path(found) if (found := get(trust, "TRUST", None)) else None,
         )

@@ -66,6 +66,7 @@ class WriterBeat(msgspec.Struct, frozen=True, kw_only=True, tag="writer"):
     writer: str  # who: unique per daemon process
     at: int  # ns since the epoch, the writer's clock
     interval: float  # seconds between beats
+    grace: float = 0.0  # seconds of silence after which the writer counts as gone
 
 
 _T = TypeVar("_T", StreamHead, WriterBeat)

@@ -59,7 +59,12 @@ class TenantStore:
 
     async def start(self) -> TenantStore:
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(self.url)
+            try:
+                self._redis = aioredis.Redis.from_url(self.url)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"redis URL {_safe_url(self.url)}: {without_credentials(str(exc))}"
+                ) from None
             try:
                 await self.redis.ping()
             except RedisError as exc:
@@ -104,23 +109,24 @@ class TenantStore:
     # -- values --------------------------------------------------------------------
     async def values(self, tenant: str, env: str) -> dict[Path, Value]:
         """Every value set for the stream, by key path."""
+        key = self.store_key(tenant, env)
         try:
-            raw = await self.redis.hgetall(self.store_key(tenant, env))
+            raw = await self.redis.hgetall(key)
+        except ResponseError as exc:  # the key holds something else than a hash
+            raise LimitError(f"{key}: {_not_a_hash(exc)}") from None
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        return _values(raw, self.store_key(tenant, env))
+        return _values(raw, key)
 
     async def meta(self, tenant: str, env: str) -> dict[str, Any]:
         """Who last wrote the stream's store, and why: actor, reason, at (ns)."""
         try:
             raw = await self.redis.hget(self.store_key(tenant, env), META_FIELD)
+        except ResponseError:  # not a hash: no metadata to tell (its values fail the stream)
+            return {}
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
-        try:
-            meta = json.loads(raw) if raw else {}
-        except ValueError:
-            meta = {}
-        return meta if isinstance(meta, dict) else {}
+        return _json_object(raw) or {}
 
     async def layer(self, tenant: str, env: str) -> Layer | None:
         """The stream's store as a layer (kind STORE), or None when nothing is set."""
@@ -149,12 +155,17 @@ class TenantStore:
             for tenant, env in chunk:
                 pipe.hgetall(self.store_key(tenant, env))
             try:
-                replies = await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 raise BusError(f"redis: {exc}") from exc
             for (tenant, env), raw in zip(chunk, replies, strict=True):
+                key = self.store_key(tenant, env)
                 try:
-                    values = _values(raw, self.store_key(tenant, env))
+                    if isinstance(raw, ResponseError):  # this key alone is not a hash
+                        raise LimitError(f"{key}: {_not_a_hash(raw)}")
+                    if isinstance(raw, Exception):
+                        raise BusError(f"redis: {raw}")
+                    values = _values(raw, key)
                 except LimitError as exc:
                     if problems is None:
                         raise
@@ -390,12 +401,17 @@ def _json(value: Value) -> str:
 
 
 def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
-    """`raw` as a JSON object, or None when it is missing or anything else."""
+    """`raw` as a JSON object, or None when it is missing or anything else (including
+    JSON nested past the interpreter's limit, which anyone with Redis access can write)."""
     try:
-        found = json.loads(raw) if raw is not None else None
-    except ValueError:
+        found = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):
         return None
     return found if isinstance(found, dict) else None
+
+
+def _not_a_hash(exc: Exception) -> str:
+    return f"not a store hash ({str(exc).split(' ', 1)[0]}); delete or fix the key"
 
 
 def _safe_url(url: str) -> str:

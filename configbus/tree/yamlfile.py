@@ -127,7 +127,8 @@ class _Builder:
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
         self._open: set[int] = set()  # nodes being built, to refuse recursive aliases
-        self._built = 0  # values built, aliases expanded
+        self._built = 0  # values built, aliases and merges expanded
+        self._merged: dict[int, list[tuple[yaml.Node, yaml.Node]]] = {}  # by mapping node
 
     def problem(self, node: yaml.Node, path: Path, message: str) -> None:
         self.problems.append(Problem(self.source, _line(node), format_path(path) or None, message))
@@ -136,10 +137,7 @@ class _Builder:
         if id(node) in self._open:
             self.problem(node, path, "recursive alias")
             return None
-        self._built += 1
-        if self._built > self.limits.nodes:
-            message = f"expands to more than {self.limits.nodes} values (limit nodes)"
-            raise TreeError([Problem(self.source, _line(node), None, message)])
+        self._count(1, node)
         container = isinstance(node, yaml.MappingNode | yaml.SequenceNode)
         if container and len(path) >= self.limits.depth:
             message = f"nested deeper than {self.limits.depth} levels (limit depth)"
@@ -188,7 +186,13 @@ class _Builder:
         """The mapping's entries with ``<<`` merge keys expanded as YAML defines them:
         keys written in the mapping win over merged ones, and an earlier merged mapping
         over a later one. Nodes are left as they are (PyYAML's `flatten_mapping`
-        rewrites them), so an anchor reads the same wherever it is used."""
+        rewrites them), so an anchor reads the same wherever it is used. Each mapping's
+        entries are worked out once per file, and every merged entry counts against the
+        value limit: a chain of mappings each merging the one before twice would
+        otherwise double the work with every line."""
+        known = self._merged.get(id(node))
+        if known is not None:
+            return known
         own = [(k, v) for k, v in node.value if k.tag != _MERGE]
         taken = {_key_id(k) for k, _ in own}
         merged: list[tuple[yaml.Node, yaml.Node]] = []
@@ -207,11 +211,20 @@ class _Builder:
                     entries = self._entries(source, path)
                 finally:
                     self._open.discard(id(source))
+                self._count(len(entries), source)
                 for entry in entries:
                     if _key_id(entry[0]) not in taken:
                         taken.add(_key_id(entry[0]))
                         merged.append(entry)
-        return merged + own
+        self._merged[id(node)] = entries = merged + own
+        return entries
+
+    def _count(self, values: int, node: yaml.Node) -> None:
+        """Count `values` more against the value limit; past it, the file is refused."""
+        self._built += values
+        if self._built > self.limits.nodes:
+            message = f"expands to more than {self.limits.nodes} values (limit nodes)"
+            raise TreeError([Problem(self.source, _line(node), None, message)])
 
     def _key(self, node: yaml.Node, path: Path) -> str | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag not in (_STR, _VALUE):

@@ -427,3 +427,34 @@ async def test_a_record_in_a_compressed_batch_stalls_no_reader(setup: Setup, cod
         fresh = ConfigSubscriber("aurora-records", "prod", settings=settings)
         async with fresh:
             assert fresh.version == 2
+
+
+async def test_a_store_key_of_the_wrong_type_fails_its_stream_alone(
+    setup: Setup, redis_db_url: str
+) -> None:
+    """A store key that is not a hash, and a status entry nested past the interpreter's
+    limit: the one stream fails, every other publishes, and reporting goes on."""
+    setup.redis_url = redis_db_url
+    with redis.Redis.from_url(redis_db_url) as raw:
+        raw.set("configbus:store:helix-audio:prod", "oops")
+        raw.hset("configbus:status", "aurora-records/prod", "[" * 100_000 + "]" * 100_000)
+    daemon = Daemon(setup.settings())
+    spy = PublishSpy(daemon)
+    async with daemon, TenantStore(redis_db_url) as store:
+        await started(daemon)
+        states = daemon.publisher.states
+        assert ("helix-audio", "prod") not in states
+        assert states[("aurora-records", "prod")].version == 1
+        assert states[("nimbus-fm", "prod")].version == 1
+        reasons = [r.report.failed.get(("helix-audio", "prod"), "") for r in spy.rounds if r.report]
+        assert reasons and "configbus:store:helix-audio:prod: not a store hash" in reasons[0]
+        status = await wait_until(_status(store, "aurora-records", "prod"), what="the status")
+        assert status["version"] == 1
+        assert await store.meta("helix-audio", "prod") == {}
+
+
+def _status(store: TenantStore, tenant: str, env: str):  # type: ignore[no-untyped-def]
+    async def read() -> dict[str, object] | None:
+        return await store.status(tenant, env)
+
+    return read

@@ -136,3 +136,18 @@ def test_log_lines_never_carry_a_url_password() -> None:
 def test_a_stores_repr_and_errors_name_no_password() -> None:
     store = TenantStore("redis://:hunter2@127.0.0.1:6379/0?password=hunter3")
     assert "hunter" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@127.0.0.1:notaport/0", "redis://:hunter2@[::1/0"]
+)
+def test_a_malformed_redis_url_is_one_line_without_the_password(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    code = main(
+        ["render", "aurora-records", "prod", "--root", str(REPO / "environments"), "--redis", url]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("configbus: redis URL ") and "hunter2" not in line

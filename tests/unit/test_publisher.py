@@ -350,6 +350,49 @@ async def test_publish_once_refuses_while_a_daemon_is_active(world: World) -> No
     assert world.versions(HELIX) == [1, 2]
 
 
+async def test_publish_once_refuses_while_a_long_round_holds_the_beats_back(
+    world: World,
+) -> None:
+    """A fan-out (or a slow Kafka) that takes longer than three heartbeats holds the
+    writer's beats back; its announced grace keeps a rival from taking that for death."""
+    async with world.daemon(publish_timeout=5.0) as daemon:
+        await eventually(daemon.ready.is_set, "the daemon's round")
+        inner, started = daemon.publisher._send, asyncio.Event()
+
+        async def slow(batch: Any) -> None:
+            started.set()
+            await asyncio.sleep(1.5)  # 7 heartbeat intervals
+            await inner(batch)
+
+        daemon.publisher._send = slow  # type: ignore[method-assign]
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await asyncio.wait_for(started.wait(), 5)
+        with pytest.raises(ActiveWriterError):
+            await publish_once(world.settings(), bus=world.bus, deadline=10)
+        assert daemon.takeovers == 0
+
+
+async def test_after_a_key_rotation_versions_go_on_rising(world: World, tmp_path: Path) -> None:
+    """The README's rotation: a new key, the old one still in the trust file. Recovery
+    believes the trust file's keys too, so the new key's first version follows the old
+    key's last, and the old daemon's heartbeats are understood."""
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first round")
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+    new_key, _ = generate_keypair("rotated", tmp_path / "new")
+    trust = tmp_path / "trust.yml"
+    trust.write_text(world.trust.dump(), encoding="utf-8")
+    rotated = world.settings(signing_key=new_key, kid="rotated", trust=trust)
+    world.edit("tenants/helix-audio/prod.yml", "max_size: 131 #", "max_size: 132 #")
+    async with Daemon(rotated, bus=world.bus) as daemon:
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 3, "helix v3")
+    rotated_key = SigningKey.load(new_key, "rotated")
+    world.trust = TrustStore([*world.trust.entries(), *TrustStore.of(rotated_key.public).entries()])
+    kids = [e.kid for e in world.events("helix-audio") if e.body.env == "prod"]
+    assert world.versions(HELIX) == [1, 2, 3] and kids == ["unit", "unit", "rotated"]
+
+
 async def test_publish_once_has_a_deadline(world: World) -> None:
     world.bus.down = True
     with pytest.raises(TimeoutError):

@@ -405,3 +405,23 @@ def test_aliases_that_expand_past_the_value_limit_are_refused_at_once() -> None:
     assert len(text) < 500
     problem = only_problem(text)
     assert problem.message == "expands to more than 200000 values (limit nodes)"
+
+
+def test_a_chain_of_merge_keys_is_worked_out_once_per_mapping() -> None:
+    """Each mapping merges the one before twice: expanded naively, 40 lines are 2^40
+    merges (the daemon froze). Worked out once per mapping, it is 41 small mappings."""
+    lines = ["m0: &m0 {k0: 1}"]
+    for i in range(1, 41):
+        lines.append(f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: {i}}}")
+    parsed = parse("\n".join(lines) + "\n")
+    last = parsed.data["m40"]
+    assert isinstance(last, dict) and len(last) == 41
+    assert last["k0"] == 1 and last["k40"] == 40
+
+
+def test_merged_entries_count_against_the_value_limit() -> None:
+    many = ", ".join(f"k{i}: {i}" for i in range(3000))
+    lines = [f"base: &base {{{many}}}"]
+    lines += [f"copy{i}: {{<<: *base, own: {i}}}" for i in range(70)]  # 210,000 merged
+    problem = only_problem("\n".join(lines) + "\n")
+    assert problem.message == "expands to more than 200000 values (limit nodes)"
