@@ -23,6 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidMessageError,
+    KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     ProducerFenced,
@@ -31,6 +32,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnsupportedForMessageFormatError,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 
 from configbus.bus.base import Bus, Headers, Record
 from configbus.errors import BusError, FencedError, RefusedError
@@ -391,14 +393,25 @@ def _consumer(settings: KafkaSettings, isolation: str, **options: Any) -> Any:
 
 
 async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
-    # consumer.topics() fetches metadata but does not keep it, so partitions_for_topic
-    # would answer None for topics never subscribed: ask the cluster ourselves.
-    cluster = await consumer._client.fetch_all_metadata()
+    """The partitions of those of `topics` that exist. One metadata request for just
+    these topics (a whole cluster's metadata is ~52 bytes a topic: megabytes at scale,
+    for every reader that starts), which never creates a topic on a cluster that
+    auto-creates, and logs nothing for a topic that does not exist yet."""
+    if not topics:
+        return []
+    client = consumer._client
+    node = client.get_random_node()
+    if node is None:
+        raise KafkaConnectionError("no broker known")
+    request = MetadataRequest(list(topics), allow_auto_topic_creation=False)
+    response = await client.send(node, request)
     found = []
-    for topic in topics:
-        for partition in sorted(cluster.partitions_for_topic(topic) or ()):
-            found.append(TopicPartition(topic, partition))
-    return found
+    for entry in response.topics:
+        error_code, topic = entry[0], entry[1]
+        partitions = entry[2] if response.API_VERSION == 0 else entry[3]
+        if error_code == 0 and topic in topics:
+            found += [TopicPartition(topic, partition[1]) for partition in partitions]
+    return sorted(found, key=lambda tp: (topics.index(tp.topic), tp.partition))
 
 
 async def read_to_end(
