@@ -52,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 5.0  # aborting a failed transaction, at most
+RECENT_MAX_BYTES = 32 * 1024 * 1024  # records `PartitionReader.recent` holds, at most
 STOP_TIMEOUT_S = 10.0  # closing a producer (it flushes what is queued), at most
 
 
@@ -547,17 +548,21 @@ class PartitionReader:
         except KafkaError as exc:
             raise _bus_error(exc, f"reading {self.topic}") from exc
 
-    async def recent(self, key: bytes, *, limit: int = 64, chunk: int = 64) -> list[Record]:
+    async def recent(
+        self, key: bytes, *, limit: int = 64, chunk: int = 64, max_bytes: int = RECENT_MAX_BYTES
+    ) -> list[Record]:
         """Up to `limit` of the last committed records with `key`, oldest first (reading
-        backwards from the end in growing chunks). Leaves the reader positioned at the
-        end the topic had, ready to follow."""
+        backwards from the end in growing chunks), and no further back once `max_bytes`
+        of them are held: whatever the topic holds, memory stays bounded. Leaves the
+        reader positioned at the end the topic had, ready to follow."""
         consumer, tp = self._consumer, self._tp
         found: list[Record] = []
+        held = 0
         try:
             begin = (await consumer.beginning_offsets([tp]))[tp]
             end = (await consumer.end_offsets([tp]))[tp]
             upper = end
-            while upper > begin and len(found) < limit:
+            while upper > begin and len(found) < limit and held < max_bytes:
                 lower = max(begin, upper - chunk)
                 consumer.seek(tp, lower)
                 window: list[Record] = []
@@ -567,6 +572,7 @@ class PartitionReader:
                         if message.offset < upper and message.key == key:
                             window.append(_record(message))
                 found = window + found
+                held += sum(len(record.value or b"") for record in window)
                 upper, chunk = lower, chunk * 4
             consumer.seek(tp, end)
         except KafkaError as exc:

@@ -429,12 +429,24 @@ class MemoryReader:
         matching = [r for r in cursor.fetch(self.bus._topics) if r.key == key]
         return matching[-1] if matching else None
 
-    async def recent(self, key: bytes, *, limit: int = 64, chunk: int = 64) -> list[Record]:
-        """Up to `limit` of the last committed records with `key`, oldest first; then
-        positioned at the end."""
+    async def recent(
+        self, key: bytes, *, limit: int = 64, chunk: int = 64, max_bytes: int = 32 * 1024 * 1024
+    ) -> list[Record]:
+        """As `PartitionReader.recent`: up to `limit` of the last committed records with
+        `key`, oldest first, read back in growing chunks until `max_bytes` are held;
+        then positioned at the end."""
         cursor = self._live()
         cursor.position = 0
-        return [r for r in cursor.fetch(self.bus._topics) if r.key == key][-limit:]
+        records = cursor.fetch(self.bus._topics)
+        found: list[Record] = []
+        held, upper = 0, len(records)
+        while upper > 0 and len(found) < limit and held < max_bytes:
+            lower = max(0, upper - chunk)
+            window = [r for r in records[lower:upper] if r.key == key]
+            found = window + found
+            held += sum(len(r.value or b"") for r in window)
+            upper, chunk = lower, chunk * 4
+        return found[-limit:]
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         deadline = asyncio.get_running_loop().time() + timeout_ms / 1000

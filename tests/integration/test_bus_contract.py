@@ -249,3 +249,22 @@ async def test_sending_to_a_missing_topic_fails_retriably(
     finally:
         await plain.stop()
     assert caught.value.retriable
+
+
+async def test_recent_reads_back_no_further_than_its_byte_budget(
+    bus: Bus, topic: Callable[..., Awaitable[str]], producer: MakeProducer
+) -> None:
+    name = await topic()
+    plain = await producer()
+    for number in range(10):
+        await plain.send_and_wait(name, bytes([number]) * 1000, key=b"k")
+    reader = bus.reader(name)
+    assert await reader.start()
+    try:
+        # Chunks of 1, 4, 16 records: past 1,500 bytes after the second chunk, it stops.
+        bounded = await reader.recent(b"k", limit=100, chunk=1, max_bytes=1500)
+        assert [(r.value or b"")[:1] for r in bounded] == [bytes([n]) for n in range(5, 10)]
+        everything = await reader.recent(b"k", limit=100, chunk=1)
+        assert len(everything) == 10
+    finally:
+        await reader.stop()

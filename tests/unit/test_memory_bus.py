@@ -395,3 +395,17 @@ async def test_fail_next_fails_one_call_of_one_operation(bus: MemoryBus) -> None
     assert await values(bus, "t") == [b"sent"]
     with pytest.raises(ValueError, match="unknown operation"):
         bus.fail_next("sned")
+
+
+async def test_recent_reads_back_no_further_than_its_byte_budget(bus: MemoryBus) -> None:
+    bus.create_topic("t", compact=False)
+    async with bus.producer() as producer:
+        for number in range(10):
+            await producer.send_and_wait("t", bytes([number]) * 1000, key=b"k")
+    reader = bus.reader("t")
+    assert await reader.start()
+    everything = await reader.recent(b"k", limit=100, chunk=1)
+    assert [r.value[:1] for r in everything if r.value] == [bytes([n]) for n in range(10)]
+    # Chunks of 1, 4, 16 records: past 1,500 bytes after the second chunk, it stops.
+    bounded = await reader.recent(b"k", limit=100, chunk=1, max_bytes=1500)
+    assert [r.value[:1] for r in bounded if r.value] == [bytes([n]) for n in range(5, 10)]
