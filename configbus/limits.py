@@ -23,13 +23,12 @@ far below what hurts a process:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from configbus.errors import LimitError
 
-__all__ = ["DEFAULT_LIMITS", "LimitError", "Limits", "check_shape"]
+__all__ = ["DEFAULT_LIMITS", "LimitError", "Limits"]
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -47,26 +46,3 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
-
-
-def check_shape(value: object, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> None:
-    """Raise `LimitError` when `value` (plain data: mappings, lists, scalars) is nested
-    deeper than ``limits.depth`` or holds more than ``limits.nodes`` values. Iterative,
-    level by level, looking only at containers: no value, however deep, can exhaust the
-    stack here, and a config of scalars costs little more than counting them."""
-    nodes, depth = 1, 1
-    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
-    while level:
-        if depth > limits.depth:
-            raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
-        deeper: list[Any] = []
-        for item in level:
-            children = item.values() if isinstance(item, Mapping) else item
-            nodes += len(children)
-            deeper.extend(child for child in children if isinstance(child, _CONTAINERS))
-        if nodes > limits.nodes:
-            raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
-        level, depth = deeper, depth + 1
-
-
-_CONTAINERS: Final = (Mapping, list, tuple)

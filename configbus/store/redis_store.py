@@ -33,10 +33,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from configbus.errors import BusError, LimitError, SettingsError
-from configbus.limits import DEFAULT_LIMITS, check_shape
+from configbus.limits import DEFAULT_LIMITS
 from configbus.redact import without_credentials
 from configbus.tree.layer import Layer, LayerKind
-from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, thaw
+from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, freeze_json, thaw
 
 __all__ = ["DEFAULT_PREFIX", "TenantStore"]
 
@@ -384,8 +384,7 @@ def _values(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[Path,
         except (ValueError, TypeError):
             log.warning("%s: skipping field %r: not a configbus store field", key, shown)
             continue
-        check_shape(decoded, what=f"{key}: field {shown}")
-        values[path] = freeze(decoded)
+        values[path] = freeze_json(decoded, what=f"{key}: field {shown}")
     return values
 
 

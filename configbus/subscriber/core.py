@@ -63,7 +63,7 @@ from configbus.telemetry import (
 )
 from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import FrozenDict, freeze_json_within
+from configbus.tree.values import FrozenDict, freeze_json
 
 __all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Snapshot", "Validator"]
 
@@ -322,8 +322,9 @@ class ConfigSubscriber:
         that verifies (or is no newer than what runs) ends the search."""
         records = await reader.recent(key, limit=BOOTSTRAP_RECORDS)
         first = self._bootstrapped is not None and not self._bootstrapped.is_set()
-        for record in sorted(records, key=_claimed_version, reverse=True):
-            if self.version > 0 and _claimed_version(record) <= self.version:
+        claims = sorted(((_claimed_version(r), r) for r in records), key=lambda c: -c[0])
+        for claimed, record in claims:
+            if self.version > 0 and claimed <= self.version:
                 return  # nothing newer than what runs (the cache, or a previous connection)
             if await self._handle(record, startup=first):
                 return
@@ -429,11 +430,7 @@ class ConfigSubscriber:
 
     def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
-            data = freeze_json_within(
-                msgspec.json.decode(event.config_json),
-                depth=self.settings.limits.depth,
-                nodes=self.settings.limits.nodes,
-            )
+            data = freeze_json(msgspec.json.decode(event.config_json), self.settings.limits)
         except RecursionError:
             raise VerificationError("too_large", "config nested too deep to decode") from None
         except LimitError as exc:

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeAlias, final
 import msgspec
 
 from configbus.errors import LimitError
+from configbus.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "DELETE",
@@ -37,7 +38,6 @@ __all__ = [
     "format_path",
     "freeze",
     "freeze_json",
-    "freeze_json_within",
     "looks_secret",
     "plain_secret_paths",
     "redacted",
@@ -189,38 +189,21 @@ def freeze(value: Any) -> Value:
     raise TypeError(f"not a config value: {type(value).__name__}")
 
 
-def freeze_json(value: Any) -> Value:
-    """`freeze` for what a JSON decoder returns (dicts, lists, str, int, float, bool,
-    None): the same result, several times faster, since subscribers freeze every
-    config they receive."""
-    kind = type(value)
-    if kind is dict:
-        if len(value) == 1 and type(value.get(SECRET_KEY)) is str:
-            return SecretRef(value[SECRET_KEY])
-        return FrozenDict(
-            {
-                key: freeze_json(item) if type(item) in _CONTAINERS else item
-                for key, item in value.items()
-            }
-        )
-    if kind is list:
-        return tuple(freeze_json(item) if type(item) in _CONTAINERS else item for item in value)
-    return freeze(value)
-
-
 _CONTAINERS: Final = (dict, list)
 
 
-def freeze_json_within(value: Any, *, depth: int, nodes: int) -> Value:
-    """`freeze_json`, refusing (`LimitError`) data nested deeper than `depth` levels or
-    holding more than `nodes` values: the checks ride along the one walk that freezing
-    makes anyway, so a subscriber pays almost nothing for them."""
+def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
+    """`freeze` for what a JSON decoder returns (dicts, lists, str, int, float, bool,
+    None): the same result, several times faster, since subscribers freeze every config
+    they receive. Refuses (`LimitError`, naming `what`) data nested deeper than
+    ``limits.depth`` or holding more than ``limits.nodes`` values: the checks ride along
+    the one walk freezing makes anyway, and the walk never recurses past the limit."""
     count = 0
 
     def walk(item: Any, level: int) -> Value:
         nonlocal count
-        if level > depth:
-            raise LimitError(f"config is nested deeper than {depth} levels (limit depth)")
+        if level > limits.depth:
+            raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
         count += len(item)
         if type(item) is list:
             return tuple(walk(i, level + 1) if type(i) in _CONTAINERS else i for i in item)
@@ -231,8 +214,8 @@ def freeze_json_within(value: Any, *, depth: int, nodes: int) -> Value:
         )
 
     frozen = walk(value, 1) if type(value) in _CONTAINERS else freeze(value)
-    if count + 1 > nodes:
-        raise LimitError(f"config holds more than {nodes} values (limit nodes)")
+    if count + 1 > limits.nodes:
+        raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
     return frozen
 
 

@@ -316,13 +316,23 @@ async def test_versions_survive_the_loss_of_a_tenant_topic(world: World) -> None
 # -- one writer ---------------------------------------------------------------------
 
 
-async def test_a_second_daemon_stands_by_until_the_first_resigns(world: World) -> None:
+async def test_a_second_daemon_stands_by_until_the_first_resigns(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     first = await world.daemon().start()
     try:
         await eventually(first.ready.is_set, "the first daemon's round")
         second = world.daemon()
         starting = asyncio.create_task(second.start())
-        await asyncio.sleep(0.5)  # two heartbeats: the second must still be waiting
+        await eventually(
+            lambda: any("standing by" in r.getMessage() for r in caplog.records),
+            "the second daemon to see the first's heartbeats",
+        )
+        beats = len(world.bus.records(world.topics.state))
+        await eventually(
+            lambda: len(world.bus.records(world.topics.state)) > beats + 1,
+            "two more of the first's heartbeats",
+        )
         assert not starting.done() and not second.active.is_set()
     finally:
         await first.stop()

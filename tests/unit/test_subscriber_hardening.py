@@ -190,14 +190,14 @@ async def test_an_unexpected_error_on_a_record_rejects_it_and_the_loop_goes_on(
 ) -> None:
     import configbus.subscriber.core as core
 
-    real = core.freeze_json_within
+    real = core.freeze_json
 
-    def broken(value: Any, **limits: int) -> Any:
+    def broken(value: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(value, dict) and value.get("boom"):
             raise ValueError("a bug")
-        return real(value, **limits)
+        return real(value, *args, **kwargs)
 
-    monkeypatch.setattr(core, "freeze_json_within", broken)
+    monkeypatch.setattr(core, "freeze_json", broken)
     await stream.put(stream.event(2, {"boom": True}))
     await eventually(lambda: running.rejected.get("internal_error"), "the rejection")
     await stream.put(stream.event(3, {"size": 3}))
@@ -283,19 +283,17 @@ async def test_a_key_scoped_to_another_tenant_cannot_feed_this_one(tmp_path: Pat
 
 
 def test_the_bounded_freeze_equals_the_plain_one_within_the_limits() -> None:
-    from configbus.tree.values import freeze_json, freeze_json_within
+    from configbus.tree.values import freeze, freeze_json
 
     sample = json.loads((Path(__file__).parents[2] / "environments/schema.json").read_text())
-    assert freeze_json_within(sample, depth=32, nodes=200_000) == freeze_json(sample)
-    assert freeze_json_within({"db": {"$secret": "db/pw"}}, depth=32, nodes=10) == freeze_json(
-        {"db": {"$secret": "db/pw"}}
-    )
+    assert freeze_json(sample) == freeze(sample)
+    assert freeze_json({"db": {"$secret": "db/pw"}}) == freeze({"db": {"$secret": "db/pw"}})
     at_limit = json.loads(nested(32))  # 32 objects, one in the other: 32 levels
-    assert freeze_json_within(at_limit, depth=32, nodes=100) == freeze_json(at_limit)
+    assert freeze_json(at_limit) == freeze(at_limit)
     with pytest.raises(LimitError, match="deeper than 32 levels"):
-        freeze_json_within(json.loads(nested(33)), depth=32, nodes=100)
-    with pytest.raises(LimitError, match="more than 10 values"):
-        freeze_json_within({"k": list(range(10))}, depth=32, nodes=10)
+        freeze_json(json.loads(nested(33)))
+    with pytest.raises(LimitError, match="field x holds more than 10 values"):
+        freeze_json({"k": list(range(10))}, Limits(nodes=10), what="field x")
 
 
 def unsigned_nested(depth: int) -> bytes:
