@@ -46,6 +46,7 @@ __all__ = [
     "VerifiedEvent",
     "build_body",
     "check_signature",
+    "claimed_version",
     "config_json_of",
     "now_ns",
     "open_envelope",
@@ -102,6 +103,10 @@ class _EnvelopeVersion(msgspec.Struct):  # only `v`: read when a whole envelope 
     v: int
 
 
+class _BodyVersion(msgspec.Struct):  # only `version`: what a record claims, unverified
+    version: int
+
+
 class _BodySchema(msgspec.Struct):  # only `schema`: read when a whole body won't decode
     schema: int
 
@@ -154,6 +159,7 @@ _envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)
 _body_decoder: Final = msgspec.msgpack.Decoder(EventBody)
 _version_decoder: Final = msgspec.msgpack.Decoder(_EnvelopeVersion)
 _schema_decoder: Final = msgspec.msgpack.Decoder(_BodySchema)
+_claim_decoder: Final = msgspec.msgpack.Decoder(_BodyVersion)
 
 
 def build_body(
@@ -251,6 +257,16 @@ def open_envelope(
     if hashlib.sha256(config_json).hexdigest() != body.config_hash:
         raise VerificationError("hash_mismatch", "config does not match config_hash")
     return VerifiedEvent(envelope.kid, body, config_json)
+
+
+def claimed_version(value: bytes | None) -> int:
+    """The version a record value claims, unverified: only ever the order in which
+    candidates are tried (start-up tries the highest claim first). -1 when it claims
+    nothing readable; such a record is still tried, and rejected."""
+    try:
+        return _claim_decoder.decode(_envelope_decoder.decode(value or b"").body).version
+    except _UNDECODABLE:
+        return -1
 
 
 def check_signature(envelope: Envelope, trust: TrustStore) -> TrustedKey:

@@ -32,7 +32,9 @@ __all__ = [
     "meter",
     "published_counter",
     "rejected_counter",
+    "trace_id_of",
     "tracer",
+    "tracing",
 ]
 
 tracer: Final = trace.get_tracer("configbus")
@@ -75,6 +77,30 @@ def extract(headers: Iterable[tuple[str, bytes]]) -> Context:
         if key in ("traceparent", "tracestate")
     }
     return propagate.extract(carrier, context=context.Context())
+
+
+def tracing() -> bool:
+    """Whether spans go anywhere: an SDK tracer provider (or any real one) is installed.
+    Without one, starting a span still costs microseconds for nothing, so hot paths
+    ask first."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def trace_id_of(headers: Iterable[tuple[str, bytes]]) -> str:
+    """The trace id (32 hex digits) of a W3C ``traceparent`` header, "" when there is
+    none or it is not well formed: the trace an event belongs to, without a span."""
+    for key, value in headers:
+        if key == "traceparent":
+            parts = value.split(b"-")
+            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != b"0" * 32:
+                try:
+                    int(parts[1], 16)
+                except ValueError:
+                    return ""
+                return parts[1].decode()
+            return ""
+    return ""
 
 
 _configured = False

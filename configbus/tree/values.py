@@ -42,6 +42,7 @@ __all__ = [
     "plain_secret_paths",
     "redacted",
     "thaw",
+    "view_json",
     "walk",
 ]
 
@@ -189,7 +190,7 @@ def freeze(value: Any) -> Value:
     raise TypeError(f"not a config value: {type(value).__name__}")
 
 
-_CONTAINERS: Final = (dict, list)
+_CONTAINERS: Final = frozenset((dict, list))
 
 
 def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
@@ -217,6 +218,97 @@ def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "con
     if count + 1 > limits.nodes:
         raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
     return frozen
+
+
+class _LazyDict(FrozenDict):
+    """A `FrozenDict` over a decoded JSON object (see `view_json`) whose nested objects
+    become `_LazyDict`s when first read, and stay so: a reader of one key pays for that
+    branch only. Every way of reading a value goes through `__getitem__`, `values` or
+    `items`, including ``dict(view)`` and ``{**view}`` (a dict subclass with its own
+    `__iter__` is copied key by key), so no mutable object is ever handed out. Lists
+    were made tuples, and secret references `SecretRef`s, before the view was made,
+    so a branch compares equal whether it has been read yet or not."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if type(value) is dict:
+            value = _LazyDict(value)
+            dict.__setitem__(self, key, value)  # the same value, now immutable
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 - this is get()
+
+    def __iter__(self) -> Iterator[str]:
+        return dict.__iter__(self)
+
+    def values(self) -> Any:
+        return dict.values(self._read_all())
+
+    def items(self) -> Any:
+        return dict.items(self._read_all())
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def __or__(self, other: Any) -> Any:
+        return dict(self.items()) | other
+
+    def __ror__(self, other: Any) -> Any:
+        return other | dict(self.items())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self.items()),))
+
+    def _read_all(self) -> _LazyDict:
+        raw = [key for key, value in dict.items(self) if type(value) is dict]
+        for key in raw:
+            self[key]
+        return self
+
+
+def view_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
+    """What `freeze_json` gives, without copying every object up front: lists become
+    tuples and ``{"$secret": NAME}`` a `SecretRef` in one walk over `value` (which it
+    changes: pass what a JSON decoder just returned), and objects are wrapped in
+    immutable views only as they are read. The walk enforces ``limits.depth`` and
+    ``limits.nodes`` as `freeze_json` does, raising `LimitError` naming `what`."""
+    count = 0
+
+    def prepare(item: Any, level: int) -> Any:
+        nonlocal count
+        if level > limits.depth:
+            raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
+        count += len(item)
+        if type(item) is list:
+            if _CONTAINERS.isdisjoint(map(type, item)):  # in C: most lists hold scalars
+                return tuple(item)
+            return tuple(
+                _viewed(prepare(i, level + 1)) if type(i) in _CONTAINERS else i for i in item
+            )
+        if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
+            return SecretRef(item[SECRET_KEY])
+        if _CONTAINERS.isdisjoint(map(type, item.values())):  # a leaf object: nothing to do
+            return item
+        changed = [
+            (key, prepared)
+            for key, child in item.items()
+            if type(child) in _CONTAINERS and (prepared := prepare(child, level + 1)) is not child
+        ]
+        for key, prepared in changed:
+            item[key] = prepared
+        return item
+
+    viewed = _viewed(prepare(value, 1)) if type(value) in _CONTAINERS else freeze(value)
+    if count + 1 > limits.nodes:
+        raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
+    return viewed
+
+
+def _viewed(value: Any) -> Any:
+    return _LazyDict(value) if type(value) is dict else value
 
 
 def thaw(value: Value) -> Any:
