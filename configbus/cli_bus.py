@@ -96,6 +96,17 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     )
     once.set_defaults(func=_publish_once)
 
+    agent = commands.add_parser(
+        "agent",
+        parents=[kafka],
+        help="the host agent: one Kafka reader for every service on this host",
+    )
+    agent.add_argument("--socket", metavar="PATH", help="default $CONFIGBUS_AGENT")
+    agent.add_argument("--trust", metavar="FILE", help="default $CONFIGBUS_TRUST")
+    agent.add_argument("--cache-dir", metavar="DIR", help="default $CONFIGBUS_CACHE_DIR")
+    agent.add_argument("--log-level", default="INFO")
+    agent.set_defaults(func=_agent)
+
     tail = commands.add_parser(
         "tail", parents=[kafka], help="read a tenant's topic from the start and verify each event"
     )
@@ -189,6 +200,32 @@ def _daemon(args: argparse.Namespace, out: TextIO) -> int:
     configure(json_lines=True, level=args.log_level)
     configure_from_env()
     return run_async(run(settings))
+
+
+def _agent(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from configbus.agent import AgentSettings
+    from configbus.agent.server import run as run_agent
+
+    kafka, topics = _kafka(args)
+    socket_path = pick(args.socket, "CONFIGBUS_AGENT", "", str)
+    if not socket_path:
+        raise SettingsError("give --socket or set CONFIGBUS_AGENT")
+    trust = pick(args.trust, "CONFIGBUS_TRUST", "", str)
+    if not trust:
+        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
+    cache = pick(args.cache_dir, "CONFIGBUS_CACHE_DIR", "", str)
+    settings = AgentSettings(
+        socket=Path(socket_path),
+        kafka=KafkaSettings(kafka.bootstrap_servers, client_id="configbus-agent"),
+        trust=TrustStore.load(trust),
+        cache_dir=Path(cache) if cache else None,
+        topics=topics,
+    )
+    configure(json_lines=True, level=args.log_level)
+    configure_from_env()
+    return run_async(run_agent(settings))
 
 
 def _publish_once(args: argparse.Namespace, out: TextIO) -> int:

@@ -32,7 +32,7 @@ import inspect
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
+from configbus.agent.protocol import Hello
 from configbus.bus import Bus, KafkaBus, Record
 from configbus.bus.base import ReaderAPI
 from configbus.errors import (
@@ -51,7 +52,9 @@ from configbus.errors import (
     NoConfigError,
     VerificationError,
 )
-from configbus.events import Ack, Envelope, VerifiedEvent, open_envelope
+from configbus.events import Ack, VerifiedEvent, claimed_version, open_envelope
+from configbus.subscriber.acks import AckSender
+from configbus.subscriber.link import AgentLink
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.supervise import Backoff, finish, supervise
 from configbus.telemetry import (
@@ -59,11 +62,13 @@ from configbus.telemetry import (
     extract,
     latency_histogram,
     rejected_counter,
+    trace_id_of,
     tracer,
+    tracing,
 )
 from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import FrozenDict, freeze_json
+from configbus.tree.values import FrozenDict, view_json
 
 __all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Snapshot", "Validator"]
 
@@ -89,25 +94,13 @@ class Snapshot:
     trace_id: str = ""  # of the apply: the publisher's trace, continued here
 
 
-class _BodyVersion(msgspec.Struct):  # the claimed version, to order candidates (unverified)
-    version: int
-
-
 _EMPTY = ResolvedConfig(FrozenDict())
 _ack_encoder = msgspec.msgpack.Encoder()
-_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
-_version_decoder = msgspec.msgpack.Decoder(_BodyVersion)
 BOOTSTRAP_RECORDS = 256  # records of the stream read back at start, at most
 _REASON_LIMIT = 500  # characters of a rejection's reason in an ack
-
-
-def _claimed_version(record: Record) -> int:
-    """The version a record claims, unverified: only the order in which start-up tries
-    candidates. -1 when it claims nothing readable (it is still tried, and rejected)."""
-    try:
-        return _version_decoder.decode(_envelope_decoder.decode(record.value or b"").body).version
-    except (msgspec.DecodeError, TypeError, RecursionError):
-        return -1
+_UNSENT_ACKS = 1000  # acks held while the agent is away, at most (the oldest go first)
+_AGENT_RETRY_S = 1.0  # while reading Kafka for an absent agent: how often to look for it
+_NO_SPAN = contextlib.nullcontext()
 
 
 class ConfigSubscriber:
@@ -128,7 +121,9 @@ class ConfigSubscriber:
         pass a `configbus.bus.MemoryBus`)."""
         self.settings = settings or SubscriberSettings.build(tenant, env, **options)
         self.tenant, self.env = self.settings.tenant, self.settings.env
-        self._bus: Bus = bus or KafkaBus(self.settings.kafka)
+        kafka = self.settings.kafka
+        self._bus: Bus | None = bus or (KafkaBus(kafka) if kafka is not None else None)
+        self._bus_is_own = bus is None  # then subscribers of one cluster share an ack producer
         self._current = Snapshot(_EMPTY, 0, None)
         self._callbacks: list[tuple[str, Callback]] = []
         self._validators: list[Validator] = []
@@ -138,10 +133,14 @@ class ConfigSubscriber:
         self.last_rejection: str | None = None
         self._start_rejections: Counter[str] = Counter()  # reason -> records, before the first
         self._last_bus_error: str | None = None
-        self.source: str | None = None  # "kafka" or "cache": where the config came from
+        self.source: str | None = None  # "agent", "kafka" or "cache": where the config came from
         self._task: asyncio.Task[None] | None = None
-        self._acks: asyncio.Queue[Ack] | None = None
-        self._ack_task: asyncio.Task[None] | None = None
+        self.via: str | None = None  # "agent" or "kafka": what it follows the stream through now
+        self._sender: AckSender | None = None  # acks to Kafka, when reading it directly
+        self._link: AgentLink | None = None  # the agent, while connected to it
+        self._unsent: deque[tuple[bytes, bytes]] = deque(maxlen=_UNSENT_ACKS)
+        self._cache_task: asyncio.Task[None] | None = None
+        self._cache_value: bytes | None = None  # the next value for the disk cache
         self._changed: asyncio.Event | None = None  # replaced (after being set) per apply
         self._bootstrapped: asyncio.Event | None = None
         self._state = "new"
@@ -212,7 +211,8 @@ class ConfigSubscriber:
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> ConfigSubscriber:
         """Apply the disk cache, connect, and return once the latest config is applied
-        (or, when Kafka cannot be reached, once the cache is; see the module doc)."""
+        (or, when neither the agent nor Kafka can be reached, once the cache is; see
+        the module doc)."""
         if self._state == "started":
             return self
         if self._state == "stopped":
@@ -220,9 +220,6 @@ class ConfigSubscriber:
         self._changed = asyncio.Event()
         self._bootstrapped = asyncio.Event()
         cached = await self._load_cache()
-        if self.settings.send_acks:
-            self._acks = asyncio.Queue(maxsize=1000)
-            self._ack_task = asyncio.create_task(self._send_acks(), name="configbus-acks")
         self._task = asyncio.create_task(self._follow(), name="configbus-subscriber")
         wait = self.settings.start_timeout
         if cached:
@@ -240,16 +237,17 @@ class ConfigSubscriber:
                     f"cache: {self._why_nothing()}"
                 ) from None
             log.warning(
-                "%s/%s: Kafka unreachable; running on the disk cache (v%d), still retrying",
+                "%s/%s: %s unreachable; running on the disk cache (v%d), still retrying",
                 self.tenant,
                 self.env,
+                "the agent" if self.settings.agent is not None else "Kafka",
                 self.version,
             )
         self._state = "started"
         return self
 
     def _why_nothing(self) -> str:
-        """Why no config came from Kafka, for the error `start()` raises."""
+        """Why no config came, for the error `start()` raises."""
         if self._start_rejections:
             count = sum(self._start_rejections.values())
             reasons = ", ".join(
@@ -257,7 +255,9 @@ class ConfigSubscriber:
             )
             return f"{count} record(s) of the stream rejected: {reasons}"
         if self._last_bus_error is not None:
-            return f"Kafka: {self._last_bus_error}"
+            return self._last_bus_error
+        if self.settings.agent is not None:
+            return f"the agent at {self.settings.agent} has no record of the stream yet"
         return "the stream has no record in Kafka yet"
 
     async def stop(self) -> None:
@@ -270,12 +270,15 @@ class ConfigSubscriber:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
         await finish(task, f"{self.tenant}/{self.env} follow")
-        ack_task, self._ack_task = self._ack_task, None
-        if ack_task is not None:
-            if self._acks is not None and not ack_task.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._acks.join(), 2.0)
-            await finish(ack_task, f"{self.tenant}/{self.env} acks")
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await sender.release()
+        if self._cache_task is not None:  # let the last write land, briefly
+            await asyncio.wait({self._cache_task}, timeout=2.0)
+            await finish(self._cache_task, f"{self.tenant}/{self.env} cache")
 
     async def __aenter__(self) -> ConfigSubscriber:
         return await self.start()
@@ -285,14 +288,98 @@ class ConfigSubscriber:
 
     # -- following the stream ---------------------------------------------------------
     async def _follow(self) -> None:
-        """Bootstrap, then follow, under the supervisor: a Kafka failure or anything
-        unexpected is logged and the loop starts again after a backoff."""
+        """Follow the stream through the agent when there is one, else from Kafka,
+        under the supervisor: a failure or anything unexpected is logged and the loop
+        starts again after a backoff."""
         backoff = Backoff(0.1, 10.0)
-        await supervise(
-            f"subscriber {self.tenant}/{self.env}", lambda: self._follow_once(backoff), backoff
+        if self.settings.agent is None:
+            body = lambda: self._follow_kafka(backoff)  # noqa: E731
+        else:
+            body = lambda: self._follow_agent(backoff)  # noqa: E731
+        await supervise(f"subscriber {self.tenant}/{self.env}", body, backoff)
+
+    async def _follow_agent(self, backoff: Backoff) -> None:
+        """Records from the agent, for as long as it is there. While it is not, records
+        from Kafka directly when the subscriber knows the cluster, until the agent is
+        back; without Kafka, the config it has (from the cache) until then."""
+        path = self.settings.agent
+        assert path is not None
+        while True:
+            try:
+                link = await AgentLink.open(path, self._hello())
+            except OSError as exc:
+                self._last_bus_error = f"the agent at {path} is unreachable ({exc.strerror or exc})"
+                if self._bus is None:
+                    raise BusError(self._last_bus_error) from None
+                log.warning(
+                    "%s/%s: %s; reading Kafka directly until it is back",
+                    self.tenant,
+                    self.env,
+                    self._last_bus_error,
+                )
+                await self._follow_kafka_while_agent_away(path, backoff)
+                continue
+            self._link, self.via = link, "agent"
+            self._last_bus_error = None
+            log.info("%s/%s: following through the agent at %s", self.tenant, self.env, path)
+            while self._unsent:
+                link.ack(*self._unsent.popleft())
+            backoff.reset()
+            try:
+                if not link.welcome.has_record and link.welcome.kafka != "connected":
+                    self._last_bus_error = (
+                        f"the agent at {path} has no record yet; its Kafka: {link.welcome.kafka}"
+                    )
+                async for record in link.records(self._frame_limit()):
+                    await self._handle(record, source="agent")
+                    self._mark_bootstrapped("agent")
+            finally:
+                self._link = self.via = None
+                await link.close()
+            raise BusError(f"the agent at {path} went away")
+
+    async def _follow_kafka_while_agent_away(self, path: Path, backoff: Backoff) -> None:
+        """Follow Kafka directly until the agent accepts connections again."""
+        kafka = asyncio.create_task(
+            supervise(
+                f"subscriber {self.tenant}/{self.env} (Kafka)",
+                lambda: self._follow_kafka(backoff),
+                backoff,
+            )
+        )
+        try:
+            while True:
+                await asyncio.sleep(_AGENT_RETRY_S)
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_unix_connection(os.fspath(path))
+                    writer.close()
+                    log.info("%s/%s: the agent at %s is back", self.tenant, self.env, path)
+                    return
+        finally:
+            await finish(kafka, f"{self.tenant}/{self.env} Kafka follow")
+
+    def _hello(self) -> Hello:
+        return Hello(
+            tenant=self.tenant,
+            env=self.env,
+            instance=self.settings.instance_id,
+            service=self.settings.service,
+            version=self.version,
         )
 
-    async def _follow_once(self, backoff: Backoff) -> None:
+    def _frame_limit(self) -> int:
+        return self.settings.limits.event_bytes + 256 * 1024  # the envelope and headers
+
+    async def _follow_kafka(self, backoff: Backoff) -> None:
+        assert self._bus is not None
+        if self.settings.send_acks and self._sender is None:
+            self._sender = AckSender.acquire(
+                self._bus,
+                self.settings.topics.acks,
+                identity=self.settings.kafka if self._bus_is_own else None,
+            )
+            while self._unsent:
+                self._sender.put(*self._unsent.popleft())
         topic = self.settings.topics.tenant_topic(self.tenant)
         key = self.env.encode()
         reader = self._bus.reader(topic)
@@ -302,17 +389,19 @@ class ConfigSubscriber:
                     raise BusError(f"topic {topic} does not exist yet")
                 await self._bootstrap(reader, key)
             except BusError as exc:
-                self._last_bus_error = str(exc)
+                self._last_bus_error = f"Kafka: {exc}"
                 raise
-            self._last_bus_error = None
-            self._mark_bootstrapped()
+            self._last_bus_error, self.via = None, "kafka"
+            self._mark_bootstrapped("kafka")
             backoff.reset()
             while True:
                 for record in await reader.poll(1000):
                     if record.key == key:
                         await self._handle(record)
-                        self._mark_bootstrapped()
+                        self._mark_bootstrapped("kafka")
         finally:
+            if self.via == "kafka":
+                self.via = None
             with contextlib.suppress(Exception):
                 await reader.stop()
 
@@ -322,32 +411,96 @@ class ConfigSubscriber:
         that verifies (or is no newer than what runs) ends the search."""
         records = await reader.recent(key, limit=BOOTSTRAP_RECORDS)
         first = self._bootstrapped is not None and not self._bootstrapped.is_set()
-        claims = sorted(((_claimed_version(r), r) for r in records), key=lambda c: -c[0])
+        claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
         for claimed, record in claims:
             if self.version > 0 and claimed <= self.version:
                 return  # nothing newer than what runs (the cache, or a previous connection)
             if await self._handle(record, startup=first):
                 return
 
-    def _mark_bootstrapped(self) -> None:
+    def _mark_bootstrapped(self, source: str) -> None:
         """Let start() return, once there is a verified config: a rejected record (a
         forgery, or one the validators refuse) is no config to start on."""
         if self.version == 0:
             return
         if self._bootstrapped is not None and not self._bootstrapped.is_set():
-            self.source = "kafka"
+            if self.source == "cache" or self.source is None:
+                self.source = source
             self._bootstrapped.set()
 
     async def _handle(
-        self, record: Record, *, from_cache: bool = False, startup: bool = False
+        self, record: Record, *, source: str = "kafka", startup: bool = False
     ) -> bool:
-        """Verify and apply one record; True when applied."""
+        """Verify and apply one record; True when applied. The lean path: one span when
+        a tracer provider is installed (none otherwise), no diff unless a callback
+        needs one, the config read lazily, the ack and the cache written off the path."""
         received_at = time.time_ns()
-        parent = extract(record.headers)
+        from_cache = source == "cache"
+        span = self._span(record, from_cache) if tracing() else None
+        with trace.use_span(span, end_on_exit=True) if span is not None else _NO_SPAN:
+            trace_id = (
+                format(span.get_span_context().trace_id, "032x")
+                if span is not None
+                else trace_id_of(record.headers)
+            )
+            event: VerifiedEvent | None = None
+            try:
+                event = open_envelope(
+                    record.value or b"",
+                    self.settings.trust,
+                    stream=(self.tenant, self.env),
+                    limits=self.settings.limits,
+                )
+                self._check_version(event)
+                previous = self.version
+                old, new = self._apply(event, trace_id)
+                applied_at = time.time_ns()
+            except _AlreadyApplied:
+                self.ignored += 1  # the same event again (the cache, then Kafka): no news
+                return False
+            except VerificationError as exc:
+                self._rejected(exc, event, received_at, trace_id, span)
+                return False
+            except Exception as exc:  # whatever a record holds, it ends rejected
+                log.exception("%s/%s: unexpected error on a record", self.tenant, self.env)
+                error = VerificationError("internal_error", f"{exc.__class__.__name__}")
+                self._rejected(error, event, received_at, trace_id, span)
+                return False
+            self.applied += 1
+            self.source = source
+            if span is not None:
+                span.set_attribute("configbus.version", event.body.version)
+                span.add_event("applied", {"configbus.kid": event.kid})
+            if not from_cache:
+                self._ack(event, "applied", "", received_at, applied_at, trace_id, startup)
+                self._write_cache(record)
+            # The publisher diffed this version against the one before it; when that is
+            # the version we ran, its list saves walking both configs. An empty list
+            # (from a producer that did not fill it in) is not trusted to mean "nothing".
+            consecutive = previous == event.body.version - 1
+            known = event.body.changed_paths if consecutive and event.body.changed_paths else None
+            await self._run_callbacks(old, new, known, span)
+            latency_ms = (applied_at - event.body.detected_at) / 1e6
+            attributes = {"configbus.tenant": self.tenant, "configbus.env": self.env}
+            applied_counter.add(1, attributes)
+            if not from_cache and not startup:
+                latency_histogram.record(latency_ms, attributes)
+            if not from_cache and log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s/%s: applied v%d (%.1f ms after detection)",
+                    self.tenant,
+                    self.env,
+                    event.body.version,
+                    latency_ms,
+                    extra={"tenant": self.tenant, "env": self.env, "version": event.body.version},
+                )
+            return True
+
+    def _span(self, record: Record, from_cache: bool) -> trace.Span:
         name = "apply cached config" if from_cache else f"receive {record.topic}"
-        with tracer.start_as_current_span(
+        return tracer.start_span(
             name,
-            context=parent,
+            context=extract(record.headers),
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "kafka",
@@ -358,60 +511,7 @@ class ConfigSubscriber:
                 "configbus.env": self.env,
                 "configbus.instance": self.settings.instance_id,
             },
-        ) as span:
-            event: VerifiedEvent | None = None
-            try:
-                with tracer.start_as_current_span("verify"):
-                    event = open_envelope(
-                        record.value or b"",
-                        self.settings.trust,
-                        stream=(self.tenant, self.env),
-                        limits=self.settings.limits,
-                    )
-                    self._check_version(event)
-                span.set_attribute("configbus.version", event.body.version)
-                previous = self.version
-                with tracer.start_as_current_span("apply"):
-                    old, new = self._apply(event)
-                applied_at = time.time_ns()
-            except _AlreadyApplied:
-                self.ignored += 1  # the same event again (the cache, then Kafka): no news
-                return False
-            except VerificationError as exc:
-                span.set_status(StatusCode.ERROR, exc.reason)
-                self._rejected(exc, event, received_at, span)
-                return False
-            except Exception as exc:  # whatever a record holds, it ends rejected
-                log.exception("%s/%s: unexpected error on a record", self.tenant, self.env)
-                error = VerificationError("internal_error", f"{exc.__class__.__name__}")
-                span.set_status(StatusCode.ERROR, error.reason)
-                self._rejected(error, event, received_at, span)
-                return False
-            self.applied += 1
-            self.source = "cache" if from_cache else "kafka"
-            # The publisher diffed this version against the one before it; when that is
-            # the version we ran, its list saves walking both configs. An empty list
-            # (from a producer that did not fill it in) is not trusted to mean "nothing".
-            consecutive = previous == event.body.version - 1
-            known = event.body.changed_paths if consecutive and event.body.changed_paths else None
-            await self._run_callbacks(old, new, known)
-            latency_ms = (applied_at - event.body.detected_at) / 1e6
-            attributes = {"configbus.tenant": self.tenant, "configbus.env": self.env}
-            applied_counter.add(1, attributes)
-            if not from_cache and not startup:
-                latency_histogram.record(latency_ms, attributes)
-            if not from_cache:
-                log.info(
-                    "%s/%s: applied v%d (%.1f ms after detection)",
-                    self.tenant,
-                    self.env,
-                    event.body.version,
-                    latency_ms,
-                    extra={"tenant": self.tenant, "env": self.env, "version": event.body.version},
-                )
-                self._ack(event, "applied", "", received_at, applied_at, span, startup)
-                await self._write_cache(record)
-            return True
+        )
 
     def _check_version(self, event: VerifiedEvent) -> None:
         """A verified event (for this stream: `open_envelope` checked) must be newer
@@ -428,9 +528,9 @@ class ConfigSubscriber:
                 "stale_version", f"v{body.version} is not newer than v{self.version}"
             )
 
-    def _apply(self, event: VerifiedEvent) -> tuple[ResolvedConfig, ResolvedConfig]:
+    def _apply(self, event: VerifiedEvent, trace_id: str) -> tuple[ResolvedConfig, ResolvedConfig]:
         try:
-            data = freeze_json(msgspec.json.decode(event.config_json), self.settings.limits)
+            data = view_json(msgspec.json.decode(event.config_json), self.settings.limits)
         except RecursionError:
             raise VerificationError("too_large", "config nested too deep to decode") from None
         except LimitError as exc:
@@ -452,16 +552,18 @@ class ConfigSubscriber:
             if verdict is False:
                 raise VerificationError("refused", f"{_name(validator)} refused the config")
         old = self._current.config
-        trace_id = trace.get_current_span().get_span_context().trace_id
-        traced = format(trace_id, "032x") if trace_id else ""
-        self._current = Snapshot(new, event.body.version, event, traced)  # the atomic swap
+        self._current = Snapshot(new, event.body.version, event, trace_id)  # the atomic swap
         if self._changed is not None:
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()  # wakes every wait_for_version
         return old, new
 
     async def _run_callbacks(
-        self, old: ResolvedConfig, new: ResolvedConfig, known: Sequence[str] | None
+        self,
+        old: ResolvedConfig,
+        new: ResolvedConfig,
+        known: Sequence[str] | None,
+        span: trace.Span | None,
     ) -> None:
         if not self._callbacks:
             return
@@ -470,29 +572,31 @@ class ConfigSubscriber:
             paths = [p for p in changed if not prefix or p == prefix or p.startswith(prefix + ".")]
             if not paths:
                 continue
-            with tracer.start_as_current_span(f"callback {_name(callback)}") as span:
-                try:
-                    result = callback(old, new, paths)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(StatusCode.ERROR, exc.__class__.__name__)
-                    log.exception(
-                        "%s/%s: change callback %s failed", self.tenant, self.env, _name(callback)
-                    )
+            try:
+                result = callback(old, new, paths)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                if span is not None:
+                    span.record_exception(exc, {"configbus.callback": _name(callback)})
+                log.exception(
+                    "%s/%s: change callback %s failed", self.tenant, self.env, _name(callback)
+                )
 
     def _rejected(
         self,
         exc: VerificationError,
         event: VerifiedEvent | None,
         received_at: int,
-        span: trace.Span,
+        trace_id: str,
+        span: trace.Span | None,
     ) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
         self.last_rejection = str(exc)
         if self.version == 0:
             self._start_rejections[exc.reason] += 1
+        if span is not None:
+            span.set_status(StatusCode.ERROR, exc.reason)
         rejected_counter.add(
             1, {"configbus.tenant": self.tenant, "configbus.env": self.env, "reason": exc.reason}
         )
@@ -504,7 +608,7 @@ class ConfigSubscriber:
             exc,
             extra={"tenant": self.tenant, "env": self.env, "reason": exc.reason},
         )
-        self._ack(event, "rejected", str(exc), received_at, 0, span)
+        self._ack(event, "rejected", str(exc), received_at, 0, trace_id)
 
     # -- acknowledgements -----------------------------------------------------------
     def _ack(
@@ -514,10 +618,11 @@ class ConfigSubscriber:
         reason: str,
         received_at: int,
         applied_at: int,
-        span: trace.Span,
+        trace_id: str,
         startup: bool = False,
     ) -> None:
-        if self._acks is None:
+        """Hand an ack to the agent or to the process's ack sender; never waits."""
+        if not self.settings.send_acks:
             return
         body = event.body if event is not None else None
         if len(reason) > _REASON_LIMIT:  # a record's text can be any length
@@ -535,43 +640,19 @@ class ConfigSubscriber:
             issued_at=body.issued_at if body is not None else 0,
             received_at=received_at,
             applied_at=applied_at,
-            trace_id=format(span.get_span_context().trace_id, "032x"),
+            trace_id=trace_id,
             startup=startup,
         )
-        try:
-            self._acks.put_nowait(ack)
-        except asyncio.QueueFull:
-            log.warning("%s/%s: acknowledgement queue full; dropping one", self.tenant, self.env)
-
-    async def _send_acks(self) -> None:
-        """Send acknowledgements in the background, so a slow or absent acks topic never
-        delays applying config."""
-        queue = self._acks
-        if queue is None:
-            return
-        producer = self._bus.producer()
-        base = f"{self.tenant}/{self.env}/{self.settings.instance_id}"
-        try:
-            while True:
-                ack = await queue.get()
-                try:
-                    await producer.start()
-                    # Keyed per instance and status, so compaction keeps both the last
-                    # applied and the last rejected ack of every instance.
-                    key = f"{base}/{ack.status}".encode()
-                    value = _ack_encoder.encode(ack)
-                    # Awaited to delivery: a refused ack leaves the producer unable to
-                    # send the next ones (out of sequence) until it is made again.
-                    await (await producer.send(self.settings.topics.acks, value, key=key))
-                except Exception as exc:  # an ack is telemetry: never worth the task
-                    log.warning("%s/%s: could not send an ack: %s", self.tenant, self.env, exc)
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
-                finally:
-                    queue.task_done()
-        finally:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        # Keyed per instance and status, so compaction keeps both the last applied and
+        # the last rejected ack of every instance.
+        key = f"{self.tenant}/{self.env}/{self.settings.instance_id}/{status}".encode()
+        value = _ack_encoder.encode(ack)
+        if self._link is not None:
+            self._link.ack(key, value)
+        elif self._sender is not None:
+            self._sender.put(key, value)
+        else:
+            self._unsent.append((key, value))  # until the agent or Kafka is there
 
     # -- the disk cache ---------------------------------------------------------------
     def _cache_file(self) -> Path | None:
@@ -588,28 +669,37 @@ class ConfigSubscriber:
             log.warning("%s: cannot read the config cache: %s", path, exc.strerror)
             return False
         record = Record(str(path), 0, 0, self.env.encode(), value, (), 0)
-        if await self._handle(record, from_cache=True):
+        if await self._handle(record, source="cache"):
             log.info("%s/%s: v%d applied from %s", self.tenant, self.env, self.version, path)
             return True
         log.warning("%s: the cached config did not verify; ignoring it", path)
         return False
 
-    async def _write_cache(self, record: Record) -> None:
-        path = self._cache_file()
-        if path is None or record.value is None:
+    def _write_cache(self, record: Record) -> None:
+        """Write the record to the disk cache in the background: the latest one wins
+        when several come faster than the disk."""
+        if self.settings.cache_dir is None or record.value is None:
             return
-        value = record.value
+        self._cache_value = record.value
+        if self._cache_task is None or self._cache_task.done():
+            self._cache_task = asyncio.create_task(self._cache_writer())
 
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            temporary.write_bytes(value)
-            os.replace(temporary, path)  # atomic: a crash leaves the old file or the new
+    async def _cache_writer(self) -> None:
+        path = self._cache_file()
+        assert path is not None
+        while (value := self._cache_value) is not None:
+            self._cache_value = None
 
-        try:
-            await asyncio.to_thread(write)
-        except OSError as exc:
-            log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
+            def write(value: bytes = value) -> None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                temporary.write_bytes(value)
+                os.replace(temporary, path)  # atomic: a crash leaves the old file or the new
+
+            try:
+                await asyncio.to_thread(write)
+            except OSError as exc:
+                log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
 
 
 def _name(function: object) -> str:

@@ -28,7 +28,8 @@ class SubscriberOptions(TypedDict, total=False):
     """The keyword options of a subscriber; each falls back to its ``CONFIGBUS_*``
     variable, then to a default."""
 
-    bootstrap_servers: str  # CONFIGBUS_BOOTSTRAP_SERVERS (required)
+    bootstrap_servers: str  # CONFIGBUS_BOOTSTRAP_SERVERS (required without an agent)
+    agent: str | os.PathLike[str]  # CONFIGBUS_AGENT: the host agent's socket, default none
     trust: TrustStore | str | os.PathLike[str]  # CONFIGBUS_TRUST: a trust file (required)
     instance_id: str  # CONFIGBUS_INSTANCE_ID, default host-pid
     service: str  # CONFIGBUS_SERVICE, default the program's name
@@ -46,7 +47,7 @@ class SubscriberSettings:
 
     tenant: str
     env: str
-    kafka: KafkaSettings
+    kafka: KafkaSettings | None  # None: only through the agent
     trust: TrustStore
     instance_id: str
     service: str
@@ -56,6 +57,14 @@ class SubscriberSettings:
     offline_grace: float = 5.0  # with a disk cache: how long start() waits for Kafka
     send_acks: bool = True
     limits: Limits = DEFAULT_LIMITS  # what a record may hold (configbus.limits)
+    agent: Path | None = None  # the host agent's socket: records come through it
+
+    def __post_init__(self) -> None:
+        if self.kafka is None and self.agent is None:
+            raise SettingsError(
+                "no Kafka cluster and no agent: pass bootstrap_servers or agent, or set "
+                "CONFIGBUS_BOOTSTRAP_SERVERS or CONFIGBUS_AGENT"
+            )
 
     @classmethod
     def build(
@@ -69,6 +78,7 @@ class SubscriberSettings:
         if unknown:
             raise TypeError(f"unknown subscriber option(s): {', '.join(unknown)}")
         bootstrap_servers = options.get("bootstrap_servers")
+        agent = options.get("agent")
         trust = options.get("trust")
         instance_id = options.get("instance_id")
         service = options.get("service")
@@ -83,10 +93,7 @@ class SubscriberSettings:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)  # type: ignore[arg-type]
 
         servers = get(bootstrap_servers, "BOOTSTRAP_SERVERS", "")
-        if not servers:
-            raise SettingsError(
-                "no Kafka cluster: pass bootstrap_servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
-            )
+        socket_path = get(agent, "AGENT", "")
         trusted = trust if isinstance(trust, TrustStore) else get(trust, "TRUST", None)
         if trusted is None:
             raise SettingsError("no trust file: pass trust or set CONFIGBUS_TRUST")
@@ -96,7 +103,10 @@ class SubscriberSettings:
         return cls(
             tenant=tenant,
             env=env,
-            kafka=KafkaSettings(str(servers), client_id="configbus-subscriber"),
+            kafka=KafkaSettings(str(servers), client_id="configbus-subscriber")
+            if servers
+            else None,
+            agent=Path(str(socket_path)) if socket_path else None,
             trust=trusted,
             instance_id=str(
                 get(instance_id, "INSTANCE_ID", f"{socket.gethostname()}-{os.getpid()}")

@@ -190,14 +190,14 @@ async def test_an_unexpected_error_on_a_record_rejects_it_and_the_loop_goes_on(
 ) -> None:
     import configbus.subscriber.core as core
 
-    real = core.freeze_json
+    real = core.view_json
 
     def broken(value: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(value, dict) and value.get("boom"):
             raise ValueError("a bug")
         return real(value, *args, **kwargs)
 
-    monkeypatch.setattr(core, "freeze_json", broken)
+    monkeypatch.setattr(core, "view_json", broken)
     await stream.put(stream.event(2, {"boom": True}))
     await eventually(lambda: running.rejected.get("internal_error"), "the rejection")
     await stream.put(stream.event(3, {"size": 3}))

@@ -1,0 +1,424 @@
+"""`configbus agent`: one process per host between Kafka and the services on it.
+
+    configbus agent --socket /run/configbus/agent.sock --bootstrap-servers kafka:9092 \\
+        --trust /etc/configbus/trust.yml --cache-dir /var/cache/configbus
+
+Services on the host connect to its Unix socket (`ConfigSubscriber(..., agent=PATH)` or
+``CONFIGBUS_AGENT``) instead of each holding Kafka connections. The agent reads each
+tenant topic its services follow once, whatever the number of services, and pushes the
+records' signed bytes to every service following the stream; each service verifies
+every record itself (configbus/agent/protocol.py), so the agent is trusted for nothing
+but availability. Acknowledgements come back over the same connections and leave the
+host through one producer, in batches.
+
+The agent verifies records too, to know each stream's latest good version: that is
+what a service gets first when it connects, from memory, or from the agent's disk cache
+when Kafka is unreachable. After a reconnection to Kafka every stream catches up from
+the highest verified version among its recent records, as a service's own start-up
+does (docs/wire-format.md §2.1), so an agent never hands out an older version than it
+has handed out before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from configbus.agent.protocol import (
+    PROTOCOL_VERSION,
+    Acks,
+    Delivery,
+    Hello,
+    Welcome,
+    encode,
+    read_frame,
+)
+from configbus.bus import Bus, KafkaBus, KafkaSettings, Record, TopicNames
+from configbus.crypto import TrustStore
+from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
+from configbus.events import VerifiedEvent, claimed_version, open_envelope, shown
+from configbus.limits import DEFAULT_LIMITS, Limits
+from configbus.subscriber.acks import AckSender
+from configbus.supervise import Backoff, finish, supervise
+
+__all__ = ["Agent", "AgentSettings", "run"]
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_RECORDS = 256  # records of a stream read back when catching up, at most
+HELLO_BYTES = 4096  # a Hello frame, at most
+ACK_FRAME_BYTES = 1024 * 1024  # an Acks frame, at most
+CLIENT_BUFFER_BYTES = 16 * 1024 * 1024  # unsent bytes to one service before dropping it
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything an agent needs."""
+
+    socket: Path
+    kafka: KafkaSettings
+    trust: TrustStore
+    cache_dir: Path | None = None
+    topics: TopicNames = field(default_factory=TopicNames)
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        if len(os.fsencode(self.socket)) > 100:  # sun_path holds 108 bytes on Linux
+            raise SettingsError(f"socket path {self.socket} is too long for a Unix socket")
+
+
+@dataclass(eq=False)
+class _Client:
+    """One service connection following one stream."""
+
+    writer: asyncio.StreamWriter
+    instance: str
+    service: str
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a frame; False (and the connection closed) when the service has let
+        more than `CLIENT_BUFFER_BYTES` pile up: it reconnects and catches up."""
+        if self.writer.is_closing():
+            return False
+        if self.writer.transport.get_write_buffer_size() > CLIENT_BUFFER_BYTES:
+            log.warning(
+                "%s (%s) is not reading; closing its connection", self.instance, self.service
+            )
+            self.writer.close()
+            return False
+        self.writer.write(frame)
+        return True
+
+
+@dataclass(eq=False)
+class _Stream:
+    tenant: str
+    env: str
+    record: Record | None = None  # the latest verified record
+    version: int = 0
+    clients: set[_Client] = field(default_factory=set)
+    caught_up: bool = False  # since the topic's reader last (re)started
+
+    @property
+    def key(self) -> bytes:
+        return self.env.encode()
+
+    def deliver(self, record: Record) -> None:
+        frame = _delivery(record)
+        for client in list(self.clients):
+            if not client.send(frame):
+                self.clients.discard(client)
+
+
+class Agent:
+    """The host agent. `async with Agent(settings):` or `start()` / `stop()`."""
+
+    def __init__(self, settings: AgentSettings, *, bus: Bus | None = None) -> None:
+        self.settings = settings
+        self._bus: Bus = bus or KafkaBus(settings.kafka)
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}  # tenant topic -> its reader
+        self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._acks: AckSender | None = None
+        self._dirty: set[_Stream] = set()
+        self._cache_task: asyncio.Task[None] | None = None
+        self._cache_wanted = asyncio.Event()
+        self.kafka_state = "connecting"
+        self.delivered = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> Agent:
+        self._load_cache()
+        self._acks = AckSender.acquire(
+            self._bus, self.settings.topics.acks, identity=self.settings.kafka
+        )
+        path = self.settings.socket
+        _claim_socket(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._cache_task = asyncio.create_task(self._write_caches(), name="configbus-agent-cache")
+        log.info("agent listening on %s (%d stream(s) from its cache)", path, len(self._streams))
+        return self
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for stream in self._streams.values():
+            for client in stream.clients:
+                client.writer.close()
+            stream.clients.clear()
+        tasks = [*self._readers.values(), *self._catching_up.values()]
+        self._readers.clear()
+        self._catching_up.clear()
+        for task in tasks:
+            await finish(task, "agent reader")
+        if self._dirty:
+            await asyncio.to_thread(self._flush_caches, list(self._dirty))
+        await finish(self._cache_task, "agent cache")
+        if self._acks is not None:
+            await self._acks.release()
+            self._acks = None
+        with contextlib.suppress(FileNotFoundError):
+            self.settings.socket.unlink()
+
+    async def __aenter__(self) -> Agent:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def clients(self) -> int:
+        return sum(len(stream.clients) for stream in self._streams.values())
+
+    # -- services ---------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream: _Stream | None = None
+        client: _Client | None = None
+        try:
+            hello = await asyncio.wait_for(read_frame(reader, HELLO_BYTES), 10.0)
+            if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
+                raise BusError(
+                    f"expected a hello of protocol {PROTOCOL_VERSION}, got {hello!r:.80}"
+                )
+            self.settings.topics.tenant_topic(hello.tenant)  # a legal tenant, or SettingsError
+            stream = self._stream(hello.tenant, hello.env)
+            client = _Client(writer, shown(hello.instance), shown(hello.service))
+            writer.write(
+                encode(Welcome(has_record=stream.record is not None, kafka=self.kafka_state))
+            )
+            if stream.record is not None and stream.version > hello.version:
+                client.send(_delivery(stream.record))
+            stream.clients.add(client)
+            self._follow(stream)
+            log.debug(
+                "%s (%s) follows %s/%s", client.instance, client.service, stream.tenant, stream.env
+            )
+            while True:
+                frame = await read_frame(reader, ACK_FRAME_BYTES)
+                if frame is None:
+                    break
+                if isinstance(frame, Acks) and self._acks is not None:
+                    for key, value in frame.items:
+                        self._acks.put(key, value)
+        except (BusError, SettingsError, ConnectionError, TimeoutError) as exc:
+            log.warning("a service connection ended: %s", exc)
+        finally:
+            if stream is not None and client is not None:
+                stream.clients.discard(client)
+            writer.close()
+
+    def _stream(self, tenant: str, env: str) -> _Stream:
+        stream = self._streams.get((tenant, env))
+        if stream is None:
+            stream = self._streams[(tenant, env)] = _Stream(tenant, env)
+        return stream
+
+    # -- Kafka ------------------------------------------------------------------------
+    def _follow(self, stream: _Stream) -> None:
+        """Make sure the stream's tenant topic is read, and the stream caught up."""
+        topic = self.settings.topics.tenant_topic(stream.tenant)
+        if topic not in self._readers:
+            self._readers[topic] = asyncio.create_task(
+                self._read_topic(topic), name=f"configbus-agent-{topic}"
+            )
+        elif self.kafka_state == "connected":
+            self._catch_up(stream)
+
+    async def _read_topic(self, topic: str) -> None:
+        backoff = Backoff(0.1, 10.0)
+        await supervise(
+            f"agent reader of {topic}", lambda: self._read_topic_once(topic, backoff), backoff
+        )
+
+    async def _read_topic_once(self, topic: str, backoff: Backoff) -> None:
+        reader = self._bus.reader(topic)
+        tenant = self.settings.topics.tenant_of(topic)
+        try:
+            try:
+                if not await reader.start():
+                    raise BusError(f"topic {topic} does not exist yet")
+                await reader.recent(b"", limit=0)  # positioned at the end: follow from here
+            except BusError as exc:
+                self.kafka_state = str(exc)
+                raise
+            self.kafka_state = "connected"
+            backoff.reset()
+            for stream in self._streams.values():  # records may have come while away
+                if stream.tenant == tenant:
+                    stream.caught_up = False
+                    self._catch_up(stream)
+            while True:
+                for record in await reader.poll(1000):
+                    env = (record.key or b"").decode(errors="replace")
+                    followed = self._streams.get((tenant or "", env))
+                    if followed is not None:
+                        self._received(followed, record)
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+
+    def _catch_up(self, stream: _Stream) -> None:
+        key = (stream.tenant, stream.env)
+        running = self._catching_up.get(key)
+        if stream.caught_up or (running is not None and not running.done()):
+            return
+        self._catching_up[key] = asyncio.create_task(self._catch_up_once(stream))
+
+    async def _catch_up_once(self, stream: _Stream) -> None:
+        """Hand out the highest version among the stream's recent records that verifies,
+        when it is newer than what was handed out; a reader of its own, so the topic's
+        reader goes on following meanwhile."""
+        topic = self.settings.topics.tenant_topic(stream.tenant)
+        reader = self._bus.reader(topic)
+        try:
+            if not await reader.start():
+                return
+            records = await reader.recent(stream.key, limit=BOOTSTRAP_RECORDS)
+            for record in sorted(records, key=lambda r: -claimed_version(r.value)):
+                if claimed_version(record.value) <= stream.version:
+                    break
+                event = self._verify(stream, record)
+                if event is not None and self._adopt(stream, record, event.body.version):
+                    stream.deliver(record)
+                    break
+            stream.caught_up = True
+        except BusError as exc:
+            log.warning("%s/%s: could not catch up: %s", stream.tenant, stream.env, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+
+    def _received(self, stream: _Stream, record: Record) -> None:
+        """A record as it arrives. One that does not verify is passed on all the same:
+        each service refuses it and says so in its acknowledgement, as it would reading
+        Kafka itself. One that verifies is passed on when it is newer than what was
+        handed out; an older one is a replay, or the overlap of a catch-up with the
+        topic's reader, and goes no further."""
+        event = self._verify(stream, record)
+        if event is None or self._adopt(stream, record, event.body.version):
+            stream.deliver(record)
+            self.delivered += 1
+
+    def _verify(self, stream: _Stream, record: Record) -> VerifiedEvent | None:
+        try:
+            return open_envelope(
+                record.value or b"",
+                self.settings.trust,
+                stream=(stream.tenant, stream.env),
+                limits=self.settings.limits,
+            )
+        except VerificationError as exc:
+            log.warning("%s/%s: a record does not verify: %s", stream.tenant, stream.env, exc)
+            return None
+
+    def _adopt(self, stream: _Stream, record: Record, version: int) -> bool:
+        """Make a verified record the stream's latest (and cache it) when it is newer."""
+        if version <= stream.version:
+            return False
+        stream.record, stream.version = record, version
+        if self.settings.cache_dir is not None:
+            self._dirty.add(stream)
+            self._cache_wanted.set()
+        return True
+
+    # -- the disk cache ---------------------------------------------------------------
+    def _cache_file(self, tenant: str, env: str) -> Path | None:
+        folder = self.settings.cache_dir
+        return folder / f"{tenant}.{env}.event" if folder is not None else None
+
+    def _load_cache(self) -> None:
+        folder = self.settings.cache_dir
+        if folder is None or not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.event")):
+            tenant, _, env = path.name.removesuffix(".event").partition(".")
+            try:
+                value = path.read_bytes()
+                event = open_envelope(
+                    value, self.settings.trust, stream=(tenant, env), limits=self.settings.limits
+                )
+            except (OSError, VerificationError) as exc:
+                log.warning("%s: ignoring the cached record: %s", path, exc)
+                continue
+            stream = self._stream(tenant, env)
+            stream.record = Record(str(path), 0, 0, env.encode(), value, (), 0)
+            stream.version = event.body.version
+
+    async def _write_caches(self) -> None:
+        while True:
+            await self._cache_wanted.wait()
+            self._cache_wanted.clear()
+            dirty, self._dirty = list(self._dirty), set()
+            await asyncio.to_thread(self._flush_caches, dirty)
+
+    def _flush_caches(self, streams: Iterable[_Stream]) -> None:
+        for stream in streams:
+            path = self._cache_file(stream.tenant, stream.env)
+            if path is None or stream.record is None or stream.record.value is None:
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                temporary.write_bytes(stream.record.value)
+                os.replace(temporary, path)
+            except OSError as exc:
+                log.warning("%s: cannot write the cache: %s", path, exc.strerror)
+
+
+def _delivery(record: Record) -> bytes:
+    return encode(
+        Delivery(
+            topic=record.topic,
+            offset=record.offset,
+            value=record.value or b"",
+            headers=record.headers,
+            timestamp_ms=record.timestamp_ms,
+        )
+    )
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a socket file left by an agent that is gone; refuse to take over one that
+    another agent is still serving, or a path that is not a socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SettingsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody answers: a leftover
+        return
+    finally:
+        probe.close()
+    raise ConfigBusError(f"another agent is serving {path}")
+
+
+async def run(settings: AgentSettings) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status of `configbus agent`."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Agent(settings):
+            await stop.wait()
+            log.info("agent stopping")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0
