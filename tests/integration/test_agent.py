@@ -50,6 +50,11 @@ class AgentProcess:
         self.log = setup.workdir / "agent.log"
 
     async def start(self) -> AgentProcess:
+        self._spawn()
+        await wait_until(self._accepts, 30.0, what=f"the agent on {self.socket}")
+        return self
+
+    def _spawn(self) -> None:
         topics = self.setup.topics
         command = [
             sys.executable,
@@ -71,8 +76,6 @@ class AgentProcess:
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        await wait_until(self._accepts, 30.0, what=f"the agent on {self.socket}")
-        return self
 
     async def _accepts(self) -> bool:
         assert self.process is not None
@@ -242,5 +245,5 @@ async def test_without_agent_kafka_or_cache_start_says_the_agent_is_unreachable(
     setup: Setup, agent: AgentProcess
 ) -> None:
     sub = behind_agent(setup, agent, start_timeout=1.0)
-    with pytest.raises(NoConfigError, match="agent at .* is unreachable"):
+    with pytest.raises(NoConfigError, match=r"agent at .* is unreachable"):
         await sub.start()
