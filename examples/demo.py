@@ -15,6 +15,10 @@
    app before and after.
 5. Print `configbus rollout status aurora-records prod`, read from the acks.
 
+With ``--agent`` (``make demo-agent``) the three services follow the stream through
+one host agent (`configbus agent`, step 2b) instead of holding Kafka connections each:
+they get no Kafka address at all, and still verify every record themselves.
+
 Everything stops and the temp folder goes when the demo ends, however it ends
 (CONFIGBUS_DEMO_KEEP=1 keeps the folder, with every log). Every wait has a deadline.
 Run it with the project's virtual environment: `make demo`.
@@ -141,7 +145,8 @@ def http_get(url: str) -> dict[str, Any]:
 
 
 class Demo:
-    def __init__(self) -> None:
+    def __init__(self, *, agent: bool = False) -> None:
+        self.agent = agent
         self.tmp = Path(tempfile.mkdtemp(prefix="configbus-demo-"))
         self.keep = bool(os.environ.get("CONFIGBUS_DEMO_KEEP"))
         self.logs = self.tmp / "logs"
@@ -151,6 +156,7 @@ class Demo:
         self.started_services: list[str] = []  # deploy/local scripts to stop
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.daemon_log = self.logs / "daemon.log"
+        self.service_env: dict[str, str] = {}  # what services get beyond the common env
         kafka_port, controller_port, redis_port, http_port = free_ports(4)
         self.bootstrap = f"127.0.0.1:{kafka_port}"
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -199,6 +205,8 @@ class Demo:
         say(f"configbus demo: one change, from a file edit to three services ({self.tmp})")
         self.start_kafka_and_redis()
         version = self.start_publisher()
+        if self.agent:
+            self.start_agent()
         self.start_services(version)
         api = self.services[2]
         url = f"http://127.0.0.1:{api.port}/config/{KEY}"
@@ -263,6 +271,23 @@ class Demo:
         say(f"  services following {TENANT}/{ENV}:")
         return version
 
+    def start_agent(self) -> None:
+        """`configbus agent` on a socket in the temp folder; services then follow
+        through it and know nothing of Kafka."""
+        socket_path = self.tmp / "agent.sock"
+        self.spawn(
+            "agent",
+            [
+                CONFIGBUS, "agent", "--socket", str(socket_path),
+                "--bootstrap-servers", self.bootstrap, "--cache-dir", str(self.tmp / "agent-cache"),
+            ],
+            self.logs / "agent.out",
+            self.logs / "agent.log",
+        )  # fmt: skip
+        wait_until("the agent to listen", PUBLISH_S, socket_path.exists, self.logs / "agent.log")
+        say(f"  configbus agent on {socket_path}: the services below follow through it")
+        self.service_env = {"CONFIGBUS_AGENT": str(socket_path), "CONFIGBUS_BOOTSTRAP_SERVERS": ""}
+
     def daemon_published(self, tenant: str, env: str) -> int:
         """The last version the daemon's JSON log says it published for the stream."""
         self.check_alive("publisher daemon", self.daemon_log)
@@ -284,6 +309,7 @@ class Demo:
                 "CONFIGBUS_ENV": ENV,
                 "CONFIGBUS_INSTANCE_ID": service.instance,
                 "CONFIGBUS_CACHE_DIR": str(self.tmp / "cache" / service.instance),
+                **self.service_env,
             }
             name = service.label.removesuffix(".py")
             service.out, service.err = self.logs / f"{name}.out", self.logs / f"{name}.log"
@@ -481,7 +507,7 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_on_signal)
     began = time.monotonic()
-    demo = Demo()
+    demo = Demo(agent="--agent" in sys.argv[1:])
     status = 0
     try:
         demo.run()
