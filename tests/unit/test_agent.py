@@ -1,0 +1,274 @@
+"""The lean apply path and the host agent, on the in-memory bus and real Unix sockets:
+lazy views that stay immutable and compare as the eager freeze does, the trace id of a
+record without a span, one batched ack producer per process, the agent protocol's
+bounds, and an in-process agent passing records to subscribers that verify them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from configbus.agent import Agent, AgentSettings
+from configbus.agent.protocol import Acks, Hello, encode, read_frame
+from configbus.agent.server import _claim_socket
+from configbus.bus import KafkaSettings
+from configbus.errors import BusError, ConfigBusError, SettingsError
+from configbus.limits import LimitError, Limits
+from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+from configbus.subscriber.acks import AckSender
+from configbus.telemetry import trace_id_of
+from configbus.tree.values import FrozenDict, SecretRef, canonical_json, freeze_json, view_json
+
+from .helpers import eventually
+from .test_subscriber_hardening import ENV, TENANT, TOPICS, Stream
+
+DOCUMENT = (
+    b'{"db":{"hosts":["a","b"],"pool":{"max":10,"min":1},"password":{"$secret":"db/pw"}},'
+    b'"servers":[{"name":"x","ports":[1,2]},[3,[4]]],"flag":true,"n":null}'
+)
+
+
+@pytest.fixture
+def stream(tmp_path: Path) -> Stream:
+    return Stream(tmp_path)
+
+
+def view() -> Any:
+    return view_json(msgspec.json.decode(DOCUMENT))
+
+
+def mutable_inside(value: Any) -> list[str]:
+    """Paths of plain (mutable) dicts or lists reachable through the public API."""
+    found = []
+    if type(value) in (dict, list):
+        found.append(type(value).__name__)
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found += [f"{key}.{path}" for path in mutable_inside(child)]
+    elif isinstance(value, tuple):
+        for index, child in enumerate(value):
+            found += [f"{index}.{path}" for path in mutable_inside(child)]
+    return found
+
+
+# -- lazy views -------------------------------------------------------------------------
+
+
+def test_a_view_equals_the_eager_freeze_and_encodes_to_the_same_bytes() -> None:
+    eager = freeze_json(msgspec.json.decode(DOCUMENT))
+    lazy = view()
+    assert canonical_json(lazy) == canonical_json(eager)
+    assert lazy == eager  # before anything was read
+    assert lazy["db"]["password"] == SecretRef("db/pw")
+    assert lazy["servers"][0]["ports"] == (1, 2)
+    assert lazy == eager and view() == lazy  # read or not, equal
+    assert pickle.loads(pickle.dumps(lazy)) == eager
+
+
+def test_nothing_mutable_is_handed_out_by_any_way_of_reading() -> None:
+    for copy in (view(), dict(view()), {**view()}, view().copy(), view() | {}, {} | view()):
+        assert mutable_inside(copy) in ([], ["dict"]), copy  # a copy may be a plain dict
+        assert mutable_inside(dict(copy)) in ([], ["dict"])
+    lazy = view()
+    assert mutable_inside(list(lazy.values())) in ([], ["list"])
+    with pytest.raises(TypeError, match="immutable"):
+        lazy["db"]["pool"]["max"] = 11
+    with pytest.raises(TypeError, match="immutable"):
+        lazy.get("db")["extra"] = 1
+    assert isinstance(lazy["db"], FrozenDict) and isinstance(lazy["db"], dict)
+
+
+def test_a_view_enforces_the_depth_and_node_limits() -> None:
+    deep = b'{"a":' * 40 + b"1" + b"}" * 40
+    with pytest.raises(LimitError, match="deeper than 32"):
+        view_json(msgspec.json.decode(deep))
+    wide = msgspec.json.encode({"k": list(range(500))})
+    with pytest.raises(LimitError, match="more than 100 values"):
+        view_json(msgspec.json.decode(wide), Limits(nodes=100), what="config")
+    assert view_json(msgspec.json.decode(wide))["k"][-1] == 499
+
+
+def test_the_trace_id_of_a_record_comes_from_its_traceparent_header() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id_of([("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode())]) == trace_id
+    assert trace_id_of([("other", b"x")]) == ""
+    assert trace_id_of([("traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")]) == ""
+    assert trace_id_of([("traceparent", b"00-" + b"z" * 32 + b"-00f067aa0ba902b7-01")]) == ""
+    assert trace_id_of([("traceparent", b"garbage")]) == ""
+
+
+# -- one ack producer per process -------------------------------------------------------
+
+
+async def test_subscribers_of_one_process_share_one_ack_sender_that_flushes_on_release(
+    stream: Stream,
+) -> None:
+    first = AckSender.acquire(stream.bus, TOPICS.acks)
+    second = AckSender.acquire(stream.bus, TOPICS.acks)
+    assert first is second
+    for index in range(25):
+        first.put(b"k%d" % index, b"v%d" % index)
+    await first.release()
+    assert first._users == 1  # still in use by the second
+    await second.release()  # the last user: flushed, then stopped
+    assert [r.value for r in stream.bus.records(TOPICS.acks)] == [b"v%d" % i for i in range(25)]
+    assert first.sent == 25
+    assert AckSender.acquire(stream.bus, TOPICS.acks) is not first  # a new one after the stop
+    await AckSender.acquire(stream.bus, TOPICS.acks).release()
+
+
+# -- the protocol -------------------------------------------------------------------------
+
+
+async def frames_of(data: bytes, limit: int = 1024) -> list[Any]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    found = []
+    while (frame := await read_frame(reader, limit)) is not None:
+        found.append(frame)
+    return found
+
+
+async def test_frames_round_trip_and_a_bad_frame_ends_the_connection_with_a_reason() -> None:
+    hello = Hello(tenant="t", env="e", instance="i", service="s")
+    acks = Acks(((b"k", b"v"),))
+    assert await frames_of(encode(hello) + encode(acks)) == [hello, acks]
+    with pytest.raises(BusError, match="over the limit of 16"):
+        await frames_of(encode(hello), limit=16)
+    with pytest.raises(BusError, match="ended inside a frame"):
+        await frames_of(encode(hello)[:-3])
+    with pytest.raises(BusError, match="not a frame"):
+        await frames_of(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+
+
+# -- the agent, in process --------------------------------------------------------------
+
+
+def short_socket(tmp_path: Path) -> Path:
+    folder = Path(f"/tmp/cbu-{os.getpid()}-{tmp_path.name[-16:]}")
+    folder.mkdir(exist_ok=True)
+    return folder / "a.sock"
+
+
+@pytest.fixture
+async def agent(stream: Stream, tmp_path: Path) -> AsyncIterator[Agent]:
+    settings = AgentSettings(
+        socket=short_socket(tmp_path),
+        kafka=KafkaSettings("unused:9092"),
+        trust=stream.trust,
+        cache_dir=tmp_path / "agent-cache",
+        topics=TOPICS,
+    )
+    async with Agent(settings, bus=stream.bus) as running:
+        yield running
+
+
+def behind(stream: Stream, agent: Agent, **options: Any) -> ConfigSubscriber:
+    settings = SubscriberSettings.build(
+        TENANT,
+        ENV,
+        environ={},
+        agent=str(agent.settings.socket),
+        trust=stream.trust,
+        **{"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks, "instance_id": "i-1"}
+        | options,
+    )
+    assert settings.kafka is None
+    return ConfigSubscriber(TENANT, ENV, settings=settings)
+
+
+async def test_records_pass_through_the_agent_and_each_subscriber_verifies_them(
+    stream: Stream, agent: Agent
+) -> None:
+    await stream.put(stream.event(1, {"size": 1}))
+    subs = [behind(stream, agent, instance_id=f"i-{n}") for n in range(3)]
+    for sub in subs:
+        await sub.start()
+    try:
+        assert {(s.version, s.source, s.via) for s in subs} == {(1, "agent", "agent")}
+        await stream.put(stream.event(2, {"size": 2}, key=stream.stranger))  # a forgery
+        await stream.put(stream.event(3, {"size": 3}))
+        for sub in subs:
+            await sub.wait_for_version(3, timeout=10)
+            assert sub.rejected == {"unknown_key": 1}  # the agent passed it on; each refused it
+
+        def acked() -> set[tuple[str, int, str]]:
+            return {(a.instance, a.version, a.status) for a in stream.acks()}
+
+        want = {
+            (f"i-{n}", v, s)
+            for n in range(3)
+            for v, s in ((1, "applied"), (0, "rejected"), (3, "applied"))
+        }
+        await eventually(lambda: acked() >= want, "acks of every instance through the agent")
+        cached = agent.settings.cache_dir / f"{TENANT}.{ENV}.event"  # type: ignore[operator]
+        await eventually(cached.exists, "the agent's cache")
+    finally:
+        for sub in subs:
+            await sub.stop()
+    assert agent.clients == 0
+
+
+async def test_the_agent_serves_its_verified_cache_when_kafka_has_nothing(
+    stream: Stream, tmp_path: Path
+) -> None:
+    cache = tmp_path / "agent-cache"
+    cache.mkdir()
+    (cache / f"{TENANT}.{ENV}.event").write_bytes(stream.event(7, {"size": 7}))
+    (cache / f"{TENANT}.staging.event").write_bytes(b"not an event")  # ignored, with a warning
+    settings = AgentSettings(
+        socket=short_socket(tmp_path), kafka=KafkaSettings("x:1"), trust=stream.trust,
+        cache_dir=cache, topics=TOPICS,
+    )  # fmt: skip
+    async with Agent(settings, bus=stream.bus) as agent:
+        sub = behind(stream, agent)
+        await sub.start()
+        assert (sub.version, sub.config["size"]) == (7, 7)
+        await sub.stop()
+
+
+async def test_a_subscriber_without_agent_kafka_or_cache_says_why_it_has_no_config(
+    stream: Stream, tmp_path: Path
+) -> None:
+    settings = SubscriberSettings.build(
+        TENANT, ENV, environ={}, agent=str(short_socket(tmp_path)), trust=stream.trust,
+        start_timeout=0.5,
+    )  # fmt: skip
+    with pytest.raises(ConfigBusError, match="is unreachable"):
+        await ConfigSubscriber(TENANT, ENV, settings=settings).start()
+    with pytest.raises(SettingsError, match="no Kafka cluster and no agent"):
+        SubscriberSettings.build(TENANT, ENV, environ={}, trust=stream.trust)
+
+
+def test_the_agent_takes_over_a_leftover_socket_but_not_a_live_one_or_a_file(
+    tmp_path: Path,
+) -> None:
+    path = short_socket(tmp_path)
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(path))
+    leftover.close()  # the file stays, nobody listens
+    _claim_socket(path)
+    assert not path.exists()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen()
+    try:
+        with pytest.raises(ConfigBusError, match="another agent is serving"):
+            _claim_socket(path)
+    finally:
+        live.close()
+        path.unlink()
+    path.write_text("x")
+    with pytest.raises(SettingsError, match="not a socket"):
+        _claim_socket(path)
+    path.unlink()
