@@ -42,6 +42,7 @@ from configbus.agent.protocol import (
     read_frame,
 )
 from configbus.bus import Bus, KafkaBus, KafkaSettings, Record, TopicNames
+from configbus.bus.base import TopicsReaderAPI
 from configbus.crypto import TrustStore
 from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
 from configbus.events import VerifiedEvent, claimed_version, open_envelope, shown
@@ -57,6 +58,8 @@ BOOTSTRAP_RECORDS = 256  # records of a stream read back when catching up, at mo
 HELLO_BYTES = 4096  # a Hello frame, at most
 ACK_FRAME_BYTES = 1024 * 1024  # an Acks frame, at most
 CLIENT_BUFFER_BYTES = 16 * 1024 * 1024  # unsent bytes to one service before dropping it
+POLL_MS = 200  # a new tenant topic waits at most this long to be followed
+TOPIC_RETRY_S = 2.0  # a tenant topic that does not exist yet is looked for this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,8 @@ class Agent:
         self.settings = settings
         self._bus: Bus = bus or KafkaBus(settings.kafka)
         self._streams: dict[tuple[str, str], _Stream] = {}
-        self._readers: dict[str, asyncio.Task[None]] = {}  # tenant topic -> its reader
+        self._reader: TopicsReaderAPI | None = None  # while connected
+        self._reader_task: asyncio.Task[None] | None = None
         self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._acks: AckSender | None = None
@@ -146,6 +150,7 @@ class Agent:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(path))
         self._cache_task = asyncio.create_task(self._write_caches(), name="configbus-agent-cache")
+        self._reader_task = asyncio.create_task(self._read(), name="configbus-agent-reader")
         log.info("agent listening on %s (%d stream(s) from its cache)", path, len(self._streams))
         return self
 
@@ -157,8 +162,8 @@ class Agent:
             for client in stream.clients:
                 client.writer.close()
             stream.clients.clear()
-        tasks = [*self._readers.values(), *self._catching_up.values()]
-        self._readers.clear()
+        tasks = [self._reader_task, *self._catching_up.values()]
+        self._reader_task = None
         self._catching_up.clear()
         for task in tasks:
             await finish(task, "agent reader")
@@ -226,47 +231,58 @@ class Agent:
 
     # -- Kafka ------------------------------------------------------------------------
     def _follow(self, stream: _Stream) -> None:
-        """Make sure the stream's tenant topic is read, and the stream caught up."""
+        """Make sure the stream's tenant topic is followed and the stream caught up: at
+        once when the topic is followed already, else by the reader once it is."""
         topic = self.settings.topics.tenant_topic(stream.tenant)
-        if topic not in self._readers:
-            self._readers[topic] = asyncio.create_task(
-                self._read_topic(topic), name=f"configbus-agent-{topic}"
-            )
-        elif self.kafka_state == "connected":
+        if self._reader is not None and topic in self._reader.topics:
             self._catch_up(stream)
 
-    async def _read_topic(self, topic: str) -> None:
+    async def _read(self) -> None:
         backoff = Backoff(0.1, 10.0)
-        await supervise(
-            f"agent reader of {topic}", lambda: self._read_topic_once(topic, backoff), backoff
-        )
+        await supervise("agent reader", lambda: self._read_once(backoff), backoff)
 
-    async def _read_topic_once(self, topic: str, backoff: Backoff) -> None:
-        reader = self._bus.reader(topic)
-        tenant = self.settings.topics.tenant_of(topic)
+    async def _read_once(self, backoff: Backoff) -> None:
+        """One consumer for every tenant topic the host's streams live in."""
+        reader = self._bus.topics_reader()
         try:
             try:
-                if not await reader.start():
-                    raise BusError(f"topic {topic} does not exist yet")
-                await reader.recent(b"", limit=0)  # positioned at the end: follow from here
+                await reader.start()
             except BusError as exc:
                 self.kafka_state = str(exc)
                 raise
-            self.kafka_state = "connected"
+            self._reader, self.kafka_state = reader, "connected"
             backoff.reset()
-            for stream in self._streams.values():  # records may have come while away
+            retry_at: dict[str, float] = {}  # topic not there yet -> when to look again
+            while True:
+                await self._add_topics(reader, retry_at)
+                for record in await reader.poll(POLL_MS):
+                    tenant = self.settings.topics.tenant_of(record.topic) or ""
+                    env = (record.key or b"").decode(errors="replace")
+                    stream = self._streams.get((tenant, env))
+                    if stream is not None:
+                        self._received(stream, record)
+        finally:
+            self._reader = None
+            with contextlib.suppress(Exception):
+                await reader.stop()
+
+    async def _add_topics(self, reader: TopicsReaderAPI, retry_at: dict[str, float]) -> None:
+        """Follow the topics of streams not followed yet, each from its end, then catch
+        their streams up (in that order, so no record falls between the two)."""
+        now = asyncio.get_running_loop().time()
+        wanted = {self.settings.topics.tenant_topic(s.tenant) for s in self._streams.values()}
+        for topic in sorted(wanted - reader.topics):
+            if retry_at.get(topic, 0.0) > now:
+                continue
+            if not await reader.add(topic):
+                retry_at[topic] = now + TOPIC_RETRY_S
+                continue
+            retry_at.pop(topic, None)
+            tenant = self.settings.topics.tenant_of(topic)
+            for stream in self._streams.values():
                 if stream.tenant == tenant:
                     stream.caught_up = False
                     self._catch_up(stream)
-            while True:
-                for record in await reader.poll(1000):
-                    env = (record.key or b"").decode(errors="replace")
-                    followed = self._streams.get((tenant or "", env))
-                    if followed is not None:
-                        self._received(followed, record)
-        finally:
-            with contextlib.suppress(Exception):
-                await reader.stop()
 
     def _catch_up(self, stream: _Stream) -> None:
         key = (stream.tenant, stream.env)

@@ -45,6 +45,7 @@ __all__ = [
     "PartitionReader",
     "Producer",
     "Record",
+    "TopicsReader",
     "follow",
     "read_to_end",
 ]
@@ -596,6 +597,94 @@ class PartitionReader:
         return [_record(message) for message in batch.get(self._tp, ())]
 
 
+class TopicsReader:
+    """Follows many single-partition topics with one consumer, each from the end it had
+    when it was added: the host agent reads every tenant topic of its host so. A topic
+    deleted from the cluster is dropped (aiokafka would otherwise ask for it, logging
+    an error each time) and named in `dropped` until added again."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.dropped: set[str] = set()
+        self._consumer: Any = None
+        self._partitions: dict[str, Any] = {}  # followed topic -> its partition
+
+    @property
+    def topics(self) -> set[str]:
+        return set(self._partitions)
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        consumer = _consumer(
+            self.settings, "read_committed", fetch_max_wait_ms=500, auto_offset_reset="earliest"
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise _bus_error(exc, "connecting") from exc
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._partitions.clear()
+        if consumer is not None:
+            await consumer.stop()
+
+    async def add(self, topic: str) -> bool:
+        """Follow `topic` too, from its current end. False while it does not exist.
+        Not to be called while a `poll` is running."""
+        consumer = self._consumer
+        if topic in self._partitions:
+            return True
+        try:
+            if not await _partitions(consumer, [topic]):
+                return False
+            await self._assign({**self._partitions, topic: TopicPartition(topic, 0)}, new=topic)
+        except KafkaError as exc:
+            raise _bus_error(exc, f"following {topic}") from exc
+        self.dropped.discard(topic)
+        return True
+
+    async def _assign(self, partitions: dict[str, Any], new: str | None = None) -> None:
+        """Assign `partitions`, keeping the positions of those already followed (an
+        assignment resets every position) and putting a `new` one at its end."""
+        consumer = self._consumer
+        kept = {
+            tp: await consumer.position(tp)
+            for topic, tp in self._partitions.items()
+            if topic in partitions
+        }
+        consumer.assign(list(partitions.values()))
+        for tp, position in kept.items():
+            consumer.seek(tp, position)
+        if new is not None:
+            tp = partitions[new]
+            consumer.seek(tp, (await consumer.end_offsets([tp]))[tp])
+        self._partitions = partitions
+
+    async def poll(self, timeout_ms: int = 1000) -> list[Record]:
+        """The records of every followed topic that arrived since the last call."""
+        consumer = self._consumer
+        if not self._partitions:
+            await asyncio.sleep(timeout_ms / 1000)
+            return []
+        try:
+            batches = await consumer.getmany(timeout_ms=timeout_ms)
+            cluster = consumer._client.cluster
+            gone = {t for t in self._partitions if cluster.partitions_for_topic(t) is None}
+            if gone:
+                log.warning(
+                    "no longer following %s: gone from the cluster", ", ".join(sorted(gone))
+                )
+                self.dropped |= gone
+                await self._assign({t: tp for t, tp in self._partitions.items() if t not in gone})
+        except KafkaError as exc:
+            raise _bus_error(exc, "reading topics") from exc
+        return [_record(message) for messages in batches.values() for message in messages]
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaBus:
     """The `Bus` on a real Kafka cluster."""
@@ -610,6 +699,9 @@ class KafkaBus:
 
     def reader(self, topic: str) -> PartitionReader:
         return PartitionReader(self.settings, topic)
+
+    def topics_reader(self) -> TopicsReader:
+        return TopicsReader(self.settings)
 
     def read_to_end(
         self, topics: Sequence[str], *, max_seconds: float = 60.0

@@ -187,6 +187,9 @@ class MemoryBus:
     def reader(self, topic: str) -> MemoryReader:
         return MemoryReader(self, topic)
 
+    def topics_reader(self) -> MemoryTopicsReader:
+        return MemoryTopicsReader(self)
+
     async def read_to_end(
         self, topics: Sequence[str], *, max_seconds: float = 60.0
     ) -> AsyncIterator[Record]:
@@ -469,6 +472,59 @@ class MemoryReader:
             raise BusError(f"the reader of {self.topic} is not started")
         self.bus._check("read")
         return self._cursor
+
+
+class MemoryTopicsReader:
+    """Follows many topics like `TopicsReader`: each from the end it had when added."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self.dropped: set[str] = set()
+        self._cursors: dict[str, _Cursor] = {}
+        self._started = False
+
+    @property
+    def topics(self) -> set[str]:
+        return set(self._cursors)
+
+    async def start(self) -> None:
+        self.bus._check("connect")
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        self._cursors.clear()
+
+    async def add(self, topic: str) -> bool:
+        self.bus._check("connect")
+        if topic not in self.bus._topics:
+            return False
+        if topic not in self._cursors:
+            self._cursors[topic] = self.bus._cursor(topic, from_beginning=False)
+        self.dropped.discard(topic)
+        return True
+
+    async def poll(self, timeout_ms: int = 1000) -> list[Record]:
+        if not self._started:
+            raise BusError("the topics reader is not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            changed = self.bus._changed
+            self.bus._check("read")
+            gone = {t for t in self._cursors if t not in self.bus._topics}
+            for topic in gone:
+                del self._cursors[topic]
+            self.dropped |= gone
+            records = [r for c in self._cursors.values() for r in c.fetch(self.bus._topics)]
+            left = deadline - loop.time()
+            if records or left <= 0:
+                return records
+            try:
+                async with asyncio.timeout(left):
+                    await changed.wait()
+            except TimeoutError:
+                return []
 
 
 def _conforms(bus: MemoryBus) -> Bus:  # pragma: no cover - for mypy: MemoryBus is a Bus

@@ -9,6 +9,7 @@ no proof that every record in it was written; only the futures tell.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -266,5 +267,43 @@ async def test_recent_reads_back_no_further_than_its_byte_budget(
         assert [(r.value or b"")[:1] for r in bounded] == [bytes([n]) for n in range(5, 10)]
         everything = await reader.recent(b"k", limit=100, chunk=1)
         assert len(everything) == 10
+    finally:
+        await reader.stop()
+
+
+async def test_one_topics_reader_follows_many_topics_each_from_where_it_was_added(
+    bus: Bus, topic: Callable[..., Awaitable[str]], producer: MakeProducer
+) -> None:
+    first, second = await topic(), await topic()
+    plain = await producer()
+    await plain.send_and_wait(first, b"before", key=b"k")  # before it was added: not read
+    reader = bus.topics_reader()
+    await reader.start()
+    try:
+        assert not await reader.add(first + "-missing")
+        assert await reader.add(first)
+        await plain.send_and_wait(first, b"one", key=b"k")
+        assert await reader.add(second)  # keeps the position in the first
+        await plain.send_and_wait(second, b"two", key=b"k")
+        seen: list[tuple[str, bytes | None]] = []
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(seen) < 2 and asyncio.get_running_loop().time() < deadline:
+            seen += [(r.topic, r.value) for r in await reader.poll(500)]
+        assert sorted(seen) == sorted([(first, b"one"), (second, b"two")])
+        assert reader.topics == {first, second}
+
+        admin = await bus.admin().start()
+        try:
+            await admin.delete_topics([second])
+        finally:
+            await admin.stop()
+        while second not in reader.dropped and asyncio.get_running_loop().time() < deadline:
+            await reader.poll(200)
+        assert reader.dropped == {second} and reader.topics == {first}
+        await plain.send_and_wait(first, b"after", key=b"k")  # the first goes on
+        after: list[bytes | None] = []
+        while not after and asyncio.get_running_loop().time() < deadline:
+            after += [r.value for r in await reader.poll(500)]
+        assert after == [b"after"]
     finally:
         await reader.stop()
