@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_RECORDS = 256  # records of a stream read back when catching up, at most
 HELLO_BYTES = 4096  # a Hello frame, at most
 ACK_FRAME_BYTES = 1024 * 1024  # an Acks frame, at most
+ACK_BYTES = 16 * 1024  # one ack, at most (they are a few hundred bytes)
 CLIENT_BUFFER_BYTES = 16 * 1024 * 1024  # unsent bytes to one service before dropping it
 POLL_MS = 200  # a new tenant topic waits at most this long to be followed
 TOPIC_RETRY_S = 2.0  # a tenant topic that does not exist yet is looked for this often
@@ -215,12 +216,19 @@ class Agent:
                     break
                 if isinstance(frame, Acks) and self._acks is not None:
                     for key, value in frame.items:
-                        self._acks.put(key, value)
+                        if len(key) + len(value) <= ACK_BYTES:
+                            self._acks.put(key, value)
+                        else:
+                            log.warning(
+                                "%s sent an ack of %d bytes; dropped", client.instance, len(value)
+                            )
         except (BusError, SettingsError, ConnectionError, TimeoutError) as exc:
             log.warning("a service connection ended: %s", exc)
         finally:
             if stream is not None and client is not None:
                 stream.clients.discard(client)
+                if not stream.clients and stream.record is None:  # nothing to keep
+                    self._streams.pop((stream.tenant, stream.env), None)
             writer.close()
 
     def _stream(self, tenant: str, env: str) -> _Stream:

@@ -103,6 +103,7 @@ class AckSender:
                     ]
                     try:
                         await producer.start()
+                        await producer.track_topics([self.topic])  # metadata of this one only
                         sends = [
                             await producer.send(self.topic, value, key=key) for key, value in batch
                         ]

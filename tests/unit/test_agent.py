@@ -272,3 +272,16 @@ def test_the_agent_takes_over_a_leftover_socket_but_not_a_live_one_or_a_file(
     with pytest.raises(SettingsError, match="not a socket"):
         _claim_socket(path)
     path.unlink()
+
+
+async def test_a_stream_nobody_follows_and_nothing_holds_is_forgotten(
+    stream: Stream, agent: Agent
+) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Hello(tenant=TENANT, env="ghost", instance="probe", service="probe")))
+    assert (await read_frame(reader, 4096)).has_record is False  # type: ignore[union-attr]
+    assert (TENANT, "ghost") in agent._streams
+    writer.write(encode(Acks(((b"k", b"x" * 100_000),))))  # an oversize ack: dropped
+    writer.close()
+    await eventually(lambda: (TENANT, "ghost") not in agent._streams, "the stream forgotten")
+    assert stream.bus.records(TOPICS.acks) == []
