@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from resolve import machine, percentile
+from harness import RunInfo, percentile, to_data
 from services import kafka_and_redis
 
 from configbus.bus import Admin, KafkaSettings, Producer, TopicNames
@@ -244,7 +244,7 @@ async def _delete_prefixed(servers: str, prefix: str) -> None:
 async def main_async(args: argparse.Namespace, servers: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="configbus-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        result: dict[str, Any] = {"benchmark": "publish", "machine": machine()}
+        result: dict[str, Any] = {"benchmark": "publish", "run": to_data(RunInfo.here())}
         result["latency_one_stream"] = await latency(servers, args.edits, scratch)
         print(json.dumps(result["latency_one_stream"]), flush=True)
         result["fanout"] = []

@@ -63,8 +63,9 @@ from typing import Any, cast
 
 import yaml
 from dynaconf import Dynaconf
+from harness import RunInfo, percentile, to_data
 from omegaconf import OmegaConf
-from resolve import count_leaves, machine, percentile
+from resolve import count_leaves
 
 from configbus.tree import EnvironmentTree
 
@@ -339,7 +340,8 @@ def run(tenant: str, env: str, repeat: int) -> dict[str, Any]:
     return {
         "benchmark": "resolution_peers",
         # Other work on the machine inflates every figure: the load says how busy it was.
-        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": load_average()},
+        "run": to_data(RunInfo.here()),
+        "loadavg": {"before": load_before, "after": load_average()},
         "versions": versions(),
         "stream": {
             "tenant": tenant,

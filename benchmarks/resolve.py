@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,17 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import RunInfo, percentile, to_data
+
 from configbus.tree import EnvironmentTree
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "environments"
 ENVS = ("dev", "staging", "prod")
 OVERRIDES = {"dev": ["local"], "staging": ["integration"], "prod": ["high_availability", "scaling"]}
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def micro(samples: list[float]) -> dict[str, float]:
@@ -135,27 +131,6 @@ def fleet(tenants: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    import msgspec
-    import yaml
-
-    memory = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            memory = int(meminfo.readline().split()[1]) // 1024
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "memory_mib": memory,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "pyyaml": yaml.__version__,
-        "libyaml": bool(getattr(yaml, "__with_libyaml__", False)),
-        "msgspec": msgspec.__version__,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=10_000)
@@ -165,7 +140,7 @@ def main() -> int:
 
     result = {
         "benchmark": "resolve",
-        "machine": machine(),
+        "run": to_data(RunInfo.here()),
         "one_stream_warm": one_stream(args.repeat),
         "fleet": fleet(args.tenants),
     }

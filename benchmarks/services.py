@@ -1,6 +1,6 @@
-"""Kafka and Redis for benchmarks: the ones named in CONFIGBUS_BOOTSTRAP_SERVERS and
-CONFIGBUS_REDIS_URL, or fresh ones started through deploy/local on free ports and
-stopped afterwards."""
+"""Servers for benchmarks: Kafka and Redis named in CONFIGBUS_BOOTSTRAP_SERVERS and
+CONFIGBUS_REDIS_URL, or fresh ones started through deploy/local on free ports; etcd
+through benchmarks/etcd.sh. Whatever is started here is stopped afterwards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "local"
+HERE = Path(__file__).resolve().parent
+DEPLOY = HERE.parent / "deploy" / "local"
 
 
 def free_port() -> int:
@@ -61,3 +62,34 @@ def kafka_and_redis() -> Iterator[tuple[str, str]]:
         finally:
             for name, env in reversed(started):
                 _script(name, "stop", env)
+
+
+@contextmanager
+def etcd(run_dir: Path) -> Iterator[tuple[int | None, str | None]]:
+    """(port, None), or (None, why) when etcd-server cannot be installed here."""
+    env = {**os.environ, "CONFIGBUS_RUN_DIR": str(run_dir)}
+    script = ["bash", str(HERE / "etcd.sh")]
+    result = subprocess.run(
+        [*script, "start"], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if result.returncode == 4:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        yield None, f"etcd-server is not installed and apt-get could not install it: {last}"
+        return
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks/etcd.sh start failed:\n{result.stderr}")
+    try:
+        yield int(result.stdout.strip().splitlines()[-1].rsplit(":", 1)[1]), None
+    finally:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=60, check=False)
+
+
+def etcd_version(port: int) -> str | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=5) as answer:
+            return str(json.load(answer).get("etcdserver"))
+    except (OSError, ValueError):
+        return None

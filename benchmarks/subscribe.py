@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resolve import machine, percentile
+from harness import RunInfo, percentile, to_data
 from services import kafka_and_redis
 
 from configbus.bus import KafkaSettings, Record, TopicNames
@@ -173,7 +173,7 @@ def main() -> int:
         private, _ = generate_keypair("bench", scratch / "keys")
         key = SigningKey.load(private, "bench")
         trust = TrustStore.of(key.public)
-        result: dict[str, Any] = {"benchmark": "subscribe", "machine": machine()}
+        result: dict[str, Any] = {"benchmark": "subscribe", "run": to_data(RunInfo.here())}
         result["apply_tracing_off"] = asyncio.run(apply_cost(key, trust, args.repeat))
         print(json.dumps(result["apply_tracing_off"]), flush=True)
 

@@ -1,0 +1,130 @@
+"""Micro-benchmarks of the hot paths, with pytest-benchmark (the `bench` extra).
+
+    pytest benchmarks/micro.py --benchmark-only [--benchmark-max-time 0.2]   # or make bench-micro
+
+- apply: one verified event through the subscriber's own handling path (verify the
+  Ed25519 signature, decode, check the hash, freeze, swap, one no-op callback), no
+  Kafka, tracing off, for the sample's aurora-records/prod config (~11 KB of canonical
+  JSON) and a ~64 KB one (benchmarks/subscribe.py's generator);
+- verify: `open_envelope` alone (signature, decode, inflate, hash) at ~11 KB;
+- build_body and seal: what the publisher does per event after resolving (hash and
+  compress the config; encode and sign the body) at ~11 KB;
+- resolve: one stream (aurora-records/prod) from a warm tree, with its hash.
+
+`make bench-micro` runs them in a quick mode (well under a minute), saves each run under
+results/quick/micro/ and fails when a median is more than MICRO_FAIL (default 50 %)
+slower than the previous saved run there: how CI can see a regression on one runner.
+`make bench` runs them longer and writes results/micro.json for report.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import ENV, SAMPLE, TENANT, config_document, config_value
+from subscribe import config_of_size
+
+from configbus.bus import KafkaSettings, Record
+from configbus.crypto import SigningKey, TrustStore, generate_keypair
+from configbus.events import Cause, EventBody, build_body, open_envelope, seal
+from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+from configbus.tree import EnvironmentTree
+
+DOCUMENT = config_document()
+CONFIGS: dict[str, Callable[[int], bytes]] = {
+    "11KB": lambda version: config_value(DOCUMENT, version),
+    "64KB": lambda version: config_of_size(64_000, version),
+}
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
+    folder: Path = tmp_path_factory.mktemp("keys")
+    private, _ = generate_keypair("micro", folder)
+    return SigningKey.load(private, "micro")
+
+
+def body_of(config_json: bytes, version: int) -> EventBody:
+    return build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=version,
+        config_json=config_json,
+        detected_at=time.time_ns(),
+        cause=Cause(reason="bench"),
+    )
+
+
+def finish(coroutine: Coroutine[Any, Any, bool]) -> bool:
+    """Run a coroutine that never waits (the apply path, without acks or a disk cache)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return bool(done.value)
+    coroutine.close()
+    raise RuntimeError("the apply path waited on something")
+
+
+def rounds(request: pytest.FixtureRequest) -> int:
+    """Rounds for a pedantic benchmark: as many as --benchmark-max-time allows at ~0.5 ms."""
+    seconds = float(request.config.getoption("benchmark_max_time"))
+    return max(100, min(2000, int(seconds * 2000)))
+
+
+@pytest.mark.parametrize("size", list(CONFIGS))
+def test_apply(benchmark: Any, request: pytest.FixtureRequest, key: SigningKey, size: str) -> None:
+    settings = SubscriberSettings(
+        tenant=TENANT,
+        env=ENV,
+        kafka=KafkaSettings("127.0.0.1:9"),
+        trust=TrustStore.of(key.public),
+        instance_id="micro",
+        service="micro",
+        send_acks=False,
+    )
+    subscriber = ConfigSubscriber(TENANT, ENV, settings=settings)
+    subscriber.on_change("", lambda old, new, paths: None)
+    config = CONFIGS[size]
+    versions = itertools.count(1)
+
+    def next_record() -> tuple[tuple[Record], dict[str, Any]]:  # not timed
+        version = next(versions)
+        value = seal(body_of(config(version), version), key)
+        return (Record("t", 0, version, ENV.encode(), value, (), 0),), {}
+
+    def apply(record: Record) -> None:
+        if not finish(subscriber._handle(record)):
+            raise RuntimeError(f"not applied: {subscriber.last_rejection}")
+
+    benchmark.extra_info["config_bytes"] = len(config(1))
+    benchmark.pedantic(apply, setup=next_record, rounds=rounds(request), warmup_rounds=10)
+
+
+def test_verify_11kb(benchmark: Any, key: SigningKey) -> None:
+    value, trust = seal(body_of(CONFIGS["11KB"](1), 1), key), TrustStore.of(key.public)
+    benchmark(open_envelope, value, trust, stream=(TENANT, ENV))
+
+
+def test_build_body_11kb(benchmark: Any) -> None:
+    config = CONFIGS["11KB"](1)
+    benchmark(body_of, config, 1)
+
+
+def test_seal_11kb(benchmark: Any, key: SigningKey) -> None:
+    body = body_of(CONFIGS["11KB"](1), 1)
+    benchmark(seal, body, key)
+
+
+def test_resolve_one_stream(benchmark: Any) -> None:
+    tree = EnvironmentTree(SAMPLE)
+    tree.resolve(ENV, TENANT).hash  # warm the caches
+
+    def resolve() -> str:
+        return tree.resolve(ENV, TENANT).hash
+
+    benchmark(resolve)
