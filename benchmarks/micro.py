@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ENV, SAMPLE, TENANT, config_document, config_value
+from harness import ENV, KEY, SAMPLE, TENANT, config_document, config_value
 from subscribe import config_of_size
 
 from configbus.bus import KafkaSettings, Record
@@ -40,6 +40,9 @@ CONFIGS: dict[str, Callable[[int], bytes]] = {
     "11KB": lambda version: config_value(DOCUMENT, version),
     "64KB": lambda version: config_of_size(64_000, version),
 }
+# The one key each version changes, as the publisher lists it in every event: a
+# subscriber that ran the version before takes its changed paths from there.
+CHANGED = {"11KB": (KEY,), "64KB": ("section_0000.key_00",)}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,7 @@ def body_of(config_json: bytes, version: int) -> EventBody:
         config_json=config_json,
         detected_at=time.time_ns(),
         cause=Cause(reason="bench"),
+        changed_paths=CHANGED["11KB" if len(config_json) < 32_000 else "64KB"],
     )
 
 

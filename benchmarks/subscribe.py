@@ -63,6 +63,7 @@ def records(key: SigningKey, size: int, count: int) -> list[Record]:
             config_json=config_of_size(size, version),
             detected_at=time.time_ns(),
             cause=Cause(reason="bench"),
+            changed_paths=("section_0000.key_00",),  # as the publisher lists it
         )
         out.append(Record("bench", 0, version, b"prod", seal(body, key), (), 0))
     return out
