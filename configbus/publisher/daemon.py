@@ -500,9 +500,13 @@ class Daemon:
             if rebuild:
                 self.index.rebuild()
             relative = [p[len(root) + 1 :] if p.startswith(root + os.sep) else p for p in paths]
-            log.info("changed: %s -> %d stream(s)", ", ".join(relative), len(streams))
             change = self._change("file changed", relative)
             self._dirty.add(streams, Change(detected, change.cause))
+            # Let the worker build and sign the events first: the log line, and
+            # watchfiles arming its next watch (a thread hand-off), wait until the
+            # worker first waits for Kafka.
+            await asyncio.sleep(0)
+            log.info("changed: %s -> %d stream(s)", ", ".join(relative), len(streams))
 
     async def _watch_store(self) -> None:
         """Follow the store's notifications. After (re)connecting, every stored stream is
@@ -528,6 +532,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.reconcile_interval)
             self.index.rebuild()
+            if self.store is not None:
+                self.store.forget()  # read every store again: a change may have gone unreported
             self._dirty.add(self.index.streams, self._change("reconcile", ()))
 
 

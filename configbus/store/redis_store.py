@@ -17,8 +17,15 @@ the only copy of published state: events live in Kafka; this is desired state th
 operators wrote, and a cache.
 
 Changes are seen through keyspace notifications (``notify-keyspace-events`` must
-include ``K`` and ``h``; `TenantStore.start` turns them on when it may) and, for
-anything a notification missed, by the publisher's periodic reconcile.
+include ``K`` and ``h``; `TenantStore.enable_notifications` turns them on when it may)
+and, for anything a notification missed, by the publisher's periodic reconcile.
+
+While `changes` is subscribed and the notifications cover every way a hash can change
+(``K`` with ``A``, or with ``h``, ``g``, ``x`` and ``e``), `layers` keeps what it read
+and answers from it until a notification for that stream arrives: a file edit then
+costs no Redis round trip. A read that overlapped any notification, or the listener
+(re)starting or stopping, is not kept; `forget` drops everything (the reconcile calls
+it, so a change no notification reports, such as FLUSHDB, is read within one period).
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "configbus:"
 META_FIELD: Final = "$meta"  # who wrote last and why; never a key path (those are JSON arrays)
+# Keyspace notification classes that report every change of a hash: hash commands,
+# generic ones (DEL, RENAME, ...), expiry and eviction ("A" stands for all of them).
+_EVERY_CHANGE: Final = frozenset("hgxe")
+
+Stream = tuple[str, str]
 
 
 class TenantStore:
@@ -53,6 +65,14 @@ class TenantStore:
         self.url = url
         self.prefix = prefix
         self._redis: aioredis.Redis | None = None
+        # The read cache of `layers` (see the module docstring): layers by stream (None:
+        # nothing set), valid while a listener is subscribed and notifications are
+        # complete. `_notices` counts notifications and listener starts and stops: a
+        # read is kept only when it did not change while the read was in flight.
+        self._cache: dict[Stream, Layer | None] = {}
+        self._listeners = 0
+        self._complete = False  # notifications report every change of a store hash
+        self._notices = 0
 
     def __repr__(self) -> str:
         return f"TenantStore({_safe_url(self.url)!r}, prefix={self.prefix!r})"
@@ -73,6 +93,7 @@ class TenantStore:
         return self
 
     async def stop(self) -> None:
+        self.forget()
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
@@ -128,6 +149,22 @@ class TenantStore:
             raise BusError(f"redis: {exc}") from exc
         return _json_object(raw) or {}
 
+    # -- the read cache of `layers` -------------------------------------------------
+    @property
+    def caching(self) -> bool:
+        """Whether `layers` may answer from what it read before: a listener is
+        subscribed and the notifications report every change of a store hash."""
+        return self._listeners > 0 and self._complete
+
+    def forget(self, stream: Stream | None = None) -> None:
+        """Drop what `layers` kept for `stream` (every stream by default): it is read
+        again next time. Reads in flight are not kept either."""
+        self._notices += 1
+        if stream is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(stream, None)
+
     async def layer(self, tenant: str, env: str) -> Layer | None:
         """The stream's store as a layer (kind STORE), or None when nothing is set."""
         values = await self.values(tenant, env)
@@ -146,18 +183,31 @@ class TenantStore:
 
         A stream holding a value that breaks the limits raises `LimitError`; with
         `problems` given, it is left out and its problem recorded there instead, so one
-        bad stream does not stop the others."""
+        bad stream does not stop the others.
+
+        While `caching`, streams read before and not changed since are answered from
+        memory (see the module docstring); the rest are read and kept."""
         wanted = list(streams)
         found: dict[tuple[str, str], Layer] = {}
+        if self.caching:
+            unread = []
+            for stream in wanted:
+                if stream not in self._cache:
+                    unread.append(stream)
+                elif (kept := self._cache[stream]) is not None:
+                    found[stream] = kept
+            wanted = unread
         for start in range(0, len(wanted), batch):
             chunk = wanted[start : start + batch]
             pipe = self.redis.pipeline(transaction=False)
             for tenant, env in chunk:
                 pipe.hgetall(self.store_key(tenant, env))
+            notices = self._notices
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 raise BusError(f"redis: {exc}") from exc
+            keep = self.caching and self._notices == notices
             for (tenant, env), raw in zip(chunk, replies, strict=True):
                 key = self.store_key(tenant, env)
                 try:
@@ -171,8 +221,11 @@ class TenantStore:
                         raise
                     problems[(tenant, env)] = str(exc)
                     continue
-                if values:
-                    found[(tenant, env)] = self._layer(tenant, env, values)
+                layer = self._layer(tenant, env, values) if values else None
+                if layer is not None:
+                    found[(tenant, env)] = layer
+                if keep:
+                    self._cache[(tenant, env)] = layer
         return found
 
     def _layer(self, tenant: str, env: str, values: Mapping[Path, Value]) -> Layer:
@@ -201,6 +254,8 @@ class TenantStore:
             await self.redis.hset(self.store_key(tenant, env), mapping=mapping)
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
+        finally:
+            self.forget((tenant, env))
 
     async def unset(
         self, tenant: str, env: str, paths: Sequence[Path], *, actor: str = "", reason: str = ""
@@ -215,6 +270,8 @@ class TenantStore:
                 removed, _ = await pipe.execute()
         except RedisError as exc:
             raise BusError(f"redis: {exc}") from exc
+        finally:
+            self.forget((tenant, env))
         return int(removed)
 
     async def streams(self) -> list[tuple[str, str]]:
@@ -303,40 +360,68 @@ class TenantStore:
 
     # -- notifications -------------------------------------------------------------
     async def enable_notifications(self) -> bool:
-        """Turn on keyspace notifications for hashes when the server allows it.
-        Returns whether they are on."""
+        """Turn on keyspace notifications for every change of a hash (see
+        `_EVERY_CHANGE`) when the server allows it. Returns whether notifications of
+        hash writes are on; `layers` caches only when every change is reported."""
+        self._complete = False
+        flags: set[str] = set()
         try:
             current = (await self.redis.config_get("notify-keyspace-events")).get(
                 "notify-keyspace-events", ""
             )
             flags = set(current.decode() if isinstance(current, bytes) else current or "")
-            if {"K", "h"} <= flags or ("K" in flags and "A" in flags):
-                return True
-            wanted = "".join(sorted(flags | {"K", "h", "g"}))
-            await self.redis.config_set("notify-keyspace-events", wanted)
+            if not _reports_every_change(flags):
+                wanted = "".join(sorted(flags | {"K"} | _EVERY_CHANGE))
+                await self.redis.config_set("notify-keyspace-events", wanted)
+                flags = set(wanted)
         except ResponseError:
-            return False  # CONFIG is disabled (managed Redis): reconcile covers it
+            # CONFIG is disabled (managed Redis): reconcile covers what is not reported.
+            return {"K", "h"} <= flags or {"K", "A"} <= flags
+        self._complete = True
         return True
 
     async def changes(self) -> AsyncIterator[tuple[str, str]]:
-        """Yield (tenant, env) each time a store hash changes. Runs until cancelled."""
+        """Yield (tenant, env) each time a store hash changes. Runs until cancelled.
+
+        From Redis's confirmation of the subscription until this ends, `layers` may
+        keep what it reads (see `caching`); a notification drops what it kept of the
+        stream before the stream is yielded."""
         db = self.redis.connection_pool.connection_kwargs.get("db", 0)
         pattern = f"__keyspace@{db}__:{self.prefix}store:*"
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
         head = len(f"__keyspace@{db}__:")
+        subscribed = False
         try:
             await pubsub.psubscribe(pattern)
             async for message in pubsub.listen():
+                kind = message.get("type")
+                if kind in ("psubscribe", b"psubscribe") and not subscribed:
+                    # Every write from here on is reported: reads may be kept.
+                    subscribed = True
+                    self._listeners += 1
+                    self.forget()
+                    continue
+                if kind not in ("pmessage", b"pmessage"):
+                    continue
                 channel = message.get("channel")
                 if isinstance(channel, bytes):
                     channel = channel.decode()
                 stream = self.stream_of(str(channel)[head:])
                 if stream is not None:
+                    self.forget(stream)
                     yield stream
         except RedisError as exc:
             raise BusError(f"redis notifications: {exc}") from exc
         finally:
+            if subscribed:
+                self._listeners -= 1
+            self.forget()
             await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis 8
+
+
+def _reports_every_change(flags: set[str]) -> bool:
+    """Whether ``notify-keyspace-events`` `flags` report every change of a key."""
+    return "K" in flags and ("A" in flags or flags >= _EVERY_CHANGE)
 
 
 def nest(values: Mapping[Path, Value]) -> FrozenDict:

@@ -11,6 +11,7 @@ It is a read-only mapping of its top-level sections, with dotted access on top::
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from configbus.tree.values import (
     Path,
     Value,
     canonical_json,
-    config_hash,
     format_path,
     redacted,
     thaw,
@@ -137,7 +137,7 @@ class ResolvedConfig(Mapping[str, Value]):
     @cached_property
     def hash(self) -> str:
         """Hex SHA-256 of the canonical JSON: equal configs, equal hashes."""
-        return config_hash(self._data)
+        return hashlib.sha256(self.canonical_json).hexdigest()  # `config_hash`, encoding once
 
     def to_dict(self) -> dict[str, Any]:
         """A mutable, JSON-compatible copy (secrets as ``{"$secret": NAME}``)."""

@@ -170,14 +170,25 @@ class EnvironmentTree:
 
     def environment(self, name: str) -> str:
         """The canonical name of environment `name`, accepting the usual aliases."""
-        known = self.environments()
         wanted = name.strip().lower()
+        if self._is_environment(wanted):  # the usual case, without listing every folder
+            return wanted
+        known = self.environments()
         wanted = wanted if wanted in known else ENV_ALIASES.get(wanted, wanted)
         if wanted not in known:
             raise UnknownNameError(
                 f"unknown environment {name!r} (the tree has: {', '.join(known) or 'none'})"
             )
         return wanted
+
+    def _is_environment(self, name: str) -> bool:
+        """Whether `name` is in `environments()`, looking at its own folder only."""
+        return (
+            not name.startswith((".", "_"))
+            and name != TENANTS_DIR
+            and name in self._listings.names(self._root)
+            and f"{name}.yml" in self._listings.names(os.path.join(self._root, name))
+        )
 
     def overrides(self, env: str) -> list[str]:
         """Names of the overrides available to `env`."""
@@ -233,6 +244,7 @@ class EnvironmentTree:
         a tenant); a list replaces them."""
         env = self.environment(env)
         selected: Sequence[str] = ()
+        spec = None
         if tenant is not None:
             spec = self.tenant(tenant)
             if env not in spec.environments:
@@ -255,16 +267,17 @@ class EnvironmentTree:
         for name in selected:
             path = os.path.join(env_dir, "overrides", f"{name}.yml")
             stack += self._file_layers(path, LayerKind.OVERRIDE, name)
-        if tenant is not None:
-            stack += self._tenant_layer(tenant, env)
+        if spec is not None:
+            stack += self._tenant_layer(spec, env)
         return stack
 
-    def _tenant_layer(self, tenant: str, env: str) -> list[Layer]:
+    def _tenant_layer(self, spec: TenantSpec, env: str) -> list[Layer]:
         """The tenant's own layer for `env`: none when it has no file, unless tenant.yml
         declares it (`layer: true`); then a missing or empty file is a problem."""
+        tenant = spec.id
         tenant_dir = os.path.join(self._tenants_dir, tenant)
         path = os.path.join(tenant_dir, f"{env}.yml")
-        required = env in self.tenant(tenant).layers
+        required = env in spec.layers
         if f"{env}.yml" not in self._listings.names(tenant_dir) or not os.path.isfile(path):
             if required:
                 message = "missing: tenant.yml declares this layer (layer: true)"

@@ -13,6 +13,7 @@ order in the files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
@@ -171,6 +172,7 @@ def walk(node: LayerValue, path: Path) -> tuple[Path, LayerValue, bool]:
     return (), node, False
 
 
+@functools.lru_cache(maxsize=4096)  # a regex search a key (~1 us); keys repeat
 def looks_secret(key: str | int) -> bool:
     """Whether a key's name says it holds a secret (password, api_key, token, ...)."""
     return isinstance(key, str) and _SECRET_KEY_NAME.search(key) is not None
@@ -335,20 +337,32 @@ def redacted(value: Value) -> Any:
 
 def plain_secret_paths(value: LayerValue, path: Path = ()) -> Iterator[Path]:
     """Paths of non-empty plain strings held under keys that name a secret, directly
-    or as items of a list (``api_keys: [...]``)."""
-    if isinstance(value, Mapping):
+    or as items of a list (``api_keys: [...]``), depth first in the data's order."""
+    found: list[Path] = []
+    _plain_secrets(value, path, found)
+    return iter(found)
+
+
+def _plain_secrets(value: LayerValue, path: Path, found: list[Path]) -> None:
+    """`plain_secret_paths` into `found`. Every new layer is walked (a file edit on the
+    publisher's hot path), so only containers are descended into: one call per
+    mapping or list, not one generator per value."""
+    if isinstance(value, dict | Mapping):  # dict first: an exact type check, no ABC
         for key, child in value.items():
-            if isinstance(child, str) and child and looks_secret(key):
-                yield (*path, key)
-            else:
-                yield from plain_secret_paths(child, (*path, key))
+            if isinstance(child, str):
+                if child and looks_secret(key):
+                    found.append((*path, key))
+            elif isinstance(child, dict | tuple | Mapping):
+                _plain_secrets(child, (*path, key), found)
     elif isinstance(value, tuple):
         holder = next((part for part in reversed(path) if isinstance(part, str)), "")
+        secret = looks_secret(holder)
         for index, child in enumerate(value):
-            if isinstance(child, str) and child and looks_secret(holder):
-                yield (*path, index)
-            else:
-                yield from plain_secret_paths(child, (*path, index))
+            if isinstance(child, str):
+                if child and secret:
+                    found.append((*path, index))
+            elif isinstance(child, dict | tuple | Mapping):
+                _plain_secrets(child, (*path, index), found)
 
 
 def _encode_hook(obj: Any) -> Any:

@@ -41,7 +41,32 @@ from configbus.tree.values import (
 
 __all__ = ["ParsedFile", "parse_yaml"]
 
-_Loader: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_RESOLVED_MAX: Final = 16_384  # remembered tag resolutions; past it, forgotten at once
+_RESOLVED_TEXT: Final = 64  # characters of the longest text whose tag is remembered
+_RESOLVED: Final[dict[tuple[Any, Any, Any], str]] = {}  # (kind, text, implicit) -> tag
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc]
+    """The safe loader, remembering how short texts resolve. Composing calls the
+    (Python) resolver for every node, which matches scalars against the implicit-tag
+    regexes: a fifth of composing a file. A tag depends only on the node's kind, text
+    and implicit flags (the safe loader has no path resolvers), and config files
+    repeat their words and numbers, so the answers are kept, bounded in number and
+    in the length of the texts kept."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        key = (kind, value, implicit)
+        tag = _RESOLVED.get(key)
+        if tag is not None:
+            return tag
+        tag = super().resolve(kind, value, implicit)
+        if not self.yaml_path_resolvers and (value is None or len(value) <= _RESOLVED_TEXT):
+            if len(_RESOLVED) >= _RESOLVED_MAX:
+                _RESOLVED.clear()
+            _RESOLVED[key] = tag
+        return tag
+
 
 _STR: Final = "tag:yaml.org,2002:str"
 _MAP: Final = "tag:yaml.org,2002:map"
@@ -134,6 +159,11 @@ class _Builder:
         self.problems.append(Problem(self.source, _line(node), format_path(path) or None, message))
 
     def build(self, node: yaml.Node, path: Path) -> LayerValue:
+        if node.__class__ is yaml.ScalarNode and node.tag == _STR:
+            # Most nodes: a plain string, which no alias can make recursive. What the
+            # general path below does for it, without its checks and bookkeeping.
+            self._count(1, node)
+            return str(node.value)
         if id(node) in self._open:
             self.problem(node, path, "recursive alias")
             return None
@@ -169,16 +199,21 @@ class _Builder:
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> LayerValue:
         out: dict[str, LayerValue] = {}
+        lines = self.lines
         for key_node, value_node in self._entries(node, path):
-            key = self._key(key_node, path)
-            if key is None:
-                continue
+            if key_node.__class__ is yaml.ScalarNode and key_node.tag == _STR and key_node.value:
+                key = str(key_node.value)  # the usual key: what `_key` returns for it
+            else:
+                found = self._key(key_node, path)
+                if found is None:
+                    continue
+                key = found
             child = (*path, key)
             if key in out:
-                first = self.lines[child]
+                first = lines[child]
                 self.problem(key_node, child, f"duplicate key (first set on line {first})")
                 continue
-            self.lines[child] = _line(key_node)
+            lines[child] = key_node.start_mark.line + 1
             out[key] = self.build(value_node, child)
         return FrozenDict(out)
 
@@ -194,6 +229,9 @@ class _Builder:
         if known is not None:
             return known
         own = [(k, v) for k, v in node.value if k.tag != _MERGE]
+        if len(own) == len(node.value):  # no merge keys: the entries as written
+            self._merged[id(node)] = own
+            return own
         taken = {_key_id(k) for k, _ in own}
         merged: list[tuple[yaml.Node, yaml.Node]] = []
         for key_node, value_node in node.value:
@@ -252,7 +290,9 @@ class _Builder:
             self.problem(node, path, f"unsupported YAML tag {node.tag}")
             return None
         try:
-            value: LayerValue = self.loader.construct_object(node)
+            # The safe constructor of the tag, called directly: what `construct_object`
+            # calls, without its per-node bookkeeping (a scalar cannot recurse).
+            value: LayerValue = self.loader.yaml_constructors[node.tag](self.loader, node)
         except (ValueError, KeyError, yaml.YAMLError):  # e.g. `!!int abc`; never echo it
             self.problem(node, path, f"not a valid {node.tag.rsplit(':', 1)[-1]}")
             return None
