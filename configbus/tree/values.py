@@ -223,20 +223,22 @@ def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "con
 
 
 class _LazyDict(FrozenDict):
-    """A `FrozenDict` over a decoded JSON object (see `view_json`) whose nested objects
-    become `_LazyDict`s when first read, and stay so: a reader of one key pays for that
-    branch only. Every way of reading a value goes through `__getitem__`, `values` or
-    `items`, including ``dict(view)`` and ``{**view}`` (a dict subclass with its own
-    `__iter__` is copied key by key), so no mutable object is ever handed out. Lists
-    were made tuples, and secret references `SecretRef`s, before the view was made,
-    so a branch compares equal whether it has been read yet or not."""
+    """A `FrozenDict` over a decoded JSON object (see `view_json`) whose values become
+    config values when first read, and stay so: an object a `_LazyDict`, a list a tuple,
+    ``{"$secret": NAME}`` a `SecretRef`. A reader of one key pays for that branch only.
+    Every way of reading goes through `__getitem__`, `values` or `items`, including
+    ``dict(view)`` and ``{**view}`` (a dict subclass with its own `__iter__` is copied
+    key by key), so nothing mutable is ever handed out. Comparing makes the whole view
+    immutable first (it then is a plain `FrozenDict`), so a view compares exactly as the
+    eager freeze would, read or not."""
 
     __slots__ = ()
 
     def __getitem__(self, key: str) -> Any:
         value = dict.__getitem__(self, key)
-        if type(value) is dict:
-            value = _LazyDict(value)
+        kind = type(value)
+        if kind is dict or kind is list:
+            value = _adopt(value)
             dict.__setitem__(self, key, value)  # the same value, now immutable
         return value
 
@@ -261,56 +263,83 @@ class _LazyDict(FrozenDict):
     def __ror__(self, other: Any) -> Any:
         return other | dict(self.items())
 
+    def __eq__(self, other: object) -> bool:
+        _freeze_all(self)
+        if isinstance(other, _LazyDict):
+            _freeze_all(other)
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenDict, (dict(self.items()),))
 
     def _read_all(self) -> _LazyDict:
-        raw = [key for key, value in dict.items(self) if type(value) is dict]
+        raw = [key for key, value in dict.items(self) if type(value) in _CONTAINERS]
         for key in raw:
             self[key]
         return self
 
 
-def view_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
-    """What `freeze_json` gives, without copying every object up front: lists become
-    tuples and ``{"$secret": NAME}`` a `SecretRef` in one walk over `value` (which it
-    changes: pass what a JSON decoder just returned), and objects are wrapped in
-    immutable views only as they are read. The walk enforces ``limits.depth`` and
-    ``limits.nodes`` as `freeze_json` does, raising `LimitError` naming `what`."""
-    count = 0
+def _adopt(value: Any) -> Any:
+    """A decoded object or list as a config value: objects lazily, lists at once (a
+    tuple cannot wait), secret references as `SecretRef`."""
+    if type(value) is list:
+        return tuple(_adopt(item) if type(item) in _CONTAINERS else item for item in value)
+    if len(value) == 1 and type(value.get(SECRET_KEY)) is str:
+        return SecretRef(value[SECRET_KEY])
+    return _LazyDict(value)
 
-    def prepare(item: Any, level: int) -> Any:
-        nonlocal count
+
+def _freeze_all(view: _LazyDict) -> None:
+    """Read every branch of `view`; it is then a plain `FrozenDict` (reads at C speed)."""
+    if type(view) is not _LazyDict:
+        return
+    for value in view.values():
+        if type(value) is _LazyDict:
+            _freeze_all(value)
+        elif type(value) is tuple:
+            _freeze_items(value)
+    view.__class__ = FrozenDict  # type: ignore[assignment]  # same layout, no longer lazy
+
+
+def _freeze_items(items: tuple[Any, ...]) -> None:
+    for item in items:
+        if type(item) is _LazyDict:
+            _freeze_all(item)
+        elif type(item) is tuple:
+            _freeze_items(item)
+
+
+def view_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
+    """What `freeze_json` gives, without building it up front: decoded JSON (which it
+    takes over: pass what a decoder just returned) checked against ``limits.depth`` and
+    ``limits.nodes`` in one walk over its objects and lists, then wrapped in a view whose
+    values become immutable config values as they are read (`_LazyDict`). Raises
+    `LimitError` naming `what`."""
+    _check_limits(value, limits, what)
+    return _adopt(value) if type(value) in _CONTAINERS else freeze(value)
+
+
+def _check_limits(value: Any, limits: Limits, what: str) -> None:
+    """Depth and node count of decoded JSON, a level at a time: per object or list, the
+    type test of its values runs in C, and only containers are visited."""
+    count, level, containers = 1, 1, [value] if type(value) in _CONTAINERS else []
+    while containers:
         if level > limits.depth:
             raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
-        count += len(item)
-        if type(item) is list:
-            if _CONTAINERS.isdisjoint(map(type, item)):  # in C: most lists hold scalars
-                return tuple(item)
-            return tuple(
-                _viewed(prepare(i, level + 1)) if type(i) in _CONTAINERS else i for i in item
-            )
-        if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
-            return SecretRef(item[SECRET_KEY])
-        if _CONTAINERS.isdisjoint(map(type, item.values())):  # a leaf object: nothing to do
-            return item
-        changed = [
-            (key, prepared)
-            for key, child in item.items()
-            if type(child) in _CONTAINERS and (prepared := prepare(child, level + 1)) is not child
-        ]
-        for key, prepared in changed:
-            item[key] = prepared
-        return item
-
-    viewed = _viewed(prepare(value, 1)) if type(value) in _CONTAINERS else freeze(value)
-    if count + 1 > limits.nodes:
+        below: list[Any] = []
+        for item in containers:
+            count += len(item)
+            values = item.values() if type(item) is dict else item
+            if not _CONTAINERS.isdisjoint(map(type, values)):
+                below += [child for child in values if type(child) in _CONTAINERS]
+        containers, level = below, level + 1
+    if count > limits.nodes:
         raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
-    return viewed
-
-
-def _viewed(value: Any) -> Any:
-    return _LazyDict(value) if type(value) is dict else value
 
 
 def thaw(value: Value) -> Any:

@@ -71,6 +71,11 @@ def test_a_view_equals_the_eager_freeze_and_encodes_to_the_same_bytes() -> None:
     assert lazy["db"]["password"] == SecretRef("db/pw")
     assert lazy["servers"][0]["ports"] == (1, 2)
     assert lazy == eager and view() == lazy  # read or not, equal
+    partly = view()
+    assert partly["servers"][1] == (3, (4,))  # a list read, its siblings not
+    assert partly["servers"] == eager["servers"] and partly == eager
+    assert type(partly) is FrozenDict  # compared: now wholly immutable, reads at C speed
+    assert view()["db"] != {"hosts": ["a", "b"]} and view() != eager["db"]
     assert pickle.loads(pickle.dumps(lazy)) == eager
 
 
