@@ -25,12 +25,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
+
+import msgspec
 
 from configbus.agent.protocol import (
     PROTOCOL_VERSION,
@@ -45,7 +49,7 @@ from configbus.bus import Bus, KafkaBus, KafkaSettings, Record, TopicNames
 from configbus.bus.base import TopicsReaderAPI
 from configbus.crypto import TrustStore
 from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
-from configbus.events import VerifiedEvent, claimed_version, open_envelope, shown
+from configbus.events import Ack, VerifiedEvent, claimed_version, open_envelope, shown
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.subscriber.acks import AckSender
 from configbus.supervise import Backoff, finish, supervise
@@ -61,6 +65,10 @@ ACK_BYTES = 16 * 1024  # one ack, at most (they are a few hundred bytes)
 CLIENT_BUFFER_BYTES = 16 * 1024 * 1024  # unsent bytes to one service before dropping it
 POLL_MS = 200  # a new tenant topic waits at most this long to be followed
 TOPIC_RETRY_S = 2.0  # a tenant topic that does not exist yet is looked for this often
+MAX_CATCH_UPS = 8  # catch-ups (each a consumer of its own, for a moment) at once
+CATCH_UP_RETRY_S = 1.0  # a catch-up that failed is tried again after this
+MAX_CLIENTS = 10_000  # service connections at once
+ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an environment name, as in the tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,7 @@ class _Client:
     writer: asyncio.StreamWriter
     instance: str
     service: str
+    refused_acks: int = 0
 
     def send(self, frame: bytes) -> bool:
         """Queue a frame; False (and the connection closed) when the service has let
@@ -109,7 +118,9 @@ class _Stream:
     record: Record | None = None  # the latest verified record
     version: int = 0
     clients: set[_Client] = field(default_factory=set)
-    caught_up: bool = False  # since the topic's reader last (re)started
+    caught_up: bool = False  # since its topic was last added to the reader
+    epoch: int = 0  # times its topic was added to the reader
+    retry_at: float = 0.0  # after a failed catch-up: when to try again
 
     @property
     def key(self) -> bytes:
@@ -128,10 +139,11 @@ class Agent:
     def __init__(self, settings: AgentSettings, *, bus: Bus | None = None) -> None:
         self.settings = settings
         self._bus: Bus = bus or KafkaBus(settings.kafka)
+        self._kafka_identity = settings.kafka if bus is None else None  # shared ack producer
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._reader: TopicsReaderAPI | None = None  # while connected
         self._reader_task: asyncio.Task[None] | None = None
-        self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._catching_up: dict[_Stream, asyncio.Task[None]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._acks: AckSender | None = None
         self._dirty: set[_Stream] = set()
@@ -144,7 +156,7 @@ class Agent:
     async def start(self) -> Agent:
         self._load_cache()
         self._acks = AckSender.acquire(
-            self._bus, self.settings.topics.acks, identity=self.settings.kafka
+            self._bus, self.settings.topics.acks, identity=self._kafka_identity
         )
         path = self.settings.socket
         _claim_socket(path)
@@ -192,12 +204,16 @@ class Agent:
         stream: _Stream | None = None
         client: _Client | None = None
         try:
+            if self.clients >= MAX_CLIENTS:
+                raise BusError(f"{MAX_CLIENTS} services connected already")
             hello = await asyncio.wait_for(read_frame(reader, HELLO_BYTES), 10.0)
             if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
                 raise BusError(
                     f"expected a hello of protocol {PROTOCOL_VERSION}, got {hello!r:.80}"
                 )
             self.settings.topics.tenant_topic(hello.tenant)  # a legal tenant, or SettingsError
+            if not ENV_NAME.fullmatch(hello.env):
+                raise BusError(f"environment {shown(hello.env)} is not an environment name")
             stream = self._stream(hello.tenant, hello.env)
             client = _Client(writer, shown(hello.instance), shown(hello.service))
             writer.write(
@@ -216,12 +232,15 @@ class Agent:
                     break
                 if isinstance(frame, Acks) and self._acks is not None:
                     for key, value in frame.items:
-                        if len(key) + len(value) <= ACK_BYTES:
+                        if _own_ack(hello, key, value):
                             self._acks.put(key, value)
                         else:
-                            log.warning(
-                                "%s sent an ack of %d bytes; dropped", client.instance, len(value)
-                            )
+                            client.refused_acks += 1
+                            if client.refused_acks in (1, 1000):
+                                log.warning(
+                                    "%s (%s): dropping acks that are not its own for %s/%s",
+                                    client.instance, client.service, stream.tenant, stream.env,
+                                )  # fmt: skip
         except (BusError, SettingsError, ConnectionError, TimeoutError) as exc:
             log.warning("a service connection ended: %s", exc)
         finally:
@@ -239,8 +258,8 @@ class Agent:
 
     # -- Kafka ------------------------------------------------------------------------
     def _follow(self, stream: _Stream) -> None:
-        """Make sure the stream's tenant topic is followed and the stream caught up: at
-        once when the topic is followed already, else by the reader once it is."""
+        """Catch the stream up at once when its topic is followed already; else the
+        reader loop follows the topic first, then catches the stream up."""
         topic = self.settings.topics.tenant_topic(stream.tenant)
         if self._reader is not None and topic in self._reader.topics:
             self._catch_up(stream)
@@ -263,6 +282,7 @@ class Agent:
             retry_at: dict[str, float] = {}  # topic not there yet -> when to look again
             while True:
                 await self._add_topics(reader, retry_at)
+                self._catch_up_all(reader)
                 for record in await reader.poll(POLL_MS):
                     tenant = self.settings.topics.tenant_of(record.topic) or ""
                     env = (record.key or b"").decode(errors="replace")
@@ -275,39 +295,57 @@ class Agent:
                 await reader.stop()
 
     async def _add_topics(self, reader: TopicsReaderAPI, retry_at: dict[str, float]) -> None:
-        """Follow the topics of streams not followed yet, each from its end, then catch
-        their streams up (in that order, so no record falls between the two)."""
+        """Follow the topics of streams not followed yet (one metadata request for all
+        of them; a topic that does not exist yet is asked for again every
+        `TOPIC_RETRY_S`), each from its end; their streams are then caught up, in that
+        order, so no record falls between the two."""
         now = asyncio.get_running_loop().time()
         wanted = {self.settings.topics.tenant_topic(s.tenant) for s in self._streams.values()}
-        for topic in sorted(wanted - reader.topics):
-            if retry_at.get(topic, 0.0) > now:
-                continue
-            if not await reader.add(topic):
-                retry_at[topic] = now + TOPIC_RETRY_S
-                continue
+        for topic in set(retry_at) - wanted:
+            del retry_at[topic]  # nobody follows it any more
+        due = {t for t in wanted - reader.topics if retry_at.get(t, 0.0) <= now}
+        if not due:
+            return
+        added = await reader.add(due)
+        for topic in due - added:
+            retry_at[topic] = now + TOPIC_RETRY_S
+        for topic in added:
             retry_at.pop(topic, None)
             tenant = self.settings.topics.tenant_of(topic)
             for stream in self._streams.values():
                 if stream.tenant == tenant:
+                    stream.epoch += 1  # what a running catch-up finds may predate the add
                     stream.caught_up = False
-                    self._catch_up(stream)
+
+    def _catch_up_all(self, reader: TopicsReaderAPI) -> None:
+        """Catch up every followed stream that is not, a few at a time; one that failed
+        is tried again after `CATCH_UP_RETRY_S`."""
+        now = asyncio.get_running_loop().time()
+        for stream in list(self._streams.values()):
+            topic = self.settings.topics.tenant_topic(stream.tenant)
+            if not stream.caught_up and stream.retry_at <= now and topic in reader.topics:
+                self._catch_up(stream)
 
     def _catch_up(self, stream: _Stream) -> None:
-        key = (stream.tenant, stream.env)
-        running = self._catching_up.get(key)
-        if stream.caught_up or (running is not None and not running.done()):
+        if stream.caught_up or stream in self._catching_up:
             return
-        self._catching_up[key] = asyncio.create_task(self._catch_up_once(stream))
+        if len(self._catching_up) >= MAX_CATCH_UPS:
+            return  # the reader loop starts it when one ends
+        task = asyncio.create_task(self._catch_up_once(stream))
+        self._catching_up[stream] = task
+        task.add_done_callback(lambda _: self._catching_up.pop(stream, None))
 
     async def _catch_up_once(self, stream: _Stream) -> None:
         """Hand out the highest version among the stream's recent records that verifies,
         when it is newer than what was handed out; a reader of its own, so the topic's
-        reader goes on following meanwhile."""
+        reader goes on following meanwhile. Caught up only if the topic was not added
+        again meanwhile (its reader restarted: records may have come in between)."""
+        epoch = stream.epoch
         topic = self.settings.topics.tenant_topic(stream.tenant)
         reader = self._bus.reader(topic)
         try:
             if not await reader.start():
-                return
+                raise BusError(f"topic {topic} does not exist")
             records = await reader.recent(stream.key, limit=BOOTSTRAP_RECORDS)
             for record in sorted(records, key=lambda r: -claimed_version(r.value)):
                 if claimed_version(record.value) <= stream.version:
@@ -316,8 +354,9 @@ class Agent:
                 if event is not None and self._adopt(stream, record, event.body.version):
                     stream.deliver(record)
                     break
-            stream.caught_up = True
+            stream.caught_up = stream.epoch == epoch
         except BusError as exc:
+            stream.retry_at = asyncio.get_running_loop().time() + CATCH_UP_RETRY_S
             log.warning("%s/%s: could not catch up: %s", stream.tenant, stream.env, exc)
         finally:
             with contextlib.suppress(Exception):
@@ -398,6 +437,25 @@ class Agent:
                 os.replace(temporary, path)
             except OSError as exc:
                 log.warning("%s: cannot write the cache: %s", path, exc.strerror)
+
+
+_ack_decoder: Final = msgspec.msgpack.Decoder(Ack)
+
+
+def _own_ack(hello: Hello, key: bytes, value: bytes) -> bool:
+    """Whether an ack from a connection is one it may send: an `Ack` of a bounded size,
+    for the stream and instance it said hello as, under the key a subscriber gives it.
+    A local process cannot speak for another stream or instance through the agent."""
+    if len(key) + len(value) > ACK_BYTES:
+        return False
+    try:
+        ack = _ack_decoder.decode(value)
+    except (msgspec.DecodeError, TypeError, RecursionError):
+        return False
+    expected = f"{hello.tenant}/{hello.env}/{hello.instance}/{ack.status}".encode()
+    return (ack.tenant, ack.env, ack.instance) == (hello.tenant, hello.env, hello.instance) and (
+        key == expected
+    )
 
 
 def _delivery(record: Record) -> bytes:

@@ -632,24 +632,27 @@ class TopicsReader:
         if consumer is not None:
             await consumer.stop()
 
-    async def add(self, topic: str) -> bool:
-        """Follow `topic` too, from its current end. False while it does not exist.
-        Not to be called while a `poll` is running."""
-        consumer = self._consumer
-        if topic in self._partitions:
-            return True
+    async def add(self, topics: Iterable[str]) -> set[str]:
+        """Follow `topics` too, each from its current end, in one metadata request;
+        returns those now followed (a topic that does not exist is not). Not to be
+        called while a `poll` is running."""
+        new = sorted(set(topics) - set(self._partitions))
+        if not new:
+            return set()
         try:
-            if not await _partitions(consumer, [topic]):
-                return False
-            await self._assign({**self._partitions, topic: TopicPartition(topic, 0)}, new=topic)
+            found = {
+                tp.topic: tp for tp in await _partitions(self._consumer, new) if tp.partition == 0
+            }
+            if found:
+                await self._assign({**self._partitions, **found}, new=list(found))
         except KafkaError as exc:
-            raise _bus_error(exc, f"following {topic}") from exc
-        self.dropped.discard(topic)
-        return True
+            raise _bus_error(exc, f"following {len(new)} topic(s)") from exc
+        self.dropped -= set(found)
+        return set(found)
 
-    async def _assign(self, partitions: dict[str, Any], new: str | None = None) -> None:
+    async def _assign(self, partitions: dict[str, Any], new: Sequence[str] = ()) -> None:
         """Assign `partitions`, keeping the positions of those already followed (an
-        assignment resets every position) and putting a `new` one at its end."""
+        assignment resets every position) and putting `new` ones at their end."""
         consumer = self._consumer
         kept = {
             tp: await consumer.position(tp)
@@ -659,9 +662,10 @@ class TopicsReader:
         consumer.assign(list(partitions.values()))
         for tp, position in kept.items():
             consumer.seek(tp, position)
-        if new is not None:
-            tp = partitions[new]
-            consumer.seek(tp, (await consumer.end_offsets([tp]))[tp])
+        if new:
+            ends = await consumer.end_offsets([partitions[topic] for topic in new])
+            for tp, end in ends.items():
+                consumer.seek(tp, end)
         self._partitions = partitions
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:

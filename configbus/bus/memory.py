@@ -495,14 +495,13 @@ class MemoryTopicsReader:
         self._started = False
         self._cursors.clear()
 
-    async def add(self, topic: str) -> bool:
+    async def add(self, topics: Iterable[str]) -> set[str]:
         self.bus._check("connect")
-        if topic not in self.bus._topics:
-            return False
-        if topic not in self._cursors:
+        found = {t for t in topics if t in self.bus._topics and t not in self._cursors}
+        for topic in found:
             self._cursors[topic] = self.bus._cursor(topic, from_beginning=False)
-        self.dropped.discard(topic)
-        return True
+        self.dropped -= found
+        return found
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         if not self._started:

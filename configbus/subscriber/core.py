@@ -321,6 +321,9 @@ class ConfigSubscriber:
                 continue
             self._link, self.via = link, "agent"
             self._last_bus_error = None
+            sender, self._sender = self._sender, None
+            if sender is not None:  # read Kafka while the agent was away: no longer
+                await sender.release()
             log.info("%s/%s: following through the agent at %s", self.tenant, self.env, path)
             while self._unsent:
                 link.ack(*self._unsent.popleft())

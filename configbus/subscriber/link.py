@@ -20,6 +20,7 @@ __all__ = ["AgentLink"]
 
 WELCOME_BYTES = 4096
 CONNECT_TIMEOUT_S = 5.0
+UNSENT_BYTES = 1024 * 1024  # acks waiting in the socket's buffer, at most
 
 
 class AgentLink:
@@ -39,6 +40,7 @@ class AgentLink:
         self._writer = writer
         self._key = key
         self._acks: list[tuple[bytes, bytes]] = []
+        self.dropped_acks = 0
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], hello: Hello) -> AgentLink:
@@ -76,7 +78,11 @@ class AgentLink:
 
     def ack(self, key: bytes, value: bytes) -> None:
         """Queue an acknowledgement; the queue leaves as one frame at the end of this
-        turn of the event loop."""
+        turn of the event loop. Dropped (and counted) while more than
+        `UNSENT_BYTES` wait for an agent that does not read them."""
+        if self._writer.transport.get_write_buffer_size() > UNSENT_BYTES:
+            self.dropped_acks += 1
+            return
         if not self._acks:
             asyncio.get_running_loop().call_soon(self._flush)
         self._acks.append((key, value))
@@ -87,7 +93,10 @@ class AgentLink:
             self._writer.write(encode(Acks(tuple(acks))))
 
     async def close(self) -> None:
+        """Close, sending what is queued if the agent takes it within a second: an agent
+        that stopped reading cannot hold a service's `stop()`."""
         self._flush()
         self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        self._writer.transport.abort()

@@ -248,11 +248,13 @@ class _LazyDict(FrozenDict):
     def __iter__(self) -> Iterator[str]:
         return dict.__iter__(self)
 
+    # Named through the class: another thread's comparison may turn `self` into a plain
+    # FrozenDict (see `_freeze_all`) between looking a method up and calling it.
     def values(self) -> Any:
-        return dict.values(self._read_all())
+        return dict.values(_LazyDict._read_all(self))
 
     def items(self) -> Any:
-        return dict.items(self._read_all())
+        return dict.items(_LazyDict._read_all(self))
 
     def copy(self) -> dict[str, Any]:
         return dict(self.items())
@@ -280,7 +282,7 @@ class _LazyDict(FrozenDict):
     def _read_all(self) -> _LazyDict:
         raw = [key for key, value in dict.items(self) if type(value) in _CONTAINERS]
         for key in raw:
-            self[key]
+            _LazyDict.__getitem__(self, key)
         return self
 
 

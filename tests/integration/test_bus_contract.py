@@ -280,10 +280,10 @@ async def test_one_topics_reader_follows_many_topics_each_from_where_it_was_adde
     reader = bus.topics_reader()
     await reader.start()
     try:
-        assert not await reader.add(first + "-missing")
-        assert await reader.add(first)
+        assert await reader.add([first, first + "-missing"]) == {first}  # one request
+        assert await reader.add([first]) == set()  # already followed
         await plain.send_and_wait(first, b"one", key=b"k")
-        assert await reader.add(second)  # keeps the position in the first
+        assert await reader.add([second]) == {second}  # keeps the position in the first
         await plain.send_and_wait(second, b"two", key=b"k")
         seen: list[tuple[str, bytes | None]] = []
         deadline = asyncio.get_running_loop().time() + 20

@@ -18,10 +18,11 @@ import msgspec
 import pytest
 
 from configbus.agent import Agent, AgentSettings
-from configbus.agent.protocol import Acks, Hello, encode, read_frame
+from configbus.agent.protocol import Acks, Delivery, Hello, encode, read_frame
 from configbus.agent.server import _claim_socket
 from configbus.bus import KafkaSettings
 from configbus.errors import BusError, ConfigBusError, SettingsError
+from configbus.events import Ack, Cause, build_body, claimed_version, now_ns, seal
 from configbus.limits import LimitError, Limits
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
 from configbus.subscriber.acks import AckSender
@@ -290,3 +291,53 @@ async def test_a_stream_nobody_follows_and_nothing_holds_is_forgotten(
     writer.close()
     await eventually(lambda: (TENANT, "ghost") not in agent._streams, "the stream forgotten")
     assert stream.bus.records(TOPICS.acks) == []
+
+
+async def test_a_stream_whose_topic_comes_later_is_followed_and_caught_up_then(
+    stream: Stream, tmp_path: Path
+) -> None:
+    late = "latecomer"
+    settings = AgentSettings(
+        socket=short_socket(tmp_path), kafka=KafkaSettings("x:1"), trust=stream.trust,
+        topics=TOPICS,
+    )  # fmt: skip
+    async with Agent(settings, bus=stream.bus) as agent:
+        reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+        writer.write(encode(Hello(tenant=late, env=ENV, instance="i-9", service="s")))
+        assert (await read_frame(reader, 4096)).has_record is False  # type: ignore[union-attr]
+        stream.bus.create_topic(TOPICS.tenant_topic(late), compact=True)
+        body = build_body(
+            tenant=late, env=ENV, version=4, config_json=b'{"a":1}', detected_at=now_ns(),
+            cause=Cause(actor="test"),
+        )  # fmt: skip
+        async with stream.bus.producer() as producer:
+            await producer.send_and_wait(
+                TOPICS.tenant_topic(late), seal(body, stream.key), key=ENV.encode()
+            )
+        frame = await asyncio.wait_for(read_frame(reader, 1 << 20), 10)  # within a retry
+        assert isinstance(frame, Delivery) and claimed_version(frame.value) == 4
+        writer.close()
+
+
+async def test_a_connection_speaks_only_for_its_own_stream_and_instance(
+    stream: Stream, agent: Agent
+) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Hello(tenant=TENANT, env="no/such", instance="i", service="s")))
+    assert await read_frame(reader, 4096) is None  # refused: not an environment name
+    writer.close()
+
+    def ack(tenant: str, instance: str) -> tuple[bytes, bytes]:
+        value = msgspec.msgpack.encode(
+            Ack(tenant=tenant, env=ENV, version=1, instance=instance, service="s", status="applied")
+        )
+        return f"{tenant}/{ENV}/{instance}/applied".encode(), value
+
+    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Hello(tenant=TENANT, env=ENV, instance="mine", service="s")))
+    await read_frame(reader, 4096)
+    forged = [ack("bank", "mine"), ack(TENANT, "theirs"), (b"k", b"not an ack")]
+    writer.write(encode(Acks((*forged, ack(TENANT, "mine")))))
+    await eventually(lambda: stream.acks(), "the one genuine ack")
+    assert [(a.tenant, a.instance) for a in stream.acks()] == [(TENANT, "mine")]
+    writer.close()
