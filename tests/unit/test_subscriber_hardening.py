@@ -144,7 +144,7 @@ def test_truncated_compressed_config_is_malformed(stream: Stream) -> None:
         tenant=TENANT,
         env=ENV,
         version=1,
-        config_json=json.dumps({"k": "v" * 3000}).encode(),
+        config_json=json.dumps({"k": "v" * 40_000}).encode(),
         detected_at=0,
         cause=Cause(),
     )

@@ -55,7 +55,7 @@ SMALL = freeze(
     }
 )
 LARGE = freeze(
-    {"services": {f"svc-{i:03d}": {"port": 8000 + i, "weight": i / 7} for i in range(60)}}
+    {"services": {f"svc-{i:04d}": {"port": 8000 + i, "weight": i / 7} for i in range(1200)}}
 )
 
 
