@@ -71,8 +71,9 @@ async def create_topic(setup: Setup, topic: str, max_message_bytes: int) -> None
 @pytest.mark.parametrize(
     ("topic_limit", "origins", "refused_by"),
     [
-        # 30 KB event, topic takes 20 KB: sent, and refused by Kafka in the transaction.
-        (20_000, 700, "kafka refused the event"),
+        # ~45 KB event, topic takes 40 KB (the other streams' events, ~11 KB each and
+        # uncompressed, fit in one batch): sent, and refused by Kafka in the transaction.
+        (40_000, 2000, "kafka refused the event"),
         # ~160 KB event, topic takes 100 KB: refused before sending, from the topic's config.
         (100_000, 7000, "max.message.bytes (100000)"),
     ],
