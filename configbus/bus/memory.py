@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
@@ -229,6 +229,25 @@ class MemoryBus:
     def _cursor(self, name: str, from_beginning: bool) -> _Cursor:
         found = self._topic(name)
         return _Cursor(name, found, 0 if from_beginning else found.stable_end())
+
+    async def _poll(self, fetch: Callable[[], list[Record]], timeout_ms: int) -> list[Record]:
+        """`fetch()` until it returns records or `timeout_ms` pass, looking again on
+        every change to the bus."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            changed = self._changed
+            records = fetch()
+            left = deadline - loop.time()
+            if records or left <= 0:
+                return records
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation
+                # that arrives as the event is set.
+                async with asyncio.timeout(left):
+                    await changed.wait()
+            except TimeoutError:
+                return []
 
     def _notify(self) -> None:
         self._changed.set()
@@ -452,20 +471,7 @@ class MemoryReader:
         return found[-limit:]
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
-        deadline = asyncio.get_running_loop().time() + timeout_ms / 1000
-        while True:
-            changed = self.bus._changed
-            records = self._live().fetch(self.bus._topics)
-            left = deadline - asyncio.get_running_loop().time()
-            if records or left <= 0:
-                return records
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation
-                # that arrives as the event is set.
-                async with asyncio.timeout(left):
-                    await changed.wait()
-            except TimeoutError:
-                return []
+        return await self.bus._poll(lambda: self._live().fetch(self.bus._topics), timeout_ms)
 
     def _live(self) -> _Cursor:
         if self._cursor is None:
@@ -506,24 +512,15 @@ class MemoryTopicsReader:
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         if not self._started:
             raise BusError("the topics reader is not started")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_ms / 1000
-        while True:
-            changed = self.bus._changed
-            self.bus._check("read")
-            gone = {t for t in self._cursors if t not in self.bus._topics}
-            for topic in gone:
-                del self._cursors[topic]
-            self.dropped |= gone
-            records = [r for c in self._cursors.values() for r in c.fetch(self.bus._topics)]
-            left = deadline - loop.time()
-            if records or left <= 0:
-                return records
-            try:
-                async with asyncio.timeout(left):
-                    await changed.wait()
-            except TimeoutError:
-                return []
+        return await self.bus._poll(self._fetch, timeout_ms)
+
+    def _fetch(self) -> list[Record]:
+        self.bus._check("read")
+        gone = {t for t in self._cursors if t not in self.bus._topics}
+        for topic in gone:
+            del self._cursors[topic]
+        self.dropped |= gone
+        return [r for cursor in self._cursors.values() for r in cursor.fetch(self.bus._topics)]
 
 
 def _conforms(bus: MemoryBus) -> Bus:  # pragma: no cover - for mypy: MemoryBus is a Bus
