@@ -341,3 +341,31 @@ async def test_a_connection_speaks_only_for_its_own_stream_and_instance(
     await eventually(lambda: stream.acks(), "the one genuine ack")
     assert [(a.tenant, a.instance) for a in stream.acks()] == [(TENANT, "mine")]
     writer.close()
+
+
+async def test_without_a_tracer_provider_no_span_is_made_and_acks_carry_the_record_trace(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import configbus.subscriber.core as core
+
+    assert not core.tracing()  # the unit tests install no provider
+
+    def no_spans(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a span was started without a tracer provider")
+
+    monkeypatch.setattr(core.tracer, "start_span", no_spans)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode()),)
+    async with stream.bus.producer() as producer:
+        await producer.send_and_wait(
+            TOPICS.tenant_topic(TENANT), stream.event(1, {"a": 1}), key=ENV.encode(),
+            headers=headers,
+        )  # fmt: skip
+    sub = stream.subscriber()
+    await sub.start()
+    try:
+        assert (sub.version, sub.trace_id) == (1, trace_id)
+        await eventually(lambda: stream.acks(), "the ack")
+        assert [a.trace_id for a in stream.acks()] == [trace_id]
+    finally:
+        await sub.stop()
