@@ -40,7 +40,7 @@ class PublisherSettings:
     heartbeat_interval: float = 5.0  # the writer's heartbeat; a rival waits 2-3 of them
     debounce_ms: int = 10
     step_ms: int = 1  # watchfiles polls its Rust watcher every `step` ms: ~2 ms to detect
-    batch_size: int = 1000
+    batch_size: int = 100  # events per transaction (see Publisher)
     shutdown_grace: float = 10.0
     publish_timeout: float = 30.0  # a publication still waiting on Kafka then is retried
     trust: Path | None = None  # publisher keys whose events recovery believes besides ours
@@ -123,6 +123,6 @@ class PublisherSettings:
                 reconcile_interval, "RECONCILE_INTERVAL", 30.0, _positive(float)
             ),
             heartbeat_interval=get(heartbeat_interval, "HEARTBEAT_INTERVAL", 5.0, _positive(float)),
-            batch_size=get(batch_size, "BATCH_SIZE", 1000, _positive(int)),
+            batch_size=get(batch_size, "BATCH_SIZE", 100, _positive(int)),
             trust=Path(found) if (found := get(trust, "TRUST", None)) else None,
         )
