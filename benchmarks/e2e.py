@@ -267,7 +267,7 @@ def overhead_ratio(systems: dict[str, Any], n: str, name: str = "configbus") -> 
         return entry.p50_ms if isinstance(entry, Summary) else (entry or {}).get("p50_ms")
 
     mine = p50(systems.get(name, {}).get(n))
-    kafka = p50(systems.get("kafka_floor", {}).get(n))
+    kafka = p50(systems.get("kafka_floor_no_txn", {}).get(n))  # the aim's yardstick
     watch = p50(systems.get("watch_floor"))
     return round(mine / (kafka + watch), 3) if mine and kafka and watch else None
 
