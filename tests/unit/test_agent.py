@@ -369,3 +369,70 @@ async def test_without_a_tracer_provider_no_span_is_made_and_acks_carry_the_reco
         assert [a.trace_id for a in stream.acks()] == [trace_id]
     finally:
         await sub.stop()
+
+
+async def test_a_failed_catch_up_is_tried_again(stream: Stream, agent: Agent) -> None:
+    await stream.put(stream.event(3, {"size": 3}))
+    stream.bus.fail_next("connect")  # the catch-up's own reader, once
+    sub = behind(stream, agent)
+    await sub.start()
+    try:
+        assert sub.version == 3
+    finally:
+        await sub.stop()
+
+
+async def test_a_service_that_stops_reading_is_disconnected(
+    stream: Stream, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secrets
+
+    import configbus.agent.server as server
+
+    monkeypatch.setattr(server, "CLIENT_BUFFER_BYTES", 1)
+    await stream.put(stream.event(1, {"size": 1}))
+    _, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Hello(tenant=TENANT, env=ENV, instance="slow", service="s")))
+    await eventually(lambda: agent.clients == 1, "the connection")
+    await eventually(lambda: agent._streams[(TENANT, ENV)].caught_up, "the live reading")
+    for version in range(2, 12):  # ~150 KB each, more than the socket holds, never read
+        await stream.put(stream.event(version, {"blob": secrets.token_hex(150_000)}))
+    await eventually(lambda: agent.clients == 0, "the slow service dropped")
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_what_is_no_hello_ends_the_connection(agent: Agent) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Acks(())))  # speaks before saying hello
+    assert await read_frame(reader, 4096) is None
+    writer.close()
+
+
+def test_agent_settings_refuse_a_socket_path_too_long(stream: Stream) -> None:
+    with pytest.raises(SettingsError, match="too long for a Unix socket"):
+        AgentSettings(
+            socket=Path("/tmp/" + "x" * 120), kafka=KafkaSettings("x:1"), trust=stream.trust
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bootstrap-servers", "x:1"], "give --socket or set CONFIGBUS_AGENT"),
+        (["--bootstrap-servers", "x:1", "--socket", "/tmp/a.sock"], "give --trust"),
+        (["--socket", "/tmp/a.sock"], "give --bootstrap-servers"),
+    ],
+)
+def test_configbus_agent_says_what_it_lacks(
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from configbus.cli import main
+
+    for name in ("CONFIGBUS_AGENT", "CONFIGBUS_TRUST", "CONFIGBUS_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["agent", *args]) == 2
+    assert message in capsys.readouterr().err
