@@ -291,7 +291,8 @@ class ConfigSubscriber:
         """Follow the stream through the agent when there is one, else from Kafka,
         under the supervisor: a failure or anything unexpected is logged and the loop
         starts again after a backoff."""
-        backoff = Backoff(0.1, 10.0)
+        # A local socket is cheap to try: an agent that restarted is found within 2 s.
+        backoff = Backoff(0.1, 10.0 if self.settings.agent is None else 2.0)
         if self.settings.agent is None:
             body = lambda: self._follow_kafka(backoff)  # noqa: E731
         else:
@@ -334,7 +335,8 @@ class ConfigSubscriber:
                         f"the agent at {path} has no record yet; its Kafka: {link.welcome.kafka}"
                     )
                 async for record in link.records(self._frame_limit()):
-                    await self._handle(record, source="agent")
+                    starting = self._bootstrapped is not None and not self._bootstrapped.is_set()
+                    await self._handle(record, source="agent", startup=starting)
                     self._mark_bootstrapped("agent")
             finally:
                 self._link = self.via = None

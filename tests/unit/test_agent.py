@@ -217,6 +217,8 @@ async def test_records_pass_through_the_agent_and_each_subscriber_verifies_them(
             for v, s in ((1, "applied"), (0, "rejected"), (3, "applied"))
         }
         await eventually(lambda: acked() >= want, "acks of every instance through the agent")
+        applied = {(a.version, a.startup) for a in stream.acks() if a.status == "applied"}
+        assert applied == {(1, True), (3, False)}  # v1 at start: no propagation time
         cached = agent.settings.cache_dir / f"{TENANT}.{ENV}.event"  # type: ignore[operator]
         await eventually(cached.exists, "the agent's cache")
     finally:
