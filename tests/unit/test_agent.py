@@ -166,15 +166,28 @@ def short_socket(tmp_path: Path) -> Path:
     return folder / "a.sock"
 
 
+def agent_settings(stream: Stream, tmp_path: Path, **changes: Any) -> AgentSettings:
+    options: dict[str, Any] = {
+        "socket": short_socket(tmp_path),
+        "kafka": KafkaSettings("unused:9092"),
+        "trust": stream.trust,
+        "topics": TOPICS,
+    }
+    return AgentSettings(**(options | changes))
+
+
+async def say_hello(
+    agent: Agent, tenant: str = TENANT, env: str = ENV, instance: str = "probe"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    """A raw connection to `agent` that said hello, and the agent's answer."""
+    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
+    writer.write(encode(Hello(tenant=tenant, env=env, instance=instance, service="s")))
+    return reader, writer, await read_frame(reader, 4096)
+
+
 @pytest.fixture
 async def agent(stream: Stream, tmp_path: Path) -> AsyncIterator[Agent]:
-    settings = AgentSettings(
-        socket=short_socket(tmp_path),
-        kafka=KafkaSettings("unused:9092"),
-        trust=stream.trust,
-        cache_dir=tmp_path / "agent-cache",
-        topics=TOPICS,
-    )
+    settings = agent_settings(stream, tmp_path, cache_dir=tmp_path / "agent-cache")
     async with Agent(settings, bus=stream.bus) as running:
         yield running
 
@@ -234,10 +247,7 @@ async def test_the_agent_serves_its_verified_cache_when_kafka_has_nothing(
     cache.mkdir()
     (cache / f"{TENANT}.{ENV}.event").write_bytes(stream.event(7, {"size": 7}))
     (cache / f"{TENANT}.staging.event").write_bytes(b"not an event")  # ignored, with a warning
-    settings = AgentSettings(
-        socket=short_socket(tmp_path), kafka=KafkaSettings("x:1"), trust=stream.trust,
-        cache_dir=cache, topics=TOPICS,
-    )  # fmt: skip
+    settings = agent_settings(stream, tmp_path, cache_dir=cache)
     async with Agent(settings, bus=stream.bus) as agent:
         sub = behind(stream, agent)
         await sub.start()
@@ -285,9 +295,8 @@ def test_the_agent_takes_over_a_leftover_socket_but_not_a_live_one_or_a_file(
 async def test_a_stream_nobody_follows_and_nothing_holds_is_forgotten(
     stream: Stream, agent: Agent
 ) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
-    writer.write(encode(Hello(tenant=TENANT, env="ghost", instance="probe", service="probe")))
-    assert (await read_frame(reader, 4096)).has_record is False  # type: ignore[union-attr]
+    _, writer, welcome = await say_hello(agent, env="ghost")
+    assert welcome.has_record is False
     assert (TENANT, "ghost") in agent._streams
     writer.write(encode(Acks(((b"k", b"x" * 100_000),))))  # an oversize ack: dropped
     writer.close()
@@ -299,14 +308,10 @@ async def test_a_stream_whose_topic_comes_later_is_followed_and_caught_up_then(
     stream: Stream, tmp_path: Path
 ) -> None:
     late = "latecomer"
-    settings = AgentSettings(
-        socket=short_socket(tmp_path), kafka=KafkaSettings("x:1"), trust=stream.trust,
-        topics=TOPICS,
-    )  # fmt: skip
+    settings = agent_settings(stream, tmp_path)
     async with Agent(settings, bus=stream.bus) as agent:
-        reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
-        writer.write(encode(Hello(tenant=late, env=ENV, instance="i-9", service="s")))
-        assert (await read_frame(reader, 4096)).has_record is False  # type: ignore[union-attr]
+        reader, writer, welcome = await say_hello(agent, tenant=late)
+        assert welcome.has_record is False
         stream.bus.create_topic(TOPICS.tenant_topic(late), compact=True)
         body = build_body(
             tenant=late, env=ENV, version=4, config_json=b'{"a":1}', detected_at=now_ns(),
@@ -324,9 +329,8 @@ async def test_a_stream_whose_topic_comes_later_is_followed_and_caught_up_then(
 async def test_a_connection_speaks_only_for_its_own_stream_and_instance(
     stream: Stream, agent: Agent
 ) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
-    writer.write(encode(Hello(tenant=TENANT, env="no/such", instance="i", service="s")))
-    assert await read_frame(reader, 4096) is None  # refused: not an environment name
+    _, writer, welcome = await say_hello(agent, env="no/such")
+    assert welcome is None  # refused: not an environment name
     writer.close()
 
     def ack(tenant: str, instance: str) -> tuple[bytes, bytes]:
@@ -335,9 +339,7 @@ async def test_a_connection_speaks_only_for_its_own_stream_and_instance(
         )
         return f"{tenant}/{ENV}/{instance}/applied".encode(), value
 
-    reader, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
-    writer.write(encode(Hello(tenant=TENANT, env=ENV, instance="mine", service="s")))
-    await read_frame(reader, 4096)
+    _, writer, _ = await say_hello(agent, instance="mine")
     forged = [ack("bank", "mine"), ack(TENANT, "theirs"), (b"k", b"not an ack")]
     writer.write(encode(Acks((*forged, ack(TENANT, "mine")))))
     await eventually(lambda: stream.acks(), "the one genuine ack")
@@ -393,8 +395,7 @@ async def test_a_service_that_stops_reading_is_disconnected(
 
     monkeypatch.setattr(server, "CLIENT_BUFFER_BYTES", 1)
     await stream.put(stream.event(1, {"size": 1}))
-    _, writer = await asyncio.open_unix_connection(str(agent.settings.socket))
-    writer.write(encode(Hello(tenant=TENANT, env=ENV, instance="slow", service="s")))
+    _, writer, _ = await say_hello(agent, instance="slow")
     await eventually(lambda: agent.clients == 1, "the connection")
     await eventually(lambda: agent._streams[(TENANT, ENV)].caught_up, "the live reading")
     for version in range(2, 12):  # ~150 KB each, more than the socket holds, never read
