@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import pwd
 import signal
 import time
 import uuid
@@ -500,7 +502,7 @@ class Daemon:
             if rebuild:
                 self.index.rebuild()
             relative = [p[len(root) + 1 :] if p.startswith(root + os.sep) else p for p in paths]
-            change = self._change("file changed", relative)
+            change = self._change("file changed", relative, actor=_owners(paths))
             self._dirty.add(streams, Change(detected, change.cause))
             # Let the worker build and sign the events first: the log line, and
             # watchfiles arming its next watch (a thread hand-off), wait until the
@@ -564,6 +566,24 @@ def _meta(meta: dict[str, Any], stream: str) -> tuple[str, str]:
             value = ""
         found.append(value)
     return found[0], found[1]
+
+
+def _owners(paths: Iterable[str]) -> str | None:
+    """Who a file edit is credited to: the owners of the changed files (of those still
+    there), by user name; None when none can be known (the daemon's own actor then)."""
+    names = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            names.add(_user(os.stat(path).st_uid))
+    return ", ".join(sorted(names)) or None
+
+
+@functools.lru_cache(maxsize=256)
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _tree_files(change: watchfiles.Change, path: str) -> bool:
