@@ -216,14 +216,12 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
     socket_path = pick(args.socket, "CONFIGBUS_AGENT", "", str)
     if not socket_path:
         raise SettingsError("give --socket or set CONFIGBUS_AGENT")
-    trust = pick(args.trust, "CONFIGBUS_TRUST", "", str)
-    if not trust:
-        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
+    trust = _trust(args)
     cache = pick(args.cache_dir, "CONFIGBUS_CACHE_DIR", "", str)
     settings = AgentSettings(
         socket=Path(socket_path),
         kafka=KafkaSettings(kafka.bootstrap_servers, client_id="configbus-agent"),
-        trust=TrustStore.load(trust),
+        trust=trust,
         cache_dir=Path(cache) if cache else None,
         topics=topics,
     )
@@ -293,6 +291,14 @@ async def _tail_topic(
     return 1 if rejected else 0
 
 
+def _trust(args: argparse.Namespace) -> TrustStore:
+    """The trust file of `--trust`, else of $CONFIGBUS_TRUST: required."""
+    trust_file = pick(args.trust, "CONFIGBUS_TRUST", "", str)
+    if not trust_file:
+        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
+    return TrustStore.load(trust_file)
+
+
 def _tenant_topic(topics: TopicNames, tenant: str) -> str:
     try:
         return topics.tenant_topic(tenant)
@@ -335,10 +341,7 @@ def _tail_line(
 def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
     kafka, topics = _kafka(args)
     _tenant_topic(topics, args.tenant)
-    trust_file = pick(args.trust, "CONFIGBUS_TRUST", "", str)
-    if not trust_file:
-        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
-    trust = TrustStore.load(trust_file)
+    trust = _trust(args)
     if args.wait is not None and args.wait < 0:
         raise SettingsError(f"--wait {args.wait:g}: must not be negative")
 

@@ -10,11 +10,9 @@ import sys
 from typing import Any, TextIO
 
 from configbus.bus import KafkaBus
-from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, UnknownNameError
 from configbus.events import shown
 from configbus.ops import StreamHistory, diff, stream_history
-from configbus.options import pick
 
 __all__ = ["register"]
 
@@ -43,14 +41,11 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
 
 
 def _read(args: argparse.Namespace) -> StreamHistory:
-    from configbus.cli_bus import _kafka, _tenant_topic, run_async
+    from configbus.cli_bus import _kafka, _tenant_topic, _trust, run_async
 
     kafka, topics = _kafka(args)
     _tenant_topic(topics, args.tenant)
-    trust_file = pick(args.trust, "CONFIGBUS_TRUST", "", str)
-    if not trust_file:
-        raise SettingsError("give --trust or set CONFIGBUS_TRUST")
-    trust = TrustStore.load(trust_file)
+    trust = _trust(args)
     history = run_async(stream_history(KafkaBus(kafka), topics, args.tenant, args.env, trust))
     if not history.versions:
         raise UnknownNameError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -122,12 +122,7 @@ class Admin:
                 client_id=f"{self.settings.client_id}-admin",
                 request_timeout_ms=self.settings.request_timeout_ms,
             )
-            try:
-                await client.start()
-            except KafkaError as exc:
-                await client.close()
-                raise _bus_error(exc, "connecting the admin client") from exc
-            self._client = client
+            self._client = await _started(client, "connecting the admin client", client.close)
         return self
 
     async def stop(self) -> None:
@@ -269,12 +264,7 @@ class Producer:
                 max_request_size=8 * 1024 * 1024,
                 **self._options,
             )
-            try:
-                await producer.start()
-            except KafkaError as exc:
-                await producer.stop()
-                raise _bus_error(exc, "starting the producer") from exc
-            self._producer = producer
+            self._producer = await _started(producer, "starting the producer", producer.stop)
         return self
 
     async def stop(self) -> None:
@@ -401,6 +391,29 @@ def _consumer(settings: KafkaSettings, isolation: str, **options: Any) -> Any:
     )
 
 
+def _follower(settings: KafkaSettings) -> Any:
+    """A consumer that follows topics from positions set explicitly (the readers')."""
+    return _consumer(
+        settings,
+        "read_committed",
+        fetch_max_wait_ms=500,  # answered at once when data arrives; idle polls cost CPU
+        # Positions are always set explicitly; this only answers "out of range", as after
+        # the topic was deleted and made again: read the new log from its start (older
+        # versions are then refused as stale), never skip what it holds.
+        auto_offset_reset="earliest",
+    )
+
+
+async def _started(client: Any, doing: str, close: Callable[[], Awaitable[Any]]) -> Any:
+    """`client` once started; else closed, and a `BusError` saying what failed."""
+    try:
+        await client.start()
+    except KafkaError as exc:
+        await close()
+        raise _bus_error(exc, doing) from exc
+    return client
+
+
 async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
     """The partitions of those of `topics` that exist. One metadata request for just
     these topics (a whole cluster's metadata is ~52 bytes a topic: megabytes at scale,
@@ -504,17 +517,9 @@ class PartitionReader:
         """Connect. Returns False (and stays stopped) while the topic does not exist."""
         if self._consumer is not None:
             return True
-        consumer = _consumer(
-            self.settings,
-            "read_committed",
-            fetch_max_wait_ms=500,  # answered at once when data arrives; idle polls cost CPU
-            # Positions are always set explicitly; this only answers "out of range", as
-            # after the topic was deleted and made again: read the new log from its start
-            # (older versions are then refused as stale), never skip what it holds.
-            auto_offset_reset="earliest",
-        )
+        consumer = _follower(self.settings)
+        await _started(consumer, f"connecting to {self.topic}", consumer.stop)
         try:
-            await consumer.start()
             if not await _partitions(consumer, [self.topic]):
                 await consumer.stop()
                 return False
@@ -623,15 +628,8 @@ class TopicsReader:
     async def start(self) -> None:
         if self._consumer is not None:
             return
-        consumer = _consumer(
-            self.settings, "read_committed", fetch_max_wait_ms=500, auto_offset_reset="earliest"
-        )
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            await consumer.stop()
-            raise _bus_error(exc, "connecting") from exc
-        self._consumer = consumer
+        consumer = _follower(self.settings)
+        self._consumer = await _started(consumer, "connecting", consumer.stop)
 
     async def stop(self) -> None:
         consumer, self._consumer = self._consumer, None
