@@ -197,29 +197,20 @@ _CONTAINERS: Final = frozenset((dict, list))
 
 def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "config") -> Value:
     """`freeze` for what a JSON decoder returns (dicts, lists, str, int, float, bool,
-    None): the same result, several times faster, since subscribers freeze every config
-    they receive. Refuses (`LimitError`, naming `what`) data nested deeper than
-    ``limits.depth`` or holding more than ``limits.nodes`` values: the checks ride along
-    the one walk freezing makes anyway, and the walk never recurses past the limit."""
-    count = 0
+    None), several times faster. Refuses (`LimitError`, naming `what`) data nested
+    deeper than ``limits.depth`` or holding more than ``limits.nodes`` values, checked
+    first, so the freezing walk never recurses past the limit. `view_json` gives the
+    same value without building it up front."""
+    _check_limits(value, limits, what)
+    return _frozen(value) if type(value) in _CONTAINERS else freeze(value)
 
-    def walk(item: Any, level: int) -> Value:
-        nonlocal count
-        if level > limits.depth:
-            raise LimitError(f"{what} is nested deeper than {limits.depth} levels (limit depth)")
-        count += len(item)
-        if type(item) is list:
-            return tuple(walk(i, level + 1) if type(i) in _CONTAINERS else i for i in item)
-        if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
-            return SecretRef(item[SECRET_KEY])
-        return FrozenDict(
-            {k: walk(i, level + 1) if type(i) in _CONTAINERS else i for k, i in item.items()}
-        )
 
-    frozen = walk(value, 1) if type(value) in _CONTAINERS else freeze(value)
-    if count + 1 > limits.nodes:
-        raise LimitError(f"{what} holds more than {limits.nodes} values (limit nodes)")
-    return frozen
+def _frozen(item: Any) -> Value:
+    if type(item) is list:
+        return tuple(_frozen(i) if type(i) in _CONTAINERS else i for i in item)
+    if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
+        return SecretRef(item[SECRET_KEY])
+    return FrozenDict({k: _frozen(i) if type(i) in _CONTAINERS else i for k, i in item.items()})
 
 
 class _LazyDict(FrozenDict):
