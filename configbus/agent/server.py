@@ -207,6 +207,8 @@ class Agent:
             if self.clients >= MAX_CLIENTS:
                 raise BusError(f"{MAX_CLIENTS} services connected already")
             hello = await asyncio.wait_for(read_frame(reader, HELLO_BYTES), 10.0)
+            if hello is None:
+                return  # a probe (a service checking the agent is back): nothing to say
             if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
                 raise BusError(
                     f"expected a hello of protocol {PROTOCOL_VERSION}, got {hello!r:.80}"

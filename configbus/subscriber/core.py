@@ -293,11 +293,8 @@ class ConfigSubscriber:
         starts again after a backoff."""
         # A local socket is cheap to try: an agent that restarted is found within 2 s.
         backoff = Backoff(0.1, 10.0 if self.settings.agent is None else 2.0)
-        if self.settings.agent is None:
-            body = lambda: self._follow_kafka(backoff)  # noqa: E731
-        else:
-            body = lambda: self._follow_agent(backoff)  # noqa: E731
-        await supervise(f"subscriber {self.tenant}/{self.env}", body, backoff)
+        follow = self._follow_kafka if self.settings.agent is None else self._follow_agent
+        await supervise(f"subscriber {self.tenant}/{self.env}", lambda: follow(backoff), backoff)
 
     async def _follow_agent(self, backoff: Backoff) -> None:
         """Records from the agent, for as long as it is there. While it is not, records
