@@ -26,6 +26,7 @@ from helpers import (
     ensure_topics,
     produce,
     read_acks,
+    refused_port,
     sealed,
     subscriber_settings,
     wait_until,
@@ -46,6 +47,7 @@ class AgentProcess:
 
     def __init__(self, setup: Setup, socket: Path, cache: Path) -> None:
         self.setup, self.socket, self.cache = setup, socket, cache
+        self.bootstrap = setup.kafka.bootstrap_servers
         self.process: subprocess.Popen[bytes] | None = None
         self.log = setup.workdir / "agent.log"
 
@@ -64,7 +66,7 @@ class AgentProcess:
             "--socket",
             str(self.socket),
             "--bootstrap-servers",
-            self.setup.kafka.bootstrap_servers,
+            self.bootstrap,
             "--trust",
             str(self.setup.trust_path),
             "--cache-dir",
@@ -247,3 +249,24 @@ async def test_without_agent_kafka_or_cache_start_says_the_agent_is_unreachable(
     sub = behind_agent(setup, agent, start_timeout=1.0)
     with pytest.raises(NoConfigError, match=r"agent at .* is unreachable"):
         await sub.start()
+
+
+async def test_with_kafka_gone_the_agent_serves_its_verified_cache(
+    setup: Setup, agent: AgentProcess, subscribers: list[ConfigSubscriber]
+) -> None:
+    await ensure_topics(setup, TENANT)
+    await publish(setup, 1)
+    await agent.start()
+    first = behind_agent(setup, agent)
+    subscribers.append(first)
+    await first.start()  # the agent now holds v1, and has written it to its cache
+    await wait_until(lambda: any(agent.cache.glob("*.event")), 10.0, what="the agent's cache")
+    agent.stop()
+
+    with refused_port() as port:  # nobody listens where the restarted agent looks
+        agent.bootstrap = f"127.0.0.1:{port}"
+        await agent.start()
+        fresh = behind_agent(setup, agent)  # no cache of its own, no Kafka
+        subscribers.append(fresh)
+        await fresh.start()
+        assert (fresh.version, fresh.source, fresh.config.get(FLAG)) == (1, "agent", 1)
