@@ -369,8 +369,11 @@ class Agent:
         each service refuses it and says so in its acknowledgement, as it would reading
         Kafka itself. One that verifies is passed on when it is newer than what was
         handed out; an older one is a replay, or the overlap of a catch-up with the
-        topic's reader, and goes no further."""
+        topic's reader, and goes no further. Nor does one larger than a service takes
+        in a frame: it would only end every connection of the stream."""
         event = self._verify(stream, record)
+        if event is None and len(record.value or b"") > self.settings.limits.event_bytes:
+            return  # refused as too_large by `_verify`, and logged
         if event is None or self._adopt(stream, record, event.body.version):
             stream.deliver(record)
             self.delivered += 1

@@ -439,3 +439,22 @@ def test_configbus_agent_says_what_it_lacks(
         monkeypatch.delenv(name, raising=False)
     assert main(["agent", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+async def test_an_oversized_record_that_does_not_verify_goes_no_further_than_the_agent(
+    stream: Stream, tmp_path: Path
+) -> None:
+    settings = agent_settings(stream, tmp_path, limits=Limits(event_bytes=64 * 1024))
+    async with Agent(settings, bus=stream.bus) as agent:
+        await stream.put(stream.event(1, {"size": 1}))
+        sub = behind(stream, agent)
+        await sub.start()
+        try:
+            link = sub._link
+            await stream.put(b"\x00" * 100_000)  # over what the agent's services take
+            await stream.put(stream.event(2, {"size": 2}))
+            await sub.wait_for_version(2, timeout=10)
+            assert sub._link is link  # the same connection: nothing ended it
+            assert sub.rejected == {}  # the oversized record never reached the service
+        finally:
+            await sub.stop()
