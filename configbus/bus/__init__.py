@@ -13,10 +13,12 @@ from configbus.bus.kafka import (
     read_to_end,
 )
 from configbus.bus.memory import MemoryBus
-from configbus.bus.topics import CONTENT_TYPE, TopicNames
+from configbus.bus.topics import CONTENT_TYPE, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, TopicNames
 
 __all__ = [
     "CONTENT_TYPE",
+    "OVERRIDE_CHANNEL",
+    "SNAPSHOT_CHANNEL",
     "Admin",
     "AdminAPI",
     "Bus",

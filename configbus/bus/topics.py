@@ -1,9 +1,12 @@
 """Topic names and record keys: how streams map onto Kafka.
 
 - One topic per tenant: ``<prefix><tenant>``, default ``configbus.tenant.<tenant>``.
-  One partition (a total order per tenant), ``cleanup.policy=compact``, record key
-  = the environment name, so the latest record per key is the stream's current
-  config and a new subscriber bootstraps by reading the topic's compacted head.
+  One partition (a total order per tenant), ``cleanup.policy=compact``. A stream has
+  channels, each under its own record key so compaction keeps the latest of each:
+  the *snapshot* (the resolved config, published by the daemon) under the environment
+  name, and the *override* (the emergency overrides in effect, signed by an operator)
+  under ``<env>/override``. A new subscriber bootstraps by reading the latest record
+  of each key.
 - The audit topic (default ``configbus.audit``), not compacted: one record per
   published version, key ``<tenant>/<env>``, the same envelope bytes.
 - The acknowledgement topic (default ``configbus.acks``): subscribers' reports.
@@ -30,9 +33,11 @@ from configbus.errors import SettingsError
 from configbus.options import pick
 from configbus.tree.tree import TENANT_ID
 
-__all__ = ["CONTENT_TYPE", "TopicNames"]
+__all__ = ["CONTENT_TYPE", "OVERRIDE_CHANNEL", "SNAPSHOT_CHANNEL", "TopicNames"]
 
 CONTENT_TYPE: Final = b"application/vnd.configbus.event+msgpack; v=1"
+SNAPSHOT_CHANNEL: Final = "snapshot"
+OVERRIDE_CHANNEL: Final = "override"
 _LEGAL: Final = re.compile(r"[a-zA-Z0-9._-]+")
 _MAX_TOPIC: Final = 249
 
@@ -109,5 +114,13 @@ class TopicNames:
         return f"configbus-publisher.{self.prefix}"
 
     @staticmethod
-    def record_key(env: str) -> bytes:
-        return env.encode()
+    def record_key(env: str, channel: str = SNAPSHOT_CHANNEL) -> bytes:
+        """The record key of a stream's channel on its tenant topic."""
+        return env.encode() if channel == SNAPSHOT_CHANNEL else f"{env}/{channel}".encode()
+
+    @staticmethod
+    def channel_of(key: bytes | None) -> tuple[str, str]:
+        """(environment, channel) of a tenant-topic record key; an environment name
+        never holds ``/``."""
+        env, _, channel = (key or b"").decode(errors="replace").partition("/")
+        return env, channel or SNAPSHOT_CHANNEL

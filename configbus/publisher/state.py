@@ -24,7 +24,7 @@ from typing import Final, TypeVar
 
 import msgspec
 
-from configbus.bus import Bus, TopicNames
+from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import VerificationError
 from configbus.events import (
@@ -180,7 +180,10 @@ def _event(
     recovery: Recovery, topic: str, key: bytes, value: bytes, topics: TopicNames, trust: TrustStore
 ) -> None:
     tenant = topics.tenant_of(topic) or ""
-    event = open_envelope(value, trust, stream=(tenant, key.decode(errors="replace")))
+    env, channel = topics.channel_of(key)
+    if channel != SNAPSHOT_CHANNEL:
+        return  # overrides (and other channels) keep versions of their own
+    event = open_envelope(value, trust, stream=(tenant, env))
     body = event.body
     known = recovery.states.get((body.tenant, body.env))
     if known is None or body.version > known.version:
