@@ -29,7 +29,8 @@ from typing import Final
 
 import msgspec
 
-from configbus.crypto import SigningKey, TrustStore
+from configbus.bus.topics import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL
+from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.crypto.trust import TrustedKey
 from configbus.errors import VerificationError
 from configbus.limits import DEFAULT_LIMITS, Limits
@@ -62,12 +63,20 @@ SCHEMA_VERSION: Final = 1
 # `event_bytes` and the topic's `max.message.bytes`.
 COMPRESS_ABOVE: Final = 32 * 1024
 MAX_VERSION: Final = 2**64 - 1  # versions are uint64 on the wire (docs/wire-format.md §4)
+# How far ahead of a reader's clock an override may say it was issued: clocks differ a
+# little; more would let a signer stretch an override past its key's max_ttl.
+CLOCK_SKEW_NS: Final = 60 * 10**9
 
 
 class EventKind(enum.StrEnum):
     SNAPSHOT = "snapshot"  # the resolved config after a change in the tree or a store
-    OVERRIDE = "override"  # an emergency override was set or expired
+    OVERRIDE = "override"  # the emergency overrides in effect (set, cleared or expired)
     ROLLBACK = "rollback"  # old content republished as a new version
+
+    @property
+    def channel(self) -> str:
+        """The stream channel (record key) events of this kind travel on."""
+        return OVERRIDE_CHANNEL if self is EventKind.OVERRIDE else SNAPSHOT_CHANNEL
 
 
 class Cause(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,8 +126,10 @@ class _BodySchema(msgspec.Struct):  # only `schema`: read when a whole body won'
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
     """A subscriber's report on one event, on the acks topic (msgpack, key
-    ``<tenant>/<env>/<instance>``). Not signed: it is telemetry, not configuration.
-    Times are integer nanoseconds since the epoch; 0 when unknown."""
+    ``<tenant>/<env>/<instance>/<status>``, or ``<tenant>/<env>/<instance>/override/<status>``
+    for the override channel). Not signed: it is telemetry, not configuration.
+    Times are integer nanoseconds since the epoch; 0 when unknown. `version` is the
+    version of the event's channel."""
 
     schema: int = 1
     tenant: str
@@ -135,6 +146,13 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     applied_at: int = 0
     trace_id: str = ""
     startup: bool = False  # applied while the instance started: not a propagation time
+    channel: str = SNAPSHOT_CHANNEL  # "snapshot" or "override"
+
+    @property
+    def key(self) -> bytes:
+        """Its record key: compaction keeps the last ack per instance, channel and status."""
+        channel = "" if self.channel == SNAPSHOT_CHANNEL else f"{self.channel}/"
+        return f"{self.tenant}/{self.env}/{self.instance}/{channel}{self.status}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +229,16 @@ def open_envelope(
     trust: TrustStore,
     *,
     stream: tuple[str, str] | None = None,
+    channel: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> VerifiedEvent:
     """Verify and decode a record value. Raises `VerificationError` with a reason:
-    malformed, too_large, unknown_key, bad_signature, unknown_schema, untrusted_scope,
-    wrong_stream (when `stream`, the (tenant, env) the record was read for, is given and
-    the body names another), or hash_mismatch. Nothing inside `body` is decoded before
+    malformed, too_large, unknown_key, bad_signature, unknown_schema, untrusted_scope
+    (the key's scope or role does not cover the event), ttl_too_long (an override
+    longer than the operator key's max_ttl), issued_in_future, wrong_stream (when
+    `stream`, the (tenant, env) the record was read for, is given and the body names
+    another), wrong_channel (likewise for `channel`, the record key's), or
+    hash_mismatch. Nothing inside `body` is decoded before
     its signature is checked, and its config is inflated (at most
     ``limits.config_bytes``) only after its key's scope and the stream are checked."""
     if not isinstance(value, bytes | bytearray | memoryview):  # a tombstone: no value
@@ -250,10 +272,15 @@ def open_envelope(
             "untrusted_scope",
             f"key {envelope.kid!r} may not sign {_plain(body.tenant)}/{_plain(body.env)}",
         )
+    _check_role(envelope.kid, trusted, body)
     if stream is not None and (body.tenant, body.env) != stream:
         raise VerificationError(
             "wrong_stream",
             f"event for {_plain(body.tenant)}/{_plain(body.env)} on {stream[0]}/{stream[1]}",
+        )
+    if channel is not None and body.kind.channel != channel:
+        raise VerificationError(
+            "wrong_channel", f"a {body.kind} event under the {shown(channel)} channel's key"
         )
     if not 0 < body.version <= MAX_VERSION:
         raise VerificationError("malformed", f"version {body.version} out of range")
@@ -261,6 +288,30 @@ def open_envelope(
     if hashlib.sha256(config_json).hexdigest() != body.config_hash:
         raise VerificationError("hash_mismatch", "config does not match config_hash")
     return VerifiedEvent(envelope.kid, body, config_json)
+
+
+def _check_role(kid: str, trusted: TrustedKey, body: EventBody) -> None:
+    """Whether the key's role may sign this event: snapshots and rollbacks only a
+    publisher key; overrides an operator key too, within its max_ttl, or a publisher
+    key (which publishes their expiry)."""
+    if body.kind is not EventKind.OVERRIDE:
+        if trusted.role != PUBLISHER:
+            raise VerificationError(
+                "untrusted_scope", f"key {kid!r} is an {trusted.role} key: it signs overrides only"
+            )
+        return
+    if body.expires_at is None:
+        raise VerificationError("malformed", "an override without expires_at")
+    if body.issued_at > now_ns() + CLOCK_SKEW_NS:
+        raise VerificationError(
+            "issued_in_future", f"override issued {(body.issued_at - now_ns()) / 1e9:.0f}s ahead"
+        )
+    if trusted.max_ttl is not None and body.expires_at - body.issued_at > trusted.max_ttl * 10**9:
+        raise VerificationError(
+            "ttl_too_long",
+            f"override of {(body.expires_at - body.issued_at) / 1e9:.0f}s, over key {kid!r}'s "
+            f"max_ttl of {trusted.max_ttl}s",
+        )
 
 
 def claimed_version(value: bytes | None) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from configbus.errors import SettingsError
 
-__all__ = ["pick"]
+__all__ = ["format_duration", "parse_duration", "pick"]
 
 T = TypeVar("T")
 
@@ -30,3 +31,29 @@ def pick(
         return convert(raw)
     except ValueError as exc:
         raise SettingsError(f"{variable}={raw!r}: {exc}") from None
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_UNITS = (86400, 3600, 60, 1)
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration such as ``30m``, ``2h``, ``1h30m``, ``90s`` or ``1d``; a
+    bare number is seconds. Raises `ValueError` naming what was given."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(f"{text!r} is not a duration (say 90s, 30m, 2h, 1h30m or 1d)")
+    return sum(int(part) * unit for part, unit in zip(match.groups(), _UNITS, strict=True) if part)
+
+
+def format_duration(seconds: float) -> str:
+    """``1h30m``, ``45s``: a duration as `parse_duration` reads it, to the second."""
+    left, parts = max(0, round(seconds)), list[str]()
+    for unit, name in zip(_UNITS, "dhms", strict=True):
+        if left >= unit or (unit == 1 and not parts):
+            parts.append(f"{left // unit}{name}")
+            left %= unit
+    return "".join(parts)

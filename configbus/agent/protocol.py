@@ -65,6 +65,7 @@ class Delivery(msgspec.Struct, tag="record", frozen=True, kw_only=True):
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int = 0
+    key: bytes = b""  # the record key (its channel); empty: the snapshot's
 
 
 class Acks(msgspec.Struct, tag="acks", frozen=True):

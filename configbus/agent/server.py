@@ -45,7 +45,15 @@ from configbus.agent.protocol import (
     encode,
     read_frame,
 )
-from configbus.bus import Bus, KafkaBus, KafkaSettings, Record, TopicNames
+from configbus.bus import (
+    OVERRIDE_CHANNEL,
+    SNAPSHOT_CHANNEL,
+    Bus,
+    KafkaBus,
+    KafkaSettings,
+    Record,
+    TopicNames,
+)
 from configbus.bus.base import TopicsReaderAPI
 from configbus.crypto import TrustStore
 from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
@@ -68,6 +76,8 @@ TOPIC_RETRY_S = 2.0  # a tenant topic that does not exist yet is looked for this
 MAX_CATCH_UPS = 8  # catch-ups (each a consumer of its own, for a moment) at once
 CATCH_UP_RETRY_S = 1.0  # a catch-up that failed is tried again after this
 MAX_CLIENTS = 10_000  # service connections at once
+CHANNELS: Final = (SNAPSHOT_CHANNEL, OVERRIDE_CHANNEL)
+_CACHE_SUFFIX: Final = {SNAPSHOT_CHANNEL: "event", OVERRIDE_CHANNEL: "override"}
 ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an environment name, as in the tree
 
 
@@ -115,16 +125,24 @@ class _Client:
 class _Stream:
     tenant: str
     env: str
-    record: Record | None = None  # the latest verified record
-    version: int = 0
+    records: dict[str, Record] = field(default_factory=dict)  # channel -> latest verified
+    versions: dict[str, int] = field(default_factory=dict)  # channel -> its version
     clients: set[_Client] = field(default_factory=set)
     caught_up: bool = False  # since its topic was last added to the reader
     epoch: int = 0  # times its topic was added to the reader
     retry_at: float = 0.0  # after a failed catch-up: when to try again
 
     @property
-    def key(self) -> bytes:
-        return self.env.encode()
+    def record(self) -> Record | None:
+        """The latest verified snapshot record."""
+        return self.records.get(SNAPSHOT_CHANNEL)
+
+    @property
+    def version(self) -> int:
+        return self.versions.get(SNAPSHOT_CHANNEL, 0)
+
+    def key(self, channel: str) -> bytes:
+        return TopicNames.record_key(self.env, channel)
 
     def deliver(self, record: Record) -> None:
         frame = _delivery(record)
@@ -223,6 +241,8 @@ class Agent:
             )
             if stream.record is not None and stream.version > hello.version:
                 client.send(_delivery(stream.record))
+            if (override := stream.records.get(OVERRIDE_CHANNEL)) is not None:
+                client.send(_delivery(override))  # the service knows if it has it
             stream.clients.add(client)
             self._follow(stream)
             log.debug(
@@ -248,7 +268,7 @@ class Agent:
         finally:
             if stream is not None and client is not None:
                 stream.clients.discard(client)
-                if not stream.clients and stream.record is None:  # nothing to keep
+                if not stream.clients and not stream.records:  # nothing to keep
                     self._streams.pop((stream.tenant, stream.env), None)
             writer.close()
 
@@ -287,10 +307,10 @@ class Agent:
                 self._catch_up_all(reader)
                 for record in await reader.poll(POLL_MS):
                     tenant = self.settings.topics.tenant_of(record.topic) or ""
-                    env = (record.key or b"").decode(errors="replace")
+                    env, channel = TopicNames.channel_of(record.key)
                     stream = self._streams.get((tenant, env))
-                    if stream is not None:
-                        self._received(stream, record)
+                    if stream is not None and channel in CHANNELS:
+                        self._received(stream, record, channel)
         finally:
             self._reader = None
             with contextlib.suppress(Exception):
@@ -348,14 +368,15 @@ class Agent:
         try:
             if not await reader.start():
                 raise BusError(f"topic {topic} does not exist")
-            records = await reader.recent(stream.key, limit=BOOTSTRAP_RECORDS)
-            for record in sorted(records, key=lambda r: -claimed_version(r.value)):
-                if claimed_version(record.value) <= stream.version:
-                    break
-                event = self._verify(stream, record)
-                if event is not None and self._adopt(stream, record, event.body.version):
-                    stream.deliver(record)
-                    break
+            for channel in CHANNELS:  # the snapshot first: overrides go on top of it
+                records = await reader.recent(stream.key(channel), limit=BOOTSTRAP_RECORDS)
+                for record in sorted(records, key=lambda r: -claimed_version(r.value)):
+                    if claimed_version(record.value) <= stream.versions.get(channel, 0):
+                        break
+                    event = self._verify(stream, record, channel)
+                    if event is not None and self._adopt(stream, record, channel, event):
+                        stream.deliver(record)
+                        break
             stream.caught_up = stream.epoch == epoch
         except BusError as exc:
             stream.retry_at = asyncio.get_running_loop().time() + CATCH_UP_RETRY_S
@@ -364,64 +385,73 @@ class Agent:
             with contextlib.suppress(Exception):
                 await reader.stop()
 
-    def _received(self, stream: _Stream, record: Record) -> None:
+    def _received(self, stream: _Stream, record: Record, channel: str) -> None:
         """A record as it arrives. One that does not verify is passed on all the same:
         each service refuses it and says so in its acknowledgement, as it would reading
         Kafka itself. One that verifies is passed on when it is newer than what was
         handed out; an older one is a replay, or the overlap of a catch-up with the
         topic's reader, and goes no further. Nor does one larger than a service takes
         in a frame: it would only end every connection of the stream."""
-        event = self._verify(stream, record)
+        event = self._verify(stream, record, channel)
         if event is None and len(record.value or b"") > self.settings.limits.event_bytes:
             return  # refused as too_large by `_verify`, and logged
-        if event is None or self._adopt(stream, record, event.body.version):
+        if event is None or self._adopt(stream, record, channel, event):
             stream.deliver(record)
             self.delivered += 1
 
-    def _verify(self, stream: _Stream, record: Record) -> VerifiedEvent | None:
+    def _verify(self, stream: _Stream, record: Record, channel: str) -> VerifiedEvent | None:
         try:
             return open_envelope(
                 record.value or b"",
                 self.settings.trust,
                 stream=(stream.tenant, stream.env),
+                channel=channel,
                 limits=self.settings.limits,
             )
         except VerificationError as exc:
             log.warning("%s/%s: a record does not verify: %s", stream.tenant, stream.env, exc)
             return None
 
-    def _adopt(self, stream: _Stream, record: Record, version: int) -> bool:
-        """Make a verified record the stream's latest (and cache it) when it is newer."""
-        if version <= stream.version:
+    def _adopt(self, stream: _Stream, record: Record, channel: str, event: VerifiedEvent) -> bool:
+        """Make a verified record its channel's latest (and cache it) when it is newer."""
+        version = event.body.version
+        if version <= stream.versions.get(channel, 0):
             return False
-        stream.record, stream.version = record, version
+        stream.records[channel], stream.versions[channel] = record, version
         if self.settings.cache_dir is not None:
             self._dirty.add(stream)
             self._cache_wanted.set()
         return True
 
     # -- the disk cache ---------------------------------------------------------------
-    def _cache_file(self, tenant: str, env: str) -> Path | None:
+    def _cache_file(self, tenant: str, env: str, channel: str) -> Path | None:
         folder = self.settings.cache_dir
-        return folder / f"{tenant}.{env}.event" if folder is not None else None
+        suffix = _CACHE_SUFFIX[channel]
+        return folder / f"{tenant}.{env}.{suffix}" if folder is not None else None
 
     def _load_cache(self) -> None:
         folder = self.settings.cache_dir
         if folder is None or not folder.is_dir():
             return
-        for path in sorted(folder.glob("*.event")):
-            tenant, _, env = path.name.removesuffix(".event").partition(".")
-            try:
-                value = path.read_bytes()
-                event = open_envelope(
-                    value, self.settings.trust, stream=(tenant, env), limits=self.settings.limits
-                )
-            except (OSError, VerificationError) as exc:
-                log.warning("%s: ignoring the cached record: %s", path, exc)
-                continue
-            stream = self._stream(tenant, env)
-            stream.record = Record(str(path), 0, 0, env.encode(), value, (), 0)
-            stream.version = event.body.version
+        for channel, suffix in _CACHE_SUFFIX.items():
+            for path in sorted(folder.glob(f"*.{suffix}")):
+                tenant, _, env = path.name.removesuffix(f".{suffix}").partition(".")
+                try:
+                    value = path.read_bytes()
+                    event = open_envelope(
+                        value,
+                        self.settings.trust,
+                        stream=(tenant, env),
+                        channel=channel,
+                        limits=self.settings.limits,
+                    )
+                except (OSError, VerificationError) as exc:
+                    log.warning("%s: ignoring the cached record: %s", path, exc)
+                    continue
+                stream = self._stream(tenant, env)
+                key = TopicNames.record_key(env, channel)
+                stream.records[channel] = Record(str(path), 0, 0, key, value, (), 0)
+                stream.versions[channel] = event.body.version
 
     async def _write_caches(self) -> None:
         while True:
@@ -432,16 +462,17 @@ class Agent:
 
     def _flush_caches(self, streams: Iterable[_Stream]) -> None:
         for stream in streams:
-            path = self._cache_file(stream.tenant, stream.env)
-            if path is None or stream.record is None or stream.record.value is None:
-                continue
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
-                temporary.write_bytes(stream.record.value)
-                os.replace(temporary, path)
-            except OSError as exc:
-                log.warning("%s: cannot write the cache: %s", path, exc.strerror)
+            for channel, record in list(stream.records.items()):
+                path = self._cache_file(stream.tenant, stream.env, channel)
+                if path is None or record.value is None:
+                    continue
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    temporary = path.with_name(path.name + ".tmp")
+                    temporary.write_bytes(record.value)
+                    os.replace(temporary, path)
+                except OSError as exc:
+                    log.warning("%s: cannot write the cache: %s", path, exc.strerror)
 
 
 _ack_decoder: Final = msgspec.msgpack.Decoder(Ack)
@@ -457,9 +488,8 @@ def _own_ack(hello: Hello, key: bytes, value: bytes) -> bool:
         ack = _ack_decoder.decode(value)
     except (msgspec.DecodeError, TypeError, RecursionError):
         return False
-    expected = f"{hello.tenant}/{hello.env}/{hello.instance}/{ack.status}".encode()
     return (ack.tenant, ack.env, ack.instance) == (hello.tenant, hello.env, hello.instance) and (
-        key == expected
+        key == ack.key
     )
 
 
@@ -471,6 +501,7 @@ def _delivery(record: Record) -> bytes:
             value=record.value or b"",
             headers=record.headers,
             timestamp_ms=record.timestamp_ms,
+            key=record.key or b"",
         )
     )
 

@@ -7,9 +7,11 @@ from configbus.crypto.keys import (
     generate_keypair,
     public_key_from_pem,
 )
-from configbus.crypto.trust import TrustedKey, TrustStore
+from configbus.crypto.trust import OPERATOR, PUBLISHER, TrustedKey, TrustStore
 
 __all__ = [
+    "OPERATOR",
+    "PUBLISHER",
     "SigningKey",
     "TrustStore",
     "TrustedKey",

@@ -1,6 +1,8 @@
-"""The trust file: which publisher keys a subscriber (or `configbus tail`) believes.
+"""The trust file: which keys a subscriber (or `configbus tail`) believes, for what.
 
-A YAML file::
+A YAML file with two lists: `publishers`, the keys that sign the streams' snapshots
+(the daemon's), and `operators`, the keys of people who may sign emergency overrides
+and nothing else::
 
     # configbus trust file
     publishers:
@@ -11,11 +13,19 @@ A YAML file::
           -----END PUBLIC KEY-----
         tenants: ["*"]          # optional, default every tenant
         environments: ["*"]     # optional, default every environment
+    operators:
+      - kid: alice-2026
+        public_key_file: keys/alice-2026.pub
+        tenants: [aurora-records]
+        environments: [prod]
+        max_ttl: 2h             # required: the longest override this key may sign
 
 or, instead of `public_key`, ``public_key_file: keys/publisher-2026-11.pub`` (relative
-to the trust file). An event is trusted when its kid is listed and the key's scope
-covers the event's tenant and environment. Rotation: add the new kid, roll the trust
-file out, switch the publisher to the new key, then remove the old kid.
+to the trust file). An event is trusted when its kid is listed, the key's scope
+covers the event's tenant and environment, and its role may sign the event's kind (an
+operator key signs overrides only, none longer than its `max_ttl`). Rotation: add the
+new kid, roll the trust file out, switch the publisher to the new key, then remove the
+old kid.
 """
 
 from __future__ import annotations
@@ -31,8 +41,13 @@ import yaml
 
 from configbus.crypto.keys import VerifyKey, check_kid, public_key_from_pem
 from configbus.errors import ConfigBusError, KeyringError
+from configbus.options import format_duration, parse_duration
 
-__all__ = ["TrustStore", "TrustedKey"]
+__all__ = ["OPERATOR", "PUBLISHER", "TrustStore", "TrustedKey"]
+
+PUBLISHER = "publisher"  # signs snapshots (and the expiry of overrides)
+OPERATOR = "operator"  # signs emergency overrides only
+_LISTS = {PUBLISHER: "publishers", OPERATOR: "operators"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +55,8 @@ class TrustedKey:
     key: VerifyKey
     tenants: frozenset[str]  # "*" for all
     environments: frozenset[str]
+    role: str = PUBLISHER
+    max_ttl: int | None = None  # seconds: the longest override an operator key may sign
 
     def covers(self, tenant: str, env: str) -> bool:
         return ("*" in self.tenants or tenant in self.tenants) and (
@@ -73,6 +90,10 @@ class TrustStore:
     def entries(self) -> list[TrustedKey]:
         return list(self._keys.values())
 
+    def with_key(self, trusted: TrustedKey) -> TrustStore:
+        """This store and one more key (`KeyringError` when its kid is listed)."""
+        return TrustStore([*self._keys.values(), trusted])
+
     @classmethod
     def of(cls, *keys: VerifyKey) -> TrustStore:
         """A store trusting `keys` for every tenant and environment."""
@@ -93,11 +114,17 @@ class TrustStore:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise KeyringError(f"{where}{line}: trust file is not valid YAML") from None
-        if not isinstance(document, Mapping) or not isinstance(document.get("publishers"), list):
-            raise KeyringError(f"{where}: a trust file needs a 'publishers' list")
+        if not isinstance(document, Mapping) or not any(
+            isinstance(document.get(name), list) for name in _LISTS.values()
+        ):
+            raise KeyringError(f"{where}: a trust file needs a 'publishers' or 'operators' list")
         keys = []
-        for index, entry in enumerate(document["publishers"]):
-            keys.append(_entry(where, index, entry))
+        for role, name in _LISTS.items():
+            entries = document.get(name, [])
+            if not isinstance(entries, list):
+                raise KeyringError(f"{where}: {name} must be a list of keys")
+            for index, entry in enumerate(entries):
+                keys.append(_entry(where, name, index, entry, role))
         try:
             return cls(keys)
         except ConfigBusError as exc:
@@ -105,27 +132,36 @@ class TrustStore:
 
     def dump(self) -> str:
         """The store as trust-file YAML, public keys as literal blocks."""
-        lines = ["# configbus trust file", "publishers:"]
-        for trusted in self._keys.values():
-            lines += [
-                f"  - kid: {trusted.key.kid}",
-                f"    tenants: {json.dumps(sorted(trusted.tenants))}",
-                f"    environments: {json.dumps(sorted(trusted.environments))}",
-                "    public_key: |",
-                *(f"      {row}" for row in trusted.key.pem().strip().splitlines()),
-            ]
+        lines = ["# configbus trust file"]
+        for role, name in _LISTS.items():
+            entries = [t for t in self._keys.values() if t.role == role]
+            if not entries and role != PUBLISHER:
+                continue
+            lines.append(f"{name}:" if entries else f"{name}: []")
+            for trusted in entries:
+                lines += [
+                    f"  - kid: {trusted.key.kid}",
+                    f"    tenants: {json.dumps(sorted(trusted.tenants))}",
+                    f"    environments: {json.dumps(sorted(trusted.environments))}",
+                ]
+                if trusted.max_ttl is not None:
+                    lines.append(f"    max_ttl: {format_duration(trusted.max_ttl)}")
+                lines += [
+                    "    public_key: |",
+                    *(f"      {row}" for row in trusted.key.pem().strip().splitlines()),
+                ]
         return "\n".join(lines) + "\n"
 
 
-def _entry(where: Path, index: int, entry: Any) -> TrustedKey:
-    label = f"{where}: publishers[{index}]"
+def _entry(where: Path, name: str, index: int, entry: Any, role: str) -> TrustedKey:
+    label = f"{where}: {name}[{index}]"
     if not isinstance(entry, Mapping):
         raise KeyringError(f"{label}: must be a mapping with kid and public_key")
     try:
         kid = check_kid(entry.get("kid"))
     except KeyringError as exc:
         raise KeyringError(f"{label}: {exc}") from None
-    label = f"{where}: publisher {kid!r}"
+    label = f"{where}: {role} {kid!r}"
     pem = entry.get("public_key")
     if pem is None and isinstance(entry.get("public_key_file"), str):
         key_path = where.parent / entry["public_key_file"]
@@ -136,9 +172,32 @@ def _entry(where: Path, index: int, entry: Any) -> TrustedKey:
     if not isinstance(pem, str):
         raise KeyringError(f"{label}: needs public_key (PEM) or public_key_file")
     scopes = []
-    for name in ("tenants", "environments"):
-        value = entry.get(name, ["*"])
+    for scope in ("tenants", "environments"):
+        value = entry.get(scope, ["*"])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise KeyringError(f"{label}: {name} must be a list of names (or ['*'])")
+            raise KeyringError(f"{label}: {scope} must be a list of names (or ['*'])")
         scopes.append(frozenset(value))
-    return TrustedKey(public_key_from_pem(kid, pem, label), scopes[0], scopes[1])
+    stated = entry.get("role", role)
+    if stated != role:
+        raise KeyringError(f"{label}: role {stated!r} does not belong in the {name} list")
+    max_ttl = _max_ttl(label, entry.get("max_ttl"), role)
+    key = public_key_from_pem(kid, pem, label)
+    return TrustedKey(key, scopes[0], scopes[1], role=role, max_ttl=max_ttl)
+
+
+def _max_ttl(label: str, value: Any, role: str) -> int | None:
+    """An operator key's longest override, in seconds: required, and positive."""
+    if value is None:
+        if role == OPERATOR:
+            raise KeyringError(f"{label}: an operator key needs max_ttl (e.g. 2h)")
+        return None
+    if role != OPERATOR:
+        raise KeyringError(f"{label}: max_ttl applies to operator keys only")
+    try:
+        seconds = value if isinstance(value, int) and not isinstance(value, bool) else None
+        seconds = parse_duration(str(value)) if seconds is None else seconds
+    except ValueError as exc:
+        raise KeyringError(f"{label}: max_ttl: {exc}") from None
+    if seconds <= 0:
+        raise KeyringError(f"{label}: max_ttl must be positive")
+    return seconds

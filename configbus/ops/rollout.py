@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from configbus.bus import KafkaSettings, PartitionReader, TopicNames, read_to_end
+from configbus.bus import SNAPSHOT_CHANNEL, KafkaSettings, PartitionReader, TopicNames, read_to_end
 from configbus.crypto import TrustStore
 from configbus.errors import UnknownNameError, VerificationError
 from configbus.events import Ack, open_envelope
@@ -144,7 +144,7 @@ async def latest_version(
                 f"tenant {tenant!r} has no topic {topics.tenant_topic(tenant)!r}: "
                 "it never published (is the tenant id or --topic-prefix right?)"
             )
-        records = await reader.recent(env.encode(), limit=256)
+        records = await reader.recent(topics.record_key(env), limit=256)
     finally:
         await reader.stop()
     best = 0
@@ -182,6 +182,8 @@ async def rollout_status(
             ack = _ack_decoder.decode(record.value)
         except msgspec.DecodeError:
             continue
+        if ack.channel != SNAPSHOT_CHANNEL:
+            continue  # an override's ack: its versions are the override channel's
         seen = applied if ack.status == "applied" else rejected
         known = seen.get(ack.instance)
         if known is None or ack.version >= known.version:

@@ -14,6 +14,12 @@ with its reason, counted and acknowledged as rejected: every record ends applied
 rejected, whatever it holds. The follow loop survives anything but cancellation, and
 `stop()` always completes.
 
+A stream has two channels (docs/wire-format.md §2.1): the snapshot the daemon publishes
+and the emergency overrides operators sign. The config a service reads is the snapshot
+with the overrides in effect set on top; each override is dropped at its expiry by this
+process's clock, whatever else runs. An override signed by a key whose scope does not
+cover the stream, or longer than the key's max_ttl, is refused and acknowledged so.
+
 At start the subscriber applies its disk cache (re-verified) if it has one, then
 reads the recent records of its stream from Kafka and applies the highest version
 among them that verifies (docs/wire-format.md §2.1): a replayed old event or a forged
@@ -43,7 +49,7 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from configbus.agent.protocol import Hello
-from configbus.bus import Bus, KafkaBus, Record
+from configbus.bus import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, KafkaBus, Record, TopicNames
 from configbus.bus.base import ReaderAPI
 from configbus.errors import (
     BusError,
@@ -52,7 +58,8 @@ from configbus.errors import (
     NoConfigError,
     VerificationError,
 )
-from configbus.events import Ack, VerifiedEvent, claimed_version, open_envelope
+from configbus.events import Ack, VerifiedEvent, claimed_version, now_ns, open_envelope
+from configbus.ops.overrides import OverrideEntry, OverrideState, compose, parse_overrides
 from configbus.subscriber.acks import AckSender
 from configbus.subscriber.link import AgentLink
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
@@ -85,13 +92,21 @@ class _AlreadyApplied(Exception):
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What a subscriber runs, as one immutable value: the config, its version, the
-    verified event it came from and the trace id of its apply. Read `sub.snapshot`
-    once to get a config and a version that belong together."""
+    verified event it came from and the trace id of its apply, and the emergency
+    overrides set on top of it. Read `sub.snapshot` once to get a config and a version
+    that belong together."""
 
-    config: ResolvedConfig
-    version: int
+    config: ResolvedConfig  # the snapshot's config with the overrides in effect on top
+    version: int  # of the snapshot channel
     event: VerifiedEvent | None
     trace_id: str = ""  # of the apply: the publisher's trace, continued here
+    override: OverrideState | None = None  # the override record last applied
+    overrides: tuple[OverrideEntry, ...] = ()  # its entries in effect in `config`
+
+    @property
+    def override_version(self) -> int:
+        """The version of the override channel composed in; 0 when none."""
+        return self.override.version if self.override is not None else 0
 
 
 _EMPTY = ResolvedConfig(FrozenDict())
@@ -125,6 +140,13 @@ class ConfigSubscriber:
         self._bus: Bus | None = bus or (KafkaBus(kafka) if kafka is not None else None)
         self._bus_is_own = bus is None  # then subscribers of one cluster share an ack producer
         self._current = Snapshot(_EMPTY, 0, None)
+        self._base = _EMPTY  # the snapshot channel's config, before overrides
+        self._pending: OverrideState | None = None  # an override set before any snapshot
+        self._expiry: asyncio.TimerHandle | None = None
+        self._keys = {
+            TopicNames.record_key(self.env): SNAPSHOT_CHANNEL,
+            TopicNames.record_key(self.env, OVERRIDE_CHANNEL): OVERRIDE_CHANNEL,
+        }
         self._callbacks: list[tuple[str, Callback]] = []
         self._validators: list[Validator] = []
         self.applied = 0
@@ -140,7 +162,7 @@ class ConfigSubscriber:
         self._link: AgentLink | None = None  # the agent, while connected to it
         self._unsent: deque[tuple[bytes, bytes]] = deque(maxlen=_UNSENT_ACKS)
         self._cache_task: asyncio.Task[None] | None = None
-        self._cache_value: bytes | None = None  # the next value for the disk cache
+        self._cache_values: dict[str, bytes] = {}  # channel -> the next value to write
         self._changed: asyncio.Event | None = None  # replaced (after being set) per apply
         self._bootstrapped: asyncio.Event | None = None
         self._state = "new"
@@ -175,6 +197,11 @@ class ConfigSubscriber:
         return self._current.event
 
     @property
+    def overrides(self) -> tuple[OverrideEntry, ...]:
+        """The emergency overrides in effect in `config` (path, value, who, why, until)."""
+        return self._current.overrides
+
+    @property
     def trace_id(self) -> str:
         """The trace id (32 hex digits) of the apply of the current config: for an
         event from Kafka, the trace the publisher started on detecting the change.
@@ -199,14 +226,25 @@ class ConfigSubscriber:
     async def wait_for_version(self, version: int, timeout: float | None = None) -> int:  # noqa: ASYNC109 - the documented API
         """Wait until the config is at `version` or later; returns the version.
         Raises TimeoutError after `timeout` seconds, ConfigBusError once stopped."""
+        await self.wait_for(lambda snapshot: snapshot.version >= version, timeout)
+        return self.version
+
+    async def wait_for(
+        self,
+        predicate: Callable[[Snapshot], bool],
+        timeout: float | None = None,  # noqa: ASYNC109 - the documented API
+    ) -> Snapshot:
+        """Wait until `predicate(sub.snapshot)` holds (checked after every apply and
+        every expiry); returns that snapshot. Raises TimeoutError after `timeout`
+        seconds, ConfigBusError once stopped."""
         if self._changed is None:
             raise ConfigBusError("the subscriber is not started")
         async with asyncio.timeout(timeout):
-            while self.version < version:
+            while not predicate(self._current):
                 if self._state == "stopped":
                     raise ConfigBusError("the subscriber stopped")
                 await self._changed.wait()
-        return self.version
+        return self._current
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> ConfigSubscriber:
@@ -266,6 +304,8 @@ class ConfigSubscriber:
         if self._state == "stopped":
             return
         self._state = "stopped"
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
@@ -383,13 +423,13 @@ class ConfigSubscriber:
             while self._unsent:
                 self._sender.put(*self._unsent.popleft())
         topic = self.settings.topics.tenant_topic(self.tenant)
-        key = self.env.encode()
         reader = self._bus.reader(topic)
         try:
             try:
                 if not await reader.start():
                     raise BusError(f"topic {topic} does not exist yet")
-                await self._bootstrap(reader, key)
+                for key in self._keys:  # the snapshot first: overrides go on top of it
+                    await self._bootstrap(reader, key)
             except BusError as exc:
                 self._last_bus_error = f"Kafka: {exc}"
                 raise
@@ -398,7 +438,7 @@ class ConfigSubscriber:
             backoff.reset()
             while True:
                 for record in await reader.poll(1000):
-                    if record.key == key:
+                    if record.key in self._keys:
                         await self._handle(record)
                         self._mark_bootstrapped("kafka")
         finally:
@@ -414,11 +454,15 @@ class ConfigSubscriber:
         records = await reader.recent(key, limit=BOOTSTRAP_RECORDS)
         first = self._bootstrapped is not None and not self._bootstrapped.is_set()
         claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
+        running = self._running_version(self._keys[key])
         for claimed, record in claims:
-            if self.version > 0 and claimed <= self.version:
+            if running > 0 and claimed <= running:
                 return  # nothing newer than what runs (the cache, or a previous connection)
             if await self._handle(record, startup=first):
                 return
+
+    def _running_version(self, channel: str) -> int:
+        return self.version if channel == SNAPSHOT_CHANNEL else self._current.override_version
 
     def _mark_bootstrapped(self, source: str) -> None:
         """Let start() return, once there is a verified config: a rejected record (a
@@ -433,11 +477,13 @@ class ConfigSubscriber:
     async def _handle(
         self, record: Record, *, source: str = "kafka", startup: bool = False
     ) -> bool:
-        """Verify and apply one record; True when applied. The lean path: one span when
-        a tracer provider is installed (none otherwise), no diff unless a callback
-        needs one, the config read lazily, the ack and the cache written off the path."""
+        """Verify and apply one record of either channel; True when applied. The lean
+        path: one span when a tracer provider is installed (none otherwise), no diff
+        unless a callback needs one, the config read lazily, the ack and the cache
+        written off the path."""
         received_at = time.time_ns()
         from_cache = source == "cache"
+        channel = self._keys.get(record.key or b"", SNAPSHOT_CHANNEL)
         span = self._span(record, from_cache) if tracing() else None
         with trace.use_span(span, end_on_exit=True) if span is not None else _NO_SPAN:
             trace_id = (
@@ -451,35 +497,44 @@ class ConfigSubscriber:
                     record.value or b"",
                     self.settings.trust,
                     stream=(self.tenant, self.env),
+                    channel=channel,
                     limits=self.settings.limits,
                 )
-                self._check_version(event)
+                self._check_version(event, channel)
                 previous = self.version
-                old, new = self._apply(event, trace_id)
+                if channel == OVERRIDE_CHANNEL:
+                    swapped = self._apply_override(event, record, trace_id)
+                    if swapped is None:
+                        return False  # kept until there is a snapshot to put it on
+                    old, new = swapped
+                else:
+                    old, new = self._apply(event, trace_id)
                 applied_at = time.time_ns()
             except _AlreadyApplied:
                 self.ignored += 1  # the same event again (the cache, then Kafka): no news
                 return False
             except VerificationError as exc:
-                self._rejected(exc, event, received_at, trace_id, span)
+                self._rejected(exc, event, received_at, trace_id, span, channel)
                 return False
             except Exception as exc:  # whatever a record holds, it ends rejected
                 log.exception("%s/%s: unexpected error on a record", self.tenant, self.env)
                 error = VerificationError("internal_error", f"{exc.__class__.__name__}")
-                self._rejected(error, event, received_at, trace_id, span)
+                self._rejected(error, event, received_at, trace_id, span, channel)
                 return False
             self.applied += 1
-            self.source = source
+            if channel == SNAPSHOT_CHANNEL:
+                self.source = source
             if span is not None:
                 span.set_attribute("configbus.version", event.body.version)
                 span.add_event("applied", {"configbus.kid": event.kid})
             if not from_cache:
-                self._ack(event, "applied", "", received_at, applied_at, trace_id, startup)
-                self._write_cache(record)
+                self._ack(event, "applied", "", received_at, applied_at, trace_id, startup, channel)
+                self._write_cache(record, channel)
             # The publisher diffed this version against the one before it; when that is
             # the version we ran, its list saves walking both configs. An empty list
             # (from a producer that did not fill it in) is not trusted to mean "nothing".
-            consecutive = previous == event.body.version - 1
+            consecutive = channel == SNAPSHOT_CHANNEL and previous == event.body.version - 1
+            consecutive = consecutive and not self._current.overrides
             known = event.body.changed_paths if consecutive and event.body.changed_paths else None
             await self._run_callbacks(old, new, known, span)
             latency_ms = (applied_at - event.body.detected_at) / 1e6
@@ -489,9 +544,10 @@ class ConfigSubscriber:
                 latency_histogram.record(latency_ms, attributes)
             if not from_cache and log.isEnabledFor(logging.INFO):
                 log.info(
-                    "%s/%s: applied v%d (%.1f ms after detection)",
+                    "%s/%s: applied %s v%d (%.1f ms after detection)",
                     self.tenant,
                     self.env,
+                    channel,
                     event.body.version,
                     latency_ms,
                     extra={"tenant": self.tenant, "env": self.env, "version": event.body.version},
@@ -515,22 +571,28 @@ class ConfigSubscriber:
             },
         )
 
-    def _check_version(self, event: VerifiedEvent) -> None:
+    def _check_version(self, event: VerifiedEvent, channel: str) -> None:
         """A verified event (for this stream: `open_envelope` checked) must be newer
-        than what runs here."""
+        than what runs here on its channel."""
         body = event.body
-        current = self._current.event
+        if channel == SNAPSHOT_CHANNEL:
+            current, running = self._current.event, self.version
+        else:
+            override = self._current.override or self._pending
+            current = override.event if override is not None else None
+            running = override.version if override is not None else 0
         if current is not None and (body.version, body.config_hash) == (
             current.body.version,
             current.body.config_hash,
         ):
             raise _AlreadyApplied
-        if body.version <= self.version:
+        if body.version <= running:
             raise VerificationError(
-                "stale_version", f"v{body.version} is not newer than v{self.version}"
+                "stale_version", f"{channel} v{body.version} is not newer than v{running}"
             )
 
     def _apply(self, event: VerifiedEvent, trace_id: str) -> tuple[ResolvedConfig, ResolvedConfig]:
+        """Swap in a snapshot, with the overrides in effect on top."""
         try:
             data = view_json(msgspec.json.decode(event.config_json), self.settings.limits)
         except RecursionError:
@@ -541,10 +603,51 @@ class ConfigSubscriber:
             raise VerificationError("malformed", f"config is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise VerificationError("malformed", "config is not a JSON object")
-        new = ResolvedConfig(data, env=self.env, tenant=self.tenant)
+        override = self._current.override or self._pending
+        base = ResolvedConfig(data, env=self.env, tenant=self.tenant)
+        new, entries = self._composed(base, override)
+        self._validate(new)
+        self._base, self._pending = base, None
+        old = self._swap(Snapshot(new, event.body.version, event, trace_id, override, entries))
+        return old, new
+
+    def _apply_override(
+        self, event: VerifiedEvent, record: Record, trace_id: str
+    ) -> tuple[ResolvedConfig, ResolvedConfig] | None:
+        """Swap in a new override set on top of the snapshot; None when there is no
+        snapshot yet (the set waits for it)."""
+        state = parse_overrides(event, self.settings.limits)
+        if self.version == 0:
+            self._pending = state
+            return None
+        new, entries = self._composed(self._base, state)
+        self._validate(new)
+        current = self._current
+        old = self._swap(
+            Snapshot(
+                new, current.version, current.event, trace_id or current.trace_id, state, entries
+            )
+        )
+        return old, new
+
+    def _composed(
+        self, base: ResolvedConfig, override: OverrideState | None
+    ) -> tuple[ResolvedConfig, tuple[OverrideEntry, ...]]:
+        """`base` with the overrides in effect now on top, and those entries; the next
+        expiry is scheduled by `_swap`."""
+        if override is None:
+            return base, ()
+        now = now_ns()
+        entries = override.active(now)
+        if not entries:
+            return base, ()
+        data = compose(base.data, override.active_values(now))
+        return ResolvedConfig(data, env=self.env, tenant=self.tenant), entries
+
+    def _validate(self, config: ResolvedConfig) -> None:
         for validator in self._validators:
             try:
-                verdict = validator(new)
+                verdict = validator(config)
             except Exception as exc:
                 raise VerificationError("refused", f"{_name(validator)}: {_gist(exc)}") from None
             if inspect.isawaitable(verdict):  # an async callable that slipped past the check
@@ -553,12 +656,55 @@ class ConfigSubscriber:
                 raise VerificationError("refused", f"{_name(validator)} is async; not run")
             if verdict is False:
                 raise VerificationError("refused", f"{_name(validator)} refused the config")
+
+    def _swap(self, snapshot: Snapshot) -> ResolvedConfig:
+        """Make `snapshot` current (the atomic swap), wake waiters, schedule the next
+        expiry of its overrides; returns the config it replaced."""
         old = self._current.config
-        self._current = Snapshot(new, event.body.version, event, trace_id)  # the atomic swap
+        self._current = snapshot
         if self._changed is not None:
             changed, self._changed = self._changed, asyncio.Event()
-            changed.set()  # wakes every wait_for_version
-        return old, new
+            changed.set()  # wakes every wait_for
+        self._schedule_expiry()
+        return old
+
+    def _schedule_expiry(self) -> None:
+        """Drop each override at its expiry, by this process's clock."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        override = self._current.override
+        due = override.next_expiry(now_ns()) if override is not None else None
+        if due is None or self._state == "stopped":
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (due - now_ns()) / 1e9)
+        self._expiry = loop.call_later(delay, lambda: loop.create_task(self._expire()))
+
+    async def _expire(self) -> None:
+        """Recompose without the overrides that expired. No validator can keep an
+        expired override in effect."""
+        self._expiry = None
+        current = self._current
+        new, entries = self._composed(self._base, current.override)
+        if entries == current.overrides:
+            self._schedule_expiry()  # woken early (a timer is not exact): wait on
+            return
+        gone = [entry.path for entry in current.overrides if entry not in entries]
+        old = self._swap(
+            Snapshot(
+                new, current.version, current.event, current.trace_id, current.override, entries
+            )
+        )
+        log.info(
+            "%s/%s: override of %s expired; back to v%d",
+            self.tenant,
+            self.env,
+            ", ".join(gone),
+            current.version,
+            extra={"tenant": self.tenant, "env": self.env, "version": current.version},
+        )
+        await self._run_callbacks(old, new, None, None)
 
     async def _run_callbacks(
         self,
@@ -592,6 +738,7 @@ class ConfigSubscriber:
         received_at: int,
         trace_id: str,
         span: trace.Span | None,
+        channel: str = SNAPSHOT_CHANNEL,
     ) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
         self.last_rejection = str(exc)
@@ -603,14 +750,15 @@ class ConfigSubscriber:
             1, {"configbus.tenant": self.tenant, "configbus.env": self.env, "reason": exc.reason}
         )
         log.warning(
-            "%s/%s: rejected an event, keeping v%d: %s",
+            "%s/%s: rejected %s, keeping v%d: %s",
             self.tenant,
             self.env,
+            "an event" if channel == SNAPSHOT_CHANNEL else "an override",
             self.version,
             exc,
             extra={"tenant": self.tenant, "env": self.env, "reason": exc.reason},
         )
-        self._ack(event, "rejected", str(exc), received_at, 0, trace_id)
+        self._ack(event, "rejected", str(exc), received_at, 0, trace_id, channel=channel)
 
     # -- acknowledgements -----------------------------------------------------------
     def _ack(
@@ -622,6 +770,7 @@ class ConfigSubscriber:
         applied_at: int,
         trace_id: str,
         startup: bool = False,
+        channel: str = SNAPSHOT_CHANNEL,
     ) -> None:
         """Hand an ack to the agent or to the process's ack sender; never waits."""
         if not self.settings.send_acks:
@@ -644,10 +793,11 @@ class ConfigSubscriber:
             applied_at=applied_at,
             trace_id=trace_id,
             startup=startup,
+            channel=channel,
         )
-        # Keyed per instance and status, so compaction keeps both the last applied and
-        # the last rejected ack of every instance.
-        key = f"{self.tenant}/{self.env}/{self.settings.instance_id}/{status}".encode()
+        # Keyed per instance, channel and status, so compaction keeps the last applied
+        # and the last rejected ack of every instance on each channel.
+        key = ack.key
         value = _ack_encoder.encode(ack)
         if self._link is not None:
             self._link.ack(key, value)
@@ -657,44 +807,50 @@ class ConfigSubscriber:
             self._unsent.append((key, value))  # until the agent or Kafka is there
 
     # -- the disk cache ---------------------------------------------------------------
-    def _cache_file(self) -> Path | None:
+    def _cache_file(self, channel: str = SNAPSHOT_CHANNEL) -> Path | None:
         folder = self.settings.cache_dir
-        return folder / f"{self.tenant}.{self.env}.event" if folder is not None else None
+        suffix = "event" if channel == SNAPSHOT_CHANNEL else channel
+        return folder / f"{self.tenant}.{self.env}.{suffix}" if folder is not None else None
 
     async def _load_cache(self) -> bool:
-        path = self._cache_file()
-        if path is None or not path.exists():
-            return False
-        try:
-            value = await asyncio.to_thread(path.read_bytes)
-        except OSError as exc:
-            log.warning("%s: cannot read the config cache: %s", path, exc.strerror)
-            return False
-        record = Record(str(path), 0, 0, self.env.encode(), value, (), 0)
-        if await self._handle(record, source="cache"):
-            log.info("%s/%s: v%d applied from %s", self.tenant, self.env, self.version, path)
-            return True
-        log.warning("%s: the cached config did not verify; ignoring it", path)
-        return False
+        """Apply the cached snapshot, then the cached overrides on top (those expired
+        meanwhile stay dropped); True when the snapshot applied."""
+        applied = False
+        for key, channel in self._keys.items():
+            path = self._cache_file(channel)
+            if path is None or not path.exists():
+                continue
+            try:
+                value = await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                log.warning("%s: cannot read the config cache: %s", path, exc.strerror)
+                continue
+            record = Record(str(path), 0, 0, key, value, (), 0)
+            if await self._handle(record, source="cache"):
+                log.info("%s/%s: %s applied from %s", self.tenant, self.env, channel, path)
+                applied = applied or channel == SNAPSHOT_CHANNEL
+            else:
+                log.warning("%s: the cached %s did not apply; ignoring it", path, channel)
+        return applied
 
-    def _write_cache(self, record: Record) -> None:
-        """Write the record to the disk cache in the background: the latest one wins
-        when several come faster than the disk."""
+    def _write_cache(self, record: Record, channel: str = SNAPSHOT_CHANNEL) -> None:
+        """Write the record to the disk cache in the background: the latest one of each
+        channel wins when several come faster than the disk."""
         if self.settings.cache_dir is None or record.value is None:
             return
-        self._cache_value = record.value
+        self._cache_values[channel] = record.value
         if self._cache_task is None or self._cache_task.done():
             self._cache_task = asyncio.create_task(self._cache_writer())
 
     async def _cache_writer(self) -> None:
-        path = self._cache_file()
-        assert path is not None
-        while (value := self._cache_value) is not None:
-            self._cache_value = None
+        while self._cache_values:
+            channel, value = self._cache_values.popitem()
+            path = self._cache_file(channel)
+            assert path is not None
 
-            def write(value: bytes = value) -> None:
+            def write(value: bytes = value, path: Path = path) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
+                temporary = path.with_name(path.name + ".tmp")
                 temporary.write_bytes(value)
                 os.replace(temporary, path)  # atomic: a crash leaves the old file or the new
 

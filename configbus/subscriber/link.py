@@ -70,7 +70,7 @@ class AgentLink:
                     frame.topic,
                     0,
                     frame.offset,
-                    self._key,
+                    frame.key or self._key,
                     frame.value,
                     frame.headers,
                     frame.timestamp_ms,

@@ -326,7 +326,7 @@ def test_a_trust_file_that_is_not_yaml_names_the_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["", "- a\n- b\n", "publishers: {}\n", "publisher:\n  - kid: a\n"])
 def test_a_trust_file_without_a_publishers_list(tmp_path: Path, text: str) -> None:
-    assert "'publishers' list" in _trust_error(_written(tmp_path / "t.yml", text))
+    assert "'publishers' or 'operators' list" in _trust_error(_written(tmp_path / "t.yml", text))
 
 
 def test_a_trust_file_listing_a_kid_twice(tmp_path: Path) -> None:

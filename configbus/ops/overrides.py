@@ -1,0 +1,413 @@
+"""Emergency overrides: a stream's override channel, read, composed and written.
+
+The override channel of a stream (record key ``<env>/override`` on its tenant topic,
+docs/wire-format.md §2.1) holds one record: the set of overrides in effect, as an event
+of kind ``override`` whose config is the canonical JSON of an `OverrideSet`::
+
+    {"entries": [{"actor": "alice", "expires_at": 1765080000000000000,
+                  "path": "features.checkout_v2", "reason": "INC-4711",
+                  "set_at": 1765078200000000000, "value": false}]}
+
+It is signed by an operator key (or, for an expiry, the publisher's key) and written by
+whoever sets it, straight to Kafka: it works while the publisher daemon is down.
+Subscribers compose ``snapshot <- overrides`` themselves and drop an entry at its
+`expires_at` by their own clock, whether or not anything publishes the expiry.
+
+Writers of one stream's overrides serialise through a Kafka transactional id of their
+own (`override_transactional_id`): each reads the current set after fencing every other
+writer of it, so two operators at once never lose one another's entry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+from opentelemetry import trace
+
+from configbus.bus import CONTENT_TYPE, OVERRIDE_CHANNEL, Bus, TopicNames
+from configbus.crypto import SigningKey, TrustStore
+from configbus.errors import ConfigBusError, FencedError, LimitError, VerificationError
+from configbus.events import (
+    Cause,
+    EventKind,
+    VerifiedEvent,
+    build_body,
+    claimed_version,
+    now_ns,
+    open_envelope,
+    seal,
+    shown,
+)
+from configbus.limits import DEFAULT_LIMITS, Limits
+from configbus.telemetry import headers_with_context, tracer
+from configbus.tree.layer import Layer, LayerKind
+from configbus.tree.resolved import parse_key
+from configbus.tree.values import (
+    SECRET_KEY,
+    FrozenDict,
+    Path,
+    Value,
+    format_path,
+    freeze_json,
+)
+
+__all__ = [
+    "MAX_ENTRIES",
+    "OverrideEntry",
+    "OverrideSet",
+    "OverrideState",
+    "OverrideWrite",
+    "compose",
+    "encode_set",
+    "layers_of",
+    "override_transactional_id",
+    "parse_overrides",
+    "paths_of",
+    "read_overrides",
+    "write_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES: Final = 256  # overrides in effect per stream, at most
+_READ_BACK: Final = 64  # records of the override channel read to find its latest
+
+
+class OverrideEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One overridden key: its value, who set it, why, and until when (ns since the epoch)."""
+
+    path: str  # dotted key
+    value: Any  # JSON: a scalar, or a list or mapping of them
+    set_at: int
+    expires_at: int
+    actor: str = ""
+    reason: str = ""
+
+    def expired(self, now: int) -> bool:
+        return self.expires_at <= now
+
+    @property
+    def until(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.expires_at / 1e9, datetime.UTC)
+
+
+class OverrideSet(msgspec.Struct, frozen=True, kw_only=True):
+    entries: tuple[OverrideEntry, ...] = ()
+
+
+_encoder: Final = msgspec.json.Encoder(order="sorted")
+_decoder: Final = msgspec.json.Decoder(OverrideSet)
+
+
+def encode_set(entries: Iterable[OverrideEntry]) -> bytes:
+    """The canonical JSON of an override set (sorted keys, compact): what is hashed."""
+    return _encoder.encode(OverrideSet(entries=tuple(sorted(entries, key=lambda e: e.path))))
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideState:
+    """A verified override record of a stream and its entries."""
+
+    event: VerifiedEvent
+    entries: tuple[OverrideEntry, ...]
+    values: tuple[tuple[Path, Value], ...] = field(repr=False)  # parsed paths, frozen values
+
+    @property
+    def version(self) -> int:
+        return self.event.body.version
+
+    def active(self, now: int) -> tuple[OverrideEntry, ...]:
+        return tuple(entry for entry in self.entries if not entry.expired(now))
+
+    def active_values(self, now: int) -> tuple[tuple[Path, Value], ...]:
+        return tuple(
+            item
+            for entry, item in zip(self.entries, self.values, strict=True)
+            if not entry.expired(now)
+        )
+
+    def next_expiry(self, now: int) -> int | None:
+        """When the next entry still in effect expires, or None."""
+        return min((e.expires_at for e in self.entries if not e.expired(now)), default=None)
+
+
+def parse_overrides(event: VerifiedEvent, limits: Limits = DEFAULT_LIMITS) -> OverrideState:
+    """The entries of a verified override event, checked: each a legal key and a value
+    within `limits`, none past the event's own `expires_at` (which the signer's max_ttl
+    bounds), at most `MAX_ENTRIES`. Raises `VerificationError`."""
+    body = event.body
+    try:
+        document = _decoder.decode(event.config_json)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise VerificationError("malformed", f"not an override set ({exc})") from None
+    if len(document.entries) > MAX_ENTRIES:
+        raise VerificationError(
+            "too_large", f"{len(document.entries)} overrides, over {MAX_ENTRIES}"
+        )
+    values: list[tuple[Path, Value]] = []
+    seen: set[Path] = set()
+    for entry in document.entries:
+        where = f"override {shown(entry.path)}"
+        path = parse_key(entry.path)
+        if not path or any(part == "" for part in path) or path in seen:
+            raise VerificationError("malformed", f"{where}: not a key, or listed twice")
+        seen.add(path)
+        if body.expires_at is None or entry.expires_at > body.expires_at:
+            raise VerificationError("malformed", f"{where}: expires after the override event")
+        if max(len(entry.actor), len(entry.reason)) > limits.text_chars:
+            raise VerificationError("too_large", f"{where}: actor or reason too long")
+        try:
+            value = freeze_json(entry.value, limits, what=where)
+        except LimitError as exc:
+            raise VerificationError("too_large", str(exc)) from None
+        if _holds_secret(entry.value):
+            raise VerificationError("malformed", f"{where}: an override cannot set a secret")
+        values.append((path, value))
+    return OverrideState(event, document.entries, tuple(values))
+
+
+def _holds_secret(value: Any) -> bool:
+    if isinstance(value, dict):
+        return SECRET_KEY in value or any(_holds_secret(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_secret(v) for v in value)
+    return False
+
+
+def compose(data: Mapping[str, Value], values: Iterable[tuple[Path, Value]]) -> Mapping[str, Value]:
+    """`data` with each (path, value) set on top: the override layer, highest. Only the
+    mappings along each path are copied; the rest is shared with `data`."""
+    result = data
+    for path, value in values:
+        result = _set(result, path, value)
+    return result
+
+
+def _set(node: Any, path: Path, value: Value) -> Any:
+    head, rest = path[0], path[1:]
+    if isinstance(head, int) and isinstance(node, tuple) and head < len(node):
+        items = list(node)
+        items[head] = _set(items[head], rest, value) if rest else value
+        return tuple(items)
+    key = str(head)
+    mapping: Mapping[str, Any] = node if isinstance(node, Mapping) else FrozenDict()
+    child = mapping.get(key)
+    return FrozenDict({**mapping, key: _set(child, rest, value) if rest else value})
+
+
+def layers_of(state: OverrideState, now: int, source: str) -> list[Layer]:
+    """The entries in effect as layers (one each, highest last) for `render` and
+    `explain`: each names who set it, why and until when."""
+    layers = []
+    for entry, (path, value) in zip(state.entries, state.values, strict=True):
+        if entry.expired(now):
+            continue
+        data: Any = value
+        for part in reversed(path):
+            data = FrozenDict({str(part): data})
+        name = (
+            f"override by {shown(entry.actor or '?', 60, quote=False)} until "
+            f"{entry.until:%Y-%m-%d %H:%M:%S}Z: {shown(entry.reason or '-', 80, quote=False)}"
+        )
+        layers.append(Layer(LayerKind.EMERGENCY, name, f"{source} v{state.version}", data))
+    return layers
+
+
+def override_transactional_id(topics: TopicNames, tenant: str, env: str) -> str:
+    """The transactional id every writer of this stream's overrides uses: a writer
+    fences the others before it reads, so their writes are serialised."""
+    return f"configbus-override.{topics.prefix}{tenant}.{env}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    state: OverrideState | None
+    claimed: int  # the highest version any record of the channel claims
+
+
+async def read_overrides(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    trust: TrustStore,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> OverrideState | None:
+    """The stream's latest override record that verifies, or None when it has none."""
+    return (await _read(bus, topics, tenant, env, trust, limits)).state
+
+
+async def _read(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore, limits: Limits
+) -> _Current:
+    """The latest verified override record. The record claiming the highest version
+    must be the one that verifies: a writer that built on an older one would lose the
+    entries of the newer (one signed by a key the caller does not trust, say)."""
+    topic = topics.tenant_topic(tenant)
+    reader = bus.reader(topic)
+    try:
+        if not await reader.start():
+            return _Current(None, 0)
+        records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
+    finally:
+        await reader.stop()
+    claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
+    for claimed, record in claims:
+        try:
+            event = open_envelope(
+                record.value or b"",
+                trust,
+                stream=(tenant, env),
+                channel=OVERRIDE_CHANNEL,
+                limits=limits,
+            )
+            state = parse_overrides(event, limits)
+        except VerificationError as exc:
+            if claimed <= 0:
+                continue  # claims nothing: junk, never a version to build on
+            raise VerificationError(
+                exc.reason,
+                f"the latest override record of {tenant}/{env} (v{claimed}) does not verify "
+                f"with the trust file: {exc}",
+            ) from None
+        return _Current(state, max(claimed, state.version))
+    return _Current(None, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideWrite:
+    """What a write did: the version it published (0: nothing to publish), the entries
+    now in effect, and those it found expired and dropped."""
+
+    version: int
+    entries: tuple[OverrideEntry, ...]
+    expired: tuple[OverrideEntry, ...] = ()
+    changed: tuple[str, ...] = ()
+
+
+Change = Callable[[tuple[OverrideEntry, ...], int], tuple[OverrideEntry, ...]]
+
+
+async def write_overrides(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    *,
+    key: SigningKey,
+    trust: TrustStore,
+    change: Change,
+    cause: Cause,
+    limits: Limits = DEFAULT_LIMITS,
+    attempts: int = 3,
+) -> OverrideWrite:
+    """Publish the stream's override set as `change(entries in effect, now)` returns
+    it, as the next version of its override channel, on the tenant topic and the audit
+    topic in one transaction. Entries found expired are dropped (and named in the
+    result). Publishes nothing when the set stays as it is. Raises `ConfigBusError`."""
+    topics.tenant_topic(tenant)  # a legal tenant id, or SettingsError
+    producer = bus.producer(transactional_id=override_transactional_id(topics, tenant, env))
+    try:
+        await producer.start()  # fences every other writer of this stream's overrides
+        for attempt in range(attempts):
+            try:
+                return await _write_once(
+                    bus, producer, topics, tenant, env, key, trust, change, cause, limits
+                )
+            except FencedError:
+                if attempt == attempts - 1:
+                    raise
+                log.info("%s/%s: another override writer went first; reading again", tenant, env)
+                await producer.restart()
+        raise AssertionError("unreachable")
+    finally:
+        await producer.stop()
+
+
+async def _write_once(
+    bus: Bus,
+    producer: Any,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    key: SigningKey,
+    trust: TrustStore,
+    change: Change,
+    cause: Cause,
+    limits: Limits,
+) -> OverrideWrite:
+    current = await _read(bus, topics, tenant, env, trust, limits)
+    now = now_ns()
+    before = current.state.entries if current.state is not None else ()
+    kept = tuple(entry for entry in before if not entry.expired(now))
+    expired = tuple(entry for entry in before if entry.expired(now))
+    entries = tuple(sorted(change(kept, now), key=lambda e: e.path))
+    if len(entries) > MAX_ENTRIES:
+        raise LimitError(f"{len(entries)} overrides in effect, over the limit of {MAX_ENTRIES}")
+    if entries == tuple(sorted(before, key=lambda e: e.path)):
+        return OverrideWrite(0, entries)
+    old = {entry.path: entry for entry in before}
+    new = {entry.path: entry for entry in entries}
+    changed = tuple(sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p)))
+    version = current.claimed + 1
+    body = build_body(
+        tenant=tenant,
+        env=env,
+        version=version,
+        config_json=encode_set(entries),
+        kind=EventKind.OVERRIDE,
+        detected_at=now,
+        issued_at=now,
+        cause=cause,
+        changed_paths=changed,
+        expires_at=max((entry.expires_at for entry in entries), default=now),
+    )
+    value = seal(body, key)
+    if len(value) > limits.event_bytes:
+        raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
+    if not await _topic_exists(bus, topic := topics.tenant_topic(tenant)):
+        raise ConfigBusError(
+            f"{topic} does not exist: nothing was ever published for tenant {tenant}"
+        )
+    with tracer.start_as_current_span(
+        f"override {topic}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.destination.name": topic,
+            "configbus.tenant": tenant,
+            "configbus.env": env,
+            "configbus.override_version": version,
+        },
+    ):
+        headers = headers_with_context((("content-type", CONTENT_TYPE),))
+        async with producer.transaction():
+            acks = [
+                await producer.send(
+                    topic, value, key=topics.record_key(env, OVERRIDE_CHANNEL), headers=headers
+                ),
+                await producer.send(
+                    topics.audit, value, key=topics.audit_key(tenant, env), headers=headers
+                ),
+            ]
+            for ack in acks:
+                await ack
+    return OverrideWrite(version, entries, expired, changed)
+
+
+async def _topic_exists(bus: Bus, topic: str) -> bool:
+    reader = bus.reader(topic)
+    try:
+        return await reader.start()
+    finally:
+        await reader.stop()
+
+
+def paths_of(entries: Iterable[OverrideEntry]) -> str:
+    return ", ".join(format_path(parse_key(e.path)) for e in entries)

@@ -1,0 +1,451 @@
+"""Emergency overrides on the in-memory bus: written by an operator key straight to the
+stream's override channel, composed on top of the snapshot by every subscriber, refused
+(and acknowledged so) when the key's scope or max_ttl does not cover them, and dropped
+at their expiry by the subscriber's own clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from configbus.bus import OVERRIDE_CHANNEL, TopicNames
+from configbus.bus.memory import MemoryBus
+from configbus.crypto import OPERATOR, SigningKey, TrustedKey, TrustStore, generate_keypair
+from configbus.errors import KeyringError, VerificationError
+from configbus.events import (
+    Ack,
+    Cause,
+    EventKind,
+    build_body,
+    now_ns,
+    open_envelope,
+    seal,
+)
+from configbus.ops.overrides import (
+    OverrideEntry,
+    compose,
+    encode_set,
+    parse_overrides,
+    read_overrides,
+    write_overrides,
+)
+from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+from configbus.tree.values import FrozenDict
+
+from .helpers import eventually
+
+TENANT, ENV = "acme", "prod"
+TOPICS = TopicNames(prefix="t.", audit="audit", acks="acks", state="state")
+TOPIC = TOPICS.tenant_topic(TENANT)
+SECOND = 10**9
+
+
+class Fleet:
+    """A tenant topic on a MemoryBus with a snapshot, the publisher's key, and operator
+    keys: one for this tenant (max_ttl 1h), one for another tenant only."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        def key(kid: str) -> SigningKey:
+            return SigningKey.load(generate_keypair(kid, tmp_path / "keys")[0], kid)
+
+        self.publisher, self.alice, self.bob = key("pub"), key("alice"), key("bob")
+        everything = frozenset({"*"})
+        self.trust = TrustStore(
+            [
+                TrustedKey(self.publisher.public, everything, everything),
+                TrustedKey(
+                    self.alice.public,
+                    frozenset({TENANT}),
+                    frozenset({ENV}),
+                    role=OPERATOR,
+                    max_ttl=3600,
+                ),
+                TrustedKey(
+                    self.bob.public, frozenset({"other"}), everything, role=OPERATOR, max_ttl=3600
+                ),
+            ]
+        )
+        self.bus = MemoryBus()
+        for topic, compact in ((TOPIC, True), (TOPICS.acks, True), (TOPICS.audit, False)):
+            self.bus.create_topic(topic, compact=compact)
+
+    async def publish(self, version: int, config: dict[str, Any]) -> None:
+        body = build_body(
+            tenant=TENANT,
+            env=ENV,
+            version=version,
+            config_json=json.dumps(config, sort_keys=True, separators=(",", ":")).encode(),
+            detected_at=now_ns(),
+            cause=Cause(actor="publisher"),
+        )
+        async with self.bus.producer() as producer:
+            await producer.send_and_wait(TOPIC, seal(body, self.publisher), key=ENV.encode())
+
+    async def override(
+        self,
+        values: dict[str, Any],
+        *,
+        ttl: float = 600,
+        key: SigningKey | None = None,
+        clear: tuple[str, ...] = (),
+    ) -> int:
+        """Set `values` (and clear `clear`) as `key` (alice); the version written."""
+
+        def change(kept: tuple[OverrideEntry, ...], now: int) -> tuple[OverrideEntry, ...]:
+            entries = {e.path: e for e in kept if e.path not in clear}
+            for path, value in values.items():
+                entries[path] = OverrideEntry(
+                    path=path,
+                    value=value,
+                    set_at=now,
+                    expires_at=now + int(ttl * SECOND),
+                    actor="alice",
+                    reason="INC-1",
+                )
+            return tuple(entries.values())
+
+        written = await write_overrides(
+            self.bus,
+            TOPICS,
+            TENANT,
+            ENV,
+            key=key or self.alice,
+            trust=self.trust,
+            change=change,
+            cause=Cause(actor="alice", reason="INC-1"),
+        )
+        return written.version
+
+    def subscriber(self, **options: Any) -> ConfigSubscriber:
+        settings = SubscriberSettings.build(
+            TENANT,
+            ENV,
+            environ={},
+            bootstrap_servers="unused:9092",
+            trust=self.trust,
+            **{"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks, "instance_id": "i-1"}
+            | options,
+        )
+        return ConfigSubscriber(TENANT, ENV, settings=settings, bus=self.bus)
+
+    def acks(self) -> list[Ack]:
+        return [msgspec.msgpack.decode(r.value or b"", type=Ack) for r in self.bus.records("acks")]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+@pytest.fixture
+async def running(fleet: Fleet) -> AsyncIterator[ConfigSubscriber]:
+    await fleet.publish(1, {"features": {"checkout": True, "search": True}, "pool": 10})
+    subscriber = fleet.subscriber()
+    await subscriber.start()
+    yield subscriber
+    await subscriber.stop()
+
+
+def has_override(version: int) -> Any:
+    return lambda snapshot: snapshot.override_version >= version
+
+
+async def test_an_override_goes_on_top_of_the_snapshot_and_is_acknowledged(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    seen: list[list[str]] = []
+    running.on_change("features", lambda old, new, paths: seen.append(paths))
+
+    version = await fleet.override({"features.checkout": False})
+    snapshot = await running.wait_for(has_override(version), timeout=5)
+
+    assert snapshot.config.get("features.checkout") is False
+    assert snapshot.config.get("features.search") is True  # the rest of the snapshot stays
+    assert (snapshot.version, snapshot.override_version) == (1, 1)
+    assert [(e.path, e.actor, e.reason) for e in running.overrides] == [
+        ("features.checkout", "alice", "INC-1")
+    ]
+    assert seen == [["features.checkout"]]
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.channel == OVERRIDE_CHANNEL), None),
+        "the override's ack",
+    )
+    assert (ack.status, ack.version, ack.instance) == ("applied", 1, "i-1")
+
+
+async def test_a_new_snapshot_keeps_the_override_on_top(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await running.wait_for(has_override(await fleet.override({"pool": 99})), timeout=5)
+
+    await fleet.publish(2, {"features": {"checkout": False}, "pool": 20})
+    snapshot = await running.wait_for(lambda s: s.version == 2, timeout=5)
+
+    assert (snapshot.config.get("pool"), snapshot.config.get("features.checkout")) == (99, False)
+
+
+async def test_clearing_an_override_returns_to_the_snapshot(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await running.wait_for(has_override(await fleet.override({"pool": 99, "x.y": 1})), 5)
+
+    version = await fleet.override({}, clear=("pool",))
+    snapshot = await running.wait_for(has_override(version), timeout=5)
+
+    assert (snapshot.config.get("pool"), snapshot.config.get("x.y")) == (10, 1)
+    assert [e.path for e in snapshot.overrides] == ["x.y"]
+
+
+async def test_an_override_expires_by_the_subscribers_own_clock(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    changes: list[list[str]] = []
+    running.on_change("", lambda old, new, paths: changes.append(paths))
+    await fleet.override({"pool": 99}, ttl=0.5)
+    await running.wait_for(lambda s: s.config.get("pool") == 99, timeout=5)
+
+    # Nothing else runs or publishes: the subscriber drops it when it expires.
+    snapshot = await running.wait_for(lambda s: not s.overrides, timeout=5)
+
+    assert snapshot.config.get("pool") == 10
+    assert changes == [["pool"], ["pool"]]
+    assert snapshot.override_version == 1  # the record stays; its entry is out of effect
+
+
+async def test_an_operator_key_out_of_scope_is_refused_and_the_refusal_acknowledged(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await fleet.override({"pool": 1}, key=fleet.bob)  # bob may override tenant "other" only
+
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
+    )
+
+    assert (ack.channel, ack.instance) == (OVERRIDE_CHANNEL, "i-1")
+    assert ack.reason.startswith("untrusted_scope")
+    assert running.config.get("pool") == 10 and not running.overrides
+
+
+async def test_an_override_longer_than_the_keys_max_ttl_is_refused(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await fleet.override({"pool": 1}, ttl=2 * 3600)  # alice's max_ttl is 1h
+
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
+    )
+
+    assert ack.reason.startswith("ttl_too_long")
+    assert running.rejected == {"ttl_too_long": 1}
+    assert running.config.get("pool") == 10
+
+
+def test_an_operator_key_cannot_sign_a_snapshot(fleet: Fleet) -> None:
+    body = build_body(
+        tenant=TENANT, env=ENV, version=9, config_json=b"{}", detected_at=0, cause=Cause()
+    )
+
+    with pytest.raises(VerificationError) as refused:
+        open_envelope(seal(body, fleet.alice), fleet.trust, stream=(TENANT, ENV))
+
+    assert refused.value.reason == "untrusted_scope"
+    assert "signs overrides only" in str(refused.value)
+
+
+def test_an_override_issued_in_the_future_is_refused(fleet: Fleet) -> None:
+    later = now_ns() + 3600 * SECOND  # would stretch the override past max_ttl from now
+    entry = OverrideEntry(path="pool", value=1, set_at=later, expires_at=later + SECOND)
+    body = build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=1,
+        config_json=encode_set([entry]),
+        kind=EventKind.OVERRIDE,
+        detected_at=later,
+        issued_at=later,
+        cause=Cause(),
+        expires_at=entry.expires_at,
+    )
+
+    with pytest.raises(VerificationError) as refused:
+        open_envelope(seal(body, fleet.alice), fleet.trust)
+
+    assert refused.value.reason == "issued_in_future"
+
+
+def test_a_record_under_the_wrong_channel_key_is_refused(fleet: Fleet) -> None:
+    body = build_body(
+        tenant=TENANT, env=ENV, version=1, config_json=b"{}", detected_at=0, cause=Cause()
+    )
+
+    with pytest.raises(VerificationError) as refused:
+        open_envelope(seal(body, fleet.publisher), fleet.trust, channel=OVERRIDE_CHANNEL)
+
+    assert refused.value.reason == "wrong_channel"
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason", "text"),
+    [
+        ([{"path": "a", "value": {"$secret": "db"}}], "malformed", "cannot set a secret"),
+        ([{"path": "a", "value": 1}, {"path": "a", "value": 2}], "malformed", "listed twice"),
+        ([{"path": "", "value": 1}], "malformed", "not a key"),
+        ([{"path": "a..b", "value": 1}], "malformed", "not a key"),
+        ([{"path": f"k{n}", "value": n} for n in range(300)], "too_large", "300 overrides"),
+    ],
+)
+def test_an_override_set_that_breaks_the_rules_is_refused(
+    fleet: Fleet, entries: list[dict[str, Any]], reason: str, text: str
+) -> None:
+    now = now_ns()
+    document = {"entries": [e | {"set_at": now, "expires_at": now + SECOND} for e in entries]}
+    body = build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=1,
+        config_json=json.dumps(document).encode(),
+        kind=EventKind.OVERRIDE,
+        detected_at=now,
+        issued_at=now,
+        cause=Cause(),
+        expires_at=now + SECOND,
+    )
+    event = open_envelope(seal(body, fleet.alice), fleet.trust)
+
+    with pytest.raises(VerificationError) as refused:
+        parse_overrides(event)
+
+    assert refused.value.reason == reason
+    assert text in str(refused.value)
+
+
+def test_compose_copies_only_the_paths_it_sets() -> None:
+    shared = FrozenDict({"deep": FrozenDict({"x": 1})})
+    data = FrozenDict({"a": FrozenDict({"b": 1, "c": 2}), "other": shared, "list": (1, 2, 3)})
+
+    result = compose(data, [(("a", "b"), 9), (("new", "key"), "v"), (("list", 1), 7)])
+
+    assert result == {
+        "a": {"b": 9, "c": 2},
+        "other": {"deep": {"x": 1}},
+        "list": (1, 7, 3),
+        "new": {"key": "v"},
+    }
+    assert result["other"] is shared
+    assert data["a"]["b"] == 1  # the snapshot itself is untouched
+
+
+async def test_two_operators_at_once_keep_both_overrides(fleet: Fleet) -> None:
+    await fleet.publish(1, {"pool": 10})
+
+    await asyncio.gather(fleet.override({"a": 1}), fleet.override({"b": 2}))
+
+    state = await read_overrides(fleet.bus, TOPICS, TENANT, ENV, fleet.trust)
+    assert state is not None
+    assert state.version == 2
+    assert sorted(e.path for e in state.entries) == ["a", "b"]
+    audit = list(fleet.bus.records(TOPICS.audit))
+    assert len(audit) == 2  # both writes are on the audit trail
+
+
+async def test_writing_the_same_set_again_publishes_nothing(fleet: Fleet) -> None:
+    await fleet.publish(1, {"pool": 10})
+    await fleet.override({"a": 1})
+
+    assert await fleet.override({}) == 0
+
+
+async def test_a_restarted_subscriber_without_kafka_keeps_the_override_from_its_cache(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    await fleet.publish(1, {"pool": 10})
+    await fleet.override({"pool": 99})
+    first = fleet.subscriber(cache_dir=tmp_path / "cache")
+    async with first:
+        await first.wait_for(lambda s: s.config.get("pool") == 99, timeout=5)
+    await eventually(lambda: (tmp_path / "cache" / f"{TENANT}.{ENV}.override").exists(), "cache")
+
+    fleet.bus.down = True
+    again = fleet.subscriber(cache_dir=tmp_path / "cache", offline_grace=0.2)
+    async with again:
+        assert (again.source, again.config.get("pool"), again.snapshot.override_version) == (
+            "cache",
+            99,
+            1,
+        )
+
+
+async def test_an_override_before_any_snapshot_applies_with_the_first_snapshot(
+    fleet: Fleet,
+) -> None:
+    fleet.bus.create_topic(TOPIC, compact=True)
+    await fleet.override({"pool": 99})
+    subscriber = fleet.subscriber(start_timeout=5)
+    starting = asyncio.create_task(subscriber.start())
+    await fleet.publish(1, {"pool": 10})
+    await starting
+    try:
+        assert (subscriber.config.get("pool"), subscriber.snapshot.override_version) == (99, 1)
+    finally:
+        await subscriber.stop()
+
+
+# -- the trust file -------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_the_trust_file_lists_operators_with_their_scope_and_max_ttl(tmp_path: Path) -> None:
+    _, public = generate_keypair("alice", tmp_path)
+    path = _write(
+        tmp_path / "trust.yml",
+        "operators:\n  - kid: alice\n    public_key_file: alice.pub\n"
+        "    tenants: [acme]\n    environments: [prod]\n    max_ttl: 1h30m\n",
+    )
+
+    trust = TrustStore.load(path)
+    entry = trust.get("alice")
+
+    assert entry is not None
+    assert (entry.role, entry.max_ttl, entry.covers("acme", "prod")) == (OPERATOR, 5400, True)
+    assert entry.covers("acme", "dev") is False
+    again = TrustStore.load(_write(tmp_path / "again.yml", trust.dump()))
+    assert again.get("alice") == entry
+    del public
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("", "an operator key needs max_ttl"),
+        ("    max_ttl: soon\n", "max_ttl: 'soon' is not a duration"),
+        ("    max_ttl: 0s\n", "max_ttl must be positive"),
+        (
+            "    max_ttl: 1h\n    role: publisher\n",
+            "role 'publisher' does not belong in the operators list",
+        ),
+    ],
+)
+def test_a_bad_operator_entry_names_the_file_and_key(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    generate_keypair("alice", tmp_path)
+    path = _write(
+        tmp_path / "trust.yml",
+        "operators:\n  - kid: alice\n    public_key_file: alice.pub\n" + entry,
+    )
+
+    with pytest.raises(KeyringError) as error:
+        TrustStore.load(path)
+
+    assert str(error.value).startswith(f"{path}: operator 'alice': ")
+    assert message in str(error.value)
