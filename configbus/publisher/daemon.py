@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import pwd
 import signal
 import time
 import uuid
@@ -57,6 +55,7 @@ from configbus.events import Cause, now_ns
 from configbus.limits import DEFAULT_LIMITS
 from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.settings import PublisherSettings
+from configbus.publisher.authors import Authors
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
 from configbus.supervise import Backoff, finish, supervise
@@ -150,6 +149,7 @@ class Daemon:
         self.store = TenantStore(settings.redis_url) if settings.redis_url else None
         self.admin = self.bus.admin()
         self.producer = self.bus.producer(transactional_id=settings.topics.transactional_id)
+        self.authors = Authors(self.tree.root)  # who a file edit is credited to
         self.publisher = Publisher(
             self.tree,
             self.key,
@@ -200,6 +200,7 @@ class Daemon:
         return asyncio.create_task(supervise(f"publisher {name}", body, backoff), name=name)
 
     async def _connect(self, claim: Callable[[], Awaitable[None]] | None = None) -> None:
+            self._spawn("warm-authors", self.authors.warm),
         """Connect, become the writer (`claim`, by default waiting on standby while
         another writer is alive) and recover, retrying while Kafka is unreachable."""
         backoff = Backoff(0.2, 5.0)
@@ -502,7 +503,8 @@ class Daemon:
             if rebuild:
                 self.index.rebuild()
             relative = [p[len(root) + 1 :] if p.startswith(root + os.sep) else p for p in paths]
-            change = self._change("file changed", relative, actor=_owners(paths))
+            actor = await self.authors.credit(paths)
+            change = self._change("file changed", relative, actor=actor)
             self._dirty.add(streams, Change(detected, change.cause))
             # Let the worker build and sign the events first: the log line, and
             # watchfiles arming its next watch (a thread hand-off), wait until the
@@ -566,24 +568,6 @@ def _meta(meta: dict[str, Any], stream: str) -> tuple[str, str]:
             value = ""
         found.append(value)
     return found[0], found[1]
-
-
-def _owners(paths: Iterable[str]) -> str | None:
-    """Who a file edit is credited to: the owners of the changed files (of those still
-    there), by user name; None when none can be known (the daemon's own actor then)."""
-    names = set()
-    for path in paths:
-        with contextlib.suppress(OSError):
-            names.add(_user(os.stat(path).st_uid))
-    return ", ".join(sorted(names)) or None
-
-
-@functools.lru_cache(maxsize=256)
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _tree_files(change: watchfiles.Change, path: str) -> bool:
