@@ -17,7 +17,15 @@ from typing import Any, TextIO
 import yaml
 
 from configbus import __version__, cli_bus
-from configbus.crypto import SigningKey, TrustStore, check_kid, generate_keypair
+from configbus.crypto import (
+    OPERATOR,
+    PUBLISHER,
+    SigningKey,
+    TrustedKey,
+    TrustStore,
+    check_kid,
+    generate_keypair,
+)
 from configbus.errors import (
     ConfigBusError,
     KeyringError,
@@ -25,7 +33,9 @@ from configbus.errors import (
     TreeError,
     UnknownNameError,
 )
+from configbus.options import format_duration, parse_duration
 from configbus.tree import EnvironmentTree, default_root
+from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import ResolvedConfig, Step
 from configbus.tree.values import DELETE, redacted
 
@@ -81,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument(
         "--no-store", action="store_true", help="the files alone, without the tenant store"
     )
+    store.add_argument(
+        "--bootstrap-servers",
+        metavar="HOSTS",
+        help="read the emergency overrides in effect from Kafka, as the top layer (default "
+        "$CONFIGBUS_BOOTSTRAP_SERVERS)",
+    )
+    store.add_argument(
+        "--trust", metavar="FILE", help="to verify those overrides (default $CONFIGBUS_TRUST)"
+    )
 
     validate = commands.add_parser(
         "validate",
@@ -121,6 +140,17 @@ def _parser() -> argparse.ArgumentParser:
         "--trust",
         metavar="FILE",
         help="also add the public key to this trust file (created when missing)",
+    )
+    generate.add_argument(
+        "--role",
+        choices=(PUBLISHER, OPERATOR),
+        default=PUBLISHER,
+        help="publisher (signs snapshots) or operator (signs emergency overrides only)",
+    )
+    generate.add_argument("--tenants", metavar="T1,T2", help="its scope in the trust file (*)")
+    generate.add_argument("--environments", metavar="E1,E2", help="likewise (*)")
+    generate.add_argument(
+        "--max-ttl", metavar="DURATION", help="an operator key's longest override, e.g. 2h"
     )
     generate.set_defaults(func=_keys_generate)
 
@@ -166,7 +196,7 @@ def _render(args: argparse.Namespace, out: TextIO) -> int:
     overrides = None
     if args.overrides is not None:
         overrides = [name.strip() for name in args.overrides.split(",") if name.strip()]
-    runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
+    runtime = _runtime(args, tenant, env)
     config = tree.validate(tree.resolve(env, tenant, overrides, runtime=runtime))
     data = config.redacted()
     if args.format == "json":
@@ -174,6 +204,9 @@ def _render(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     else:
         out.write(f"# {_title(config)}  sha256:{config.hash}\n")
+        for layer in config.layers:
+            if layer.kind is LayerKind.EMERGENCY:
+                out.write(f"# {layer.describe()}\n")
         yaml.safe_dump(data, out, sort_keys=False, allow_unicode=True, width=100)
     return 0
 
@@ -181,8 +214,7 @@ def _render(args: argparse.Namespace, out: TextIO) -> int:
 def _explain(args: argparse.Namespace, out: TextIO) -> int:
     tree = _tree(args)
     tenant, env = _stream(args, tree)
-    runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
-    config = tree.resolve(env, tenant, runtime=runtime)
+    config = tree.resolve(env, tenant, runtime=_runtime(args, tenant, env))
     steps = config.explain(args.key)
     if not steps:
         raise TreeError(f"{args.key}: not set by any layer of {_title(config)}")
@@ -199,12 +231,28 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _runtime(args: argparse.Namespace, tenant: str | None, env: str) -> list[Layer]:
+    """The layers above the files: the tenant store's (unless --no-store), then the
+    emergency overrides in effect (when Kafka is given), as the daemon and the
+    subscribers stack them."""
+    from configbus import cli_override
+
+    runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
+    return runtime + cli_override.override_layers(args.bootstrap_servers, args.trust, tenant, env)
+
+
 def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
     try:
         check_kid(args.kid)
     except KeyringError as exc:
         raise UnknownNameError(str(exc)) from None  # a bad argument: usage error
+    max_ttl = _max_ttl(args)
+    tenants, environments = _scope(args.tenants), _scope(args.environments)
     trust_path = Path(args.trust) if args.trust else None
+    if trust_path is None and (args.role != PUBLISHER or args.tenants or args.environments):
+        raise UnknownNameError(
+            "--role, --tenants and --environments go into a trust file: give --trust"
+        )
     trust = TrustStore()
     if trust_path is not None and trust_path.exists():
         trust = TrustStore.load(trust_path)  # a broken trust file fails before any key is made
@@ -214,13 +262,39 @@ def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
     print(f"wrote {private} (private, mode 0600) and {public}", file=out)
     if trust_path is not None:
         signing = SigningKey.load(private, args.kid)
-        trust = TrustStore([*trust.entries(), *TrustStore.of(signing.public).entries()])
+        entry = TrustedKey(signing.public, tenants, environments, args.role, max_ttl)
+        trust = trust.with_key(entry)
         try:
             trust_path.write_text(trust.dump(), encoding="utf-8")
         except OSError as exc:
             raise KeyringError(f"{trust_path}: cannot write: {exc.strerror}") from None
-        print(f"trusted {args.kid} in {trust_path}", file=out)
+        scope = (
+            f"tenants {','.join(sorted(tenants))}, environments {','.join(sorted(environments))}"
+        )
+        limit = f", max_ttl {format_duration(max_ttl)}" if max_ttl is not None else ""
+        print(f"trusted {args.kid} in {trust_path} as {args.role} ({scope}{limit})", file=out)
     return 0
+
+
+def _max_ttl(args: argparse.Namespace) -> int | None:
+    if args.role != OPERATOR:
+        if args.max_ttl is not None:
+            raise UnknownNameError("--max-ttl: for operator keys only (--role operator)")
+        return None
+    if args.max_ttl is None:
+        raise UnknownNameError("--role operator needs --max-ttl: its longest override, e.g. 2h")
+    try:
+        seconds = parse_duration(args.max_ttl)
+    except ValueError as exc:
+        raise UnknownNameError(f"--max-ttl: {exc}") from None
+    if seconds <= 0:
+        raise UnknownNameError("--max-ttl: must be positive")
+    return seconds
+
+
+def _scope(text: str | None) -> frozenset[str]:
+    names = frozenset(name.strip() for name in (text or "*").split(",") if name.strip())
+    return names or frozenset({"*"})
 
 
 def _shown(step: Step) -> str:

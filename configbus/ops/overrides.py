@@ -62,8 +62,10 @@ __all__ = [
     "OverrideSet",
     "OverrideState",
     "OverrideWrite",
+    "all_overrides",
     "compose",
     "encode_set",
+    "latest_snapshot",
     "layers_of",
     "override_transactional_id",
     "parse_overrides",
@@ -411,3 +413,53 @@ async def _topic_exists(bus: Bus, topic: str) -> bool:
 
 def paths_of(entries: Iterable[OverrideEntry]) -> str:
     return ", ".join(format_path(parse_key(e.path)) for e in entries)
+
+
+async def latest_snapshot(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> VerifiedEvent | None:
+    """The stream's snapshot of the highest version that verifies (what the overrides
+    go on top of), or None."""
+    reader = bus.reader(topics.tenant_topic(tenant))
+    try:
+        if not await reader.start():
+            return None
+        records = await reader.recent(topics.record_key(env), limit=_READ_BACK)
+    finally:
+        await reader.stop()
+    best: VerifiedEvent | None = None
+    for record in records:
+        try:
+            event = open_envelope(record.value or b"", trust, stream=(tenant, env))
+        except VerificationError:
+            continue
+        if best is None or event.body.version > best.body.version:
+            best = event
+    return best
+
+
+async def all_overrides(
+    bus: Bus, topics: TopicNames, tenants: Iterable[str], trust: TrustStore
+) -> tuple[dict[tuple[str, str], OverrideState], int]:
+    """The latest verified override record of every stream of `tenants` that has one,
+    and how many override records did not verify."""
+    found: dict[tuple[str, str], OverrideState] = {}
+    unverified = 0
+    wanted = [topics.tenant_topic(tenant) for tenant in tenants]
+    async for record in bus.read_to_end(wanted):
+        env, channel = topics.channel_of(record.key)
+        tenant = topics.tenant_of(record.topic)
+        if channel != OVERRIDE_CHANNEL or tenant is None:
+            continue
+        try:
+            event = open_envelope(
+                record.value or b"", trust, stream=(tenant, env), channel=OVERRIDE_CHANNEL
+            )
+            state = parse_overrides(event)
+        except VerificationError:
+            unverified += 1
+            continue
+        known = found.get((tenant, env))
+        if known is None or state.version > known.version:
+            found[(tenant, env)] = state
+    return found, unverified

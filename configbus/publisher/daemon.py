@@ -13,7 +13,9 @@ that fails is logged and started again after a backoff; none dies silently):
   with backoff: an outage delays publication, never loses it. A stream that cannot be
   published as it is (broken input, over a limit) is logged once and waits for its
   input to change; the others go on;
-- the heartbeat writes the daemon's signed heartbeat to the state topic.
+- the heartbeat writes the daemon's signed heartbeat to the state topic;
+- the override keeper follows the streams' emergency overrides and, while this daemon
+  is the writer, publishes each expiry (configbus/publisher/overrides.py).
 
 One writer per cluster and topic prefix: the transactional id is derived from the
 topic prefix, so any two publishers of the same topics fence each other, and a daemon
@@ -55,6 +57,7 @@ from configbus.events import Cause, now_ns
 from configbus.limits import DEFAULT_LIMITS
 from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.settings import PublisherSettings
+from configbus.publisher.overrides import OverrideKeeper
 from configbus.publisher.authors import Authors
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
@@ -160,6 +163,14 @@ class Daemon:
             batch_size=settings.batch_size,
         )
         self.writer = f"{settings.actor}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.overrides = OverrideKeeper(
+            self.bus,
+            settings.topics,
+            self.key,
+            self.trust,
+            actor=settings.actor,
+            is_writer=lambda: self.active.is_set(),
+        )
         self.ready = asyncio.Event()  # set after the first publication round
         self.active = asyncio.Event()  # set while this daemon is the writer
         self.stopped = asyncio.Event()
@@ -192,6 +203,7 @@ class Daemon:
             self._spawn("reconcile", self._reconcile_loop),
             self._spawn("heartbeat", self._heartbeat_loop),
         ]
+            self._spawn("overrides", self.overrides.run),
         if self.store is not None:
             self._tasks.append(self._spawn("watch-store", self._watch_store, Backoff(0.1, 1.0)))
         return self

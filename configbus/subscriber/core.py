@@ -116,6 +116,8 @@ _REASON_LIMIT = 500  # characters of a rejection's reason in an ack
 _UNSENT_ACKS = 1000  # acks held while the agent is away, at most (the oldest go first)
 _AGENT_RETRY_S = 1.0  # while reading Kafka for an absent agent: how often to look for it
 _NO_SPAN = contextlib.nullcontext()
+# Reasons given before (or instead of) a signature check: the record's claims are nobody's.
+_UNSIGNED = frozenset({"malformed", "too_large", "unknown_key", "bad_signature", "unknown_schema"})
 
 
 class ConfigSubscriber:
@@ -514,12 +516,12 @@ class ConfigSubscriber:
                 self.ignored += 1  # the same event again (the cache, then Kafka): no news
                 return False
             except VerificationError as exc:
-                self._rejected(exc, event, received_at, trace_id, span, channel)
+                self._rejected(exc, event, received_at, trace_id, span, channel, record)
                 return False
             except Exception as exc:  # whatever a record holds, it ends rejected
                 log.exception("%s/%s: unexpected error on a record", self.tenant, self.env)
                 error = VerificationError("internal_error", f"{exc.__class__.__name__}")
-                self._rejected(error, event, received_at, trace_id, span, channel)
+                self._rejected(error, event, received_at, trace_id, span, channel, record)
                 return False
             self.applied += 1
             if channel == SNAPSHOT_CHANNEL:
@@ -739,6 +741,7 @@ class ConfigSubscriber:
         trace_id: str,
         span: trace.Span | None,
         channel: str = SNAPSHOT_CHANNEL,
+        record: Record | None = None,
     ) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
         self.last_rejection = str(exc)
@@ -758,7 +761,13 @@ class ConfigSubscriber:
             exc,
             extra={"tenant": self.tenant, "env": self.env, "reason": exc.reason},
         )
-        self._ack(event, "rejected", str(exc), received_at, 0, trace_id, channel=channel)
+        # Past its signature, a record's version is what a trusted key signed: say which
+        # version is refused (an operator waits for the answer to it).
+        signed = exc.reason not in _UNSIGNED and event is None and record is not None
+        version = claimed_version(record.value) if signed and record is not None else 0
+        self._ack(
+            event, "rejected", str(exc), received_at, 0, trace_id, channel=channel, version=version
+        )
 
     # -- acknowledgements -----------------------------------------------------------
     def _ack(
@@ -771,6 +780,7 @@ class ConfigSubscriber:
         trace_id: str,
         startup: bool = False,
         channel: str = SNAPSHOT_CHANNEL,
+        version: int = 0,
     ) -> None:
         """Hand an ack to the agent or to the process's ack sender; never waits."""
         if not self.settings.send_acks:
@@ -781,7 +791,7 @@ class ConfigSubscriber:
         ack = Ack(
             tenant=self.tenant,
             env=self.env,
-            version=body.version if body is not None else 0,
+            version=body.version if body is not None else max(version, 0),
             instance=self.settings.instance_id,
             service=self.settings.service,
             status=status,

@@ -449,3 +449,115 @@ def test_a_bad_operator_entry_names_the_file_and_key(
 
     assert str(error.value).startswith(f"{path}: operator 'alice': ")
     assert message in str(error.value)
+
+
+# -- the daemon publishes each expiry ---------------------------------------------------
+
+
+async def _daemon_world(tmp_path: Path) -> tuple[Any, SigningKey, TrustStore, Path]:
+    from .test_publisher import World
+
+    world = World(tmp_path)
+    alice = SigningKey.load(generate_keypair("alice", tmp_path / "ops")[0], "alice")
+    trust = world.trust.with_key(
+        TrustedKey(
+            alice.public,
+            frozenset({"aurora-records"}),
+            frozenset({"prod"}),
+            role=OPERATOR,
+            max_ttl=3600,
+        )
+    )
+    trust_file = tmp_path / "trust.yml"
+    trust_file.write_text(trust.dump())
+    return world, alice, trust, trust_file
+
+
+async def _short_override(world: Any, alice: SigningKey, trust: TrustStore, ttl: float) -> int:
+    def change(kept: tuple[OverrideEntry, ...], now: int) -> tuple[OverrideEntry, ...]:
+        entry = OverrideEntry(
+            path="features.new_checkout",
+            value=False,
+            set_at=now,
+            expires_at=now + int(ttl * SECOND),
+            actor="alice",
+            reason="INC-2",
+        )
+        return (*kept, entry)
+
+    written = await write_overrides(
+        world.bus,
+        world.topics,
+        "aurora-records",
+        "prod",
+        key=alice,
+        trust=trust,
+        change=change,
+        cause=Cause(actor="alice", reason="INC-2"),
+    )
+    return written.version
+
+
+def _override_events(world: Any, trust: TrustStore) -> list[Any]:
+    topic = world.topics.tenant_topic("aurora-records")
+    return [
+        open_envelope(r.value or b"", trust)
+        for r in world.bus.records(topic)
+        if r.key == b"prod/override"
+    ]
+
+
+async def test_the_daemon_publishes_an_override_expiry_to_the_topic_and_the_audit_trail(
+    tmp_path: Path,
+) -> None:
+    world, alice, trust, trust_file = await _daemon_world(tmp_path)
+    async with world.daemon(trust=trust_file) as daemon:
+        await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
+        await _short_override(world, alice, trust, ttl=0.3)
+
+        await eventually(lambda: daemon.overrides.expiries_published == 1, "the expiry")
+
+    first, expiry = _override_events(world, trust)
+    assert (first.kid, first.body.version, first.body.cause.actor) == ("alice", 1, "alice")
+    assert (expiry.kid, expiry.body.version) == ("unit", 2)
+    assert expiry.body.cause.reason == "override expired: features.new_checkout"
+    assert expiry.body.changed_paths == ("features.new_checkout",)
+    assert parse_overrides(expiry).entries == ()
+    audited = [
+        open_envelope(r.value or b"", trust).body
+        for r in world.bus.records(world.topics.audit)
+        if r.key == b"aurora-records/prod"
+    ]
+    assert [(b.kind, b.version) for b in audited if b.kind is EventKind.OVERRIDE] == [
+        (EventKind.OVERRIDE, 1),
+        (EventKind.OVERRIDE, 2),
+    ]
+
+
+async def test_a_daemon_started_after_an_override_expired_publishes_the_expiry(
+    tmp_path: Path,
+) -> None:
+    world, alice, trust, trust_file = await _daemon_world(tmp_path)
+    async with world.daemon(trust=trust_file) as daemon:
+        await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
+    await _short_override(world, alice, trust, ttl=0.05)  # set and expired while it is down
+    await asyncio.sleep(0.1)  # let it run out: the point of the test is a past expiry
+
+    async with world.daemon(trust=trust_file) as daemon:
+        await eventually(lambda: daemon.overrides.expiries_published == 1, "the expiry")
+
+    assert [e.body.version for e in _override_events(world, trust)] == [1, 2]
+
+
+async def test_a_standby_daemon_does_not_publish_expiries(tmp_path: Path) -> None:
+    world, alice, trust, trust_file = await _daemon_world(tmp_path)
+    async with world.daemon(trust=trust_file) as daemon:
+        await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
+        daemon.active.clear()  # as when another writer took over
+        await _short_override(world, alice, trust, ttl=0.05)
+        await eventually(lambda: daemon.overrides.states, "the override learned")
+        await asyncio.sleep(0.3)  # several polls past the expiry: nothing may be published
+
+        assert daemon.overrides.expiries_published == 0
+        daemon.active.set()
+        await eventually(lambda: daemon.overrides.expiries_published == 1, "the expiry")
