@@ -107,10 +107,11 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
-    from configbus import cli_ops, cli_override
+    from configbus import cli_ops, cli_override, cli_rollback
 
     cli_ops.register(commands, kafka)
     cli_override.register(commands, kafka)
+    cli_rollback.register(commands, publisher)
 
     tail = commands.add_parser(
         "tail", parents=[kafka], help="read a tenant's topic from the start and verify each event"

@@ -92,10 +92,18 @@ class StreamHistory:
 
 
 async def stream_history(
-    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    trust: TrustStore,
+    *,
+    channel: str | None = None,
 ) -> StreamHistory:
     """Every version of `tenant`/`env` the audit topic holds that verifies with `trust`,
-    oldest first. A version seen twice (an event re-read after a retry) is listed once."""
+    oldest first. A version seen twice (an event re-read after a retry) is listed once.
+    `channel`: only the events of that channel (`SNAPSHOT_CHANNEL`: what the tree and
+    stores published, and rollbacks), whose versions are counted apart from others'."""
     topics.tenant_topic(tenant)  # a legal tenant id, or SettingsError
     key = topics.audit_key(tenant, env)
     history = StreamHistory(tenant, env)
@@ -109,7 +117,7 @@ async def stream_history(
             history.unverified += 1
             continue
         body = event.body
-        if body.version in seen:
+        if body.version in seen or (channel is not None and body.kind.channel != channel):
             continue
         seen[body.version] = HistoryEntry(
             version=body.version,

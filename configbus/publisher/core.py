@@ -7,7 +7,9 @@ at start, see `configbus.publisher.state`) and turns a set of streams into signe
    stream whose store was never read stays pending);
 2. resolve and validate each stream on its own: any failure, a broken file or a value
    over a limit, fails that stream alone, which keeps its last published version;
-3. skip streams whose config hash equals the last published one;
+3. skip streams whose config hash equals the last published one, and streams held by a
+   rollback whose config hash equals the hold (the hash of what they resolved to when
+   the rollback was published: the tree and store have not changed them since);
 4. give the rest version + 1, build and sign their events, and refuse any event larger
    than our limit or its topic's ``max.message.bytes`` before sending;
 5. send each event to its tenant topic, the audit topic and (as a head) the state
@@ -16,6 +18,9 @@ at start, see `configbus.publisher.state`) and turns a set of streams into signe
    rest of the batch is sent again without it; any other failure raises `BusError`
    and leaves every stream of the batch pending.
 6. after the commit, remember the new versions and cache the events in Redis.
+
+`publish_rollback` publishes an earlier version's content (kind rollback) the same way,
+and records the hold in the stream's head, so it survives restarts.
 
 A stream is published only when Kafka acknowledged its records and the transaction
 committed. A failed batch changes nothing here, so the same streams can be tried again.
@@ -71,6 +76,7 @@ class _Prepared:
     config: ResolvedConfig
     value: bytes  # the signed record value
     head: bytes  # the signed state-topic head
+    hold: str = ""  # the head's hold (a rollback's)
 
 
 @dataclass(slots=True)
@@ -78,7 +84,8 @@ class PublishReport:
     """What one round did. `failed`: streams that cannot be published as they are
     (broken input, over a limit, refused by Kafka), by reason; they keep their last
     version until their input changes. `pending`: streams that could not be tried
-    (Kafka or Redis unreachable); the caller tries them again."""
+    (Kafka or Redis unreachable); the caller tries them again. `held`: streams not
+    published because a rollback holds them (counted as unchanged too)."""
 
     checked: int = 0
     published: list[tuple[str, str, int]] = field(default_factory=list)
@@ -86,12 +93,14 @@ class PublishReport:
     unchanged_streams: list[Stream] = field(default_factory=list)
     failed: dict[Stream, str] = field(default_factory=dict)
     pending: dict[Stream, str] = field(default_factory=dict)
+    held: list[Stream] = field(default_factory=list)
 
     def merge(self, other: PublishReport) -> None:
         self.checked += other.checked
         self.published += other.published
         self.unchanged += other.unchanged
         self.unchanged_streams += other.unchanged_streams
+        self.held += other.held
         self.failed.update(other.failed)
         self.pending.update(other.pending)
 
@@ -100,6 +109,7 @@ class PublishReport:
             f"{self.checked} streams checked, {len(self.published)} published, "
             f"{self.unchanged} unchanged, {len(self.failed)} failed"
         )
+        text += f", {len(self.held)} held by a rollback" if self.held else ""
         return text + (f", {len(self.pending)} pending" if self.pending else "")
 
 
@@ -139,9 +149,13 @@ class Publisher:
         self._store_down = False
         self._refusals: dict[Stream, str] = {}  # logged once per reason
 
-    async def publish(self, streams: Iterable[Stream], change: Change) -> PublishReport:
+    async def publish(
+        self, streams: Iterable[Stream], change: Change, *, release: bool = False
+    ) -> PublishReport:
         """Publish every stream in `streams` whose config changed. Raises `BusError`
-        when Kafka fails; nothing is recorded as published then."""
+        when Kafka fails; nothing is recorded as published then. `release`: a stream
+        held by a rollback is published as the tree and store resolve it even when
+        that is what it is held at, which ends the hold."""
         report = PublishReport()
         streams = sorted(set(streams))
         report.checked = len(streams)
@@ -151,7 +165,9 @@ class Publisher:
             if stream in report.failed or stream in report.pending:
                 continue
             try:
-                prepared = self._prepare(stream, change, store_layers.get(stream), report)
+                prepared = self._prepare(
+                    stream, change, store_layers.get(stream), report, release=release
+                )
             except Exception as exc:  # one stream's failure is that stream's alone
                 code = "too_large" if isinstance(exc, LimitError) else "internal_error"
                 self._refuse(report, stream, f"{exc.__class__.__name__}: {exc}", exc, code=code)
@@ -197,7 +213,13 @@ class Publisher:
         )
 
     def _prepare(
-        self, stream: Stream, change: Change, store_layer: Layer | None, report: PublishReport
+        self,
+        stream: Stream,
+        change: Change,
+        store_layer: Layer | None,
+        report: PublishReport,
+        *,
+        release: bool = False,
     ) -> _Prepared | None:
         tenant, env = stream
         started = time.perf_counter()
@@ -211,19 +233,53 @@ class Publisher:
                 log.error("%s/%s: %s", tenant, env, problem, extra={"tenant": tenant, "env": env})
             self._refuse(report, stream, str(problems[0]))
             return None
-        if len(config.canonical_json) > self.limits.config_bytes:
-            raise LimitError(
-                f"config is {len(config.canonical_json)} bytes of JSON, over the limit "
-                f"config_bytes ({self.limits.config_bytes})"
-            )
+        self._check_size(config)
         self._refusals.pop(stream, None)
         state = self.states.get(stream)
-        if state is not None and state.config_hash == config.hash:
+        if state is not None and state.hold:
+            if state.hold == config.hash and not release:
+                report.held.append(stream)  # unchanged since the rollback: stays rolled back
+                report.unchanged += 1
+                report.unchanged_streams.append(stream)
+                return None
+            # The stream changed in the tree or the store since the rollback (or the hold
+            # is released): published, even when that is the rolled-back content itself,
+            # so that the new head, which holds nothing, ends the hold on Kafka too.
+        elif state is not None and state.config_hash == config.hash:
             if state.data is None:
                 state.data, state.config_json = config.data, None  # share, drop the copy
             report.unchanged += 1
             report.unchanged_streams.append(stream)
             return None
+        prepared = self._sealed(stream, config, change)
+        log.debug(
+            "%s/%s v%d prepared in %.2f ms",
+            tenant,
+            env,
+            prepared.version,
+            (time.perf_counter() - started) * 1000,
+        )
+        return prepared
+
+    def _check_size(self, config: ResolvedConfig) -> None:
+        if len(config.canonical_json) > self.limits.config_bytes:
+            raise LimitError(
+                f"config is {len(config.canonical_json)} bytes of JSON, over the limit "
+                f"config_bytes ({self.limits.config_bytes})"
+            )
+
+    def _sealed(
+        self,
+        stream: Stream,
+        config: ResolvedConfig,
+        change: Change,
+        *,
+        kind: EventKind = EventKind.SNAPSHOT,
+        hold: str = "",
+    ) -> _Prepared:
+        """`config` as the stream's next version: the signed event and head."""
+        tenant, env = stream
+        state = self.states.get(stream)
         previous = state.config() if state is not None else None
         version = (state.version if state is not None else 0) + 1
         if version > MAX_VERSION:
@@ -233,7 +289,7 @@ class Publisher:
             env=env,
             version=version,
             config_json=config.canonical_json,
-            kind=EventKind.SNAPSHOT,
+            kind=kind,
             detected_at=change.detected_at,
             cause=change.cause,
             changed_paths=tuple(changed_paths(previous, config.data)),
@@ -244,13 +300,7 @@ class Publisher:
             version=version,
             config_hash=config.hash,
             issued_at=body.issued_at,
-        )
-        log.debug(
-            "%s/%s v%d prepared in %.2f ms",
-            tenant,
-            env,
-            version,
-            (time.perf_counter() - started) * 1000,
+            hold=hold,
         )
         return _Prepared(
             stream,
@@ -259,7 +309,38 @@ class Publisher:
             config,
             seal(body, self.key),
             seal_signed(head, self.key),
+            hold,
         )
+
+    async def publish_rollback(
+        self, stream: Stream, config: ResolvedConfig, change: Change
+    ) -> PublishReport:
+        """Publish `config` (an earlier version's content) as the stream's next version,
+        of kind rollback, and hold the stream there: the head records the hash of what
+        the tree and store resolve the stream to now, and `publish` leaves the stream
+        alone while they go on resolving to it. A stream that does not resolve now is
+        not held: it is published again once it resolves. Raises `BusError` when Kafka
+        fails; a stream whose store was never read (Redis unreachable) is left pending,
+        unpublished: its hold could not be known."""
+        report = PublishReport(checked=1)
+        store_layers = await self._store_layers([stream], report)
+        if report.pending or report.failed:
+            return report
+        tenant, env = stream
+        layer = store_layers.get(stream)
+        try:
+            resolved = self.tree.resolve(env, tenant, runtime=[layer] if layer else ())
+            hold = "" if self.tree.problems(resolved) else resolved.hash
+        except (TreeError, LimitError):  # refused until it changes: nothing to hold
+            hold = ""
+        self._check_size(config)
+        prepared = self._sealed(stream, config, change, kind=EventKind.ROLLBACK, hold=hold)
+        await self._ensure_topics([tenant])
+        if await self._fits(prepared, report):
+            await self._send_batch([prepared], report)
+        for failed in report.failed:
+            report.pending.pop(failed, None)
+        return report
 
     async def _fits(self, item: _Prepared, report: PublishReport) -> bool:
         """Whether the event can ever be sent: refused here when it is over our limit or
@@ -418,7 +499,9 @@ class Publisher:
         cache: dict[Stream, bytes] = {}
         for item in batch:
             (tenant, env), version, config = item.stream, item.version, item.config
-            self.states[item.stream] = StreamState(version, config.hash, data=config.data)
+            self.states[item.stream] = StreamState(
+                version, config.hash, data=config.data, hold=item.hold
+            )
             cache[item.stream] = item.value
             log.info(
                 "published %s/%s v%d",

@@ -55,10 +55,10 @@ from configbus.errors import (
 )
 from configbus.events import Cause, now_ns
 from configbus.limits import DEFAULT_LIMITS
-from configbus.publisher.core import Change, Publisher, PublishReport
-from configbus.publisher.settings import PublisherSettings
-from configbus.publisher.overrides import OverrideKeeper
 from configbus.publisher.authors import Authors
+from configbus.publisher.core import Change, Publisher, PublishReport
+from configbus.publisher.overrides import OverrideKeeper
+from configbus.publisher.settings import PublisherSettings
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
 from configbus.supervise import Backoff, finish, supervise
@@ -149,10 +149,10 @@ class Daemon:
         self.trust = _recovery_trust(self.key, settings.trust)
         self.tree = EnvironmentTree(settings.root)
         self.index = StreamIndex(self.tree)
+        self.authors = Authors(self.tree.root)  # who a file edit is credited to
         self.store = TenantStore(settings.redis_url) if settings.redis_url else None
         self.admin = self.bus.admin()
         self.producer = self.bus.producer(transactional_id=settings.topics.transactional_id)
-        self.authors = Authors(self.tree.root)  # who a file edit is credited to
         self.publisher = Publisher(
             self.tree,
             self.key,
@@ -200,10 +200,11 @@ class Daemon:
         self._worker = self._spawn("publish", self._work)
         self._tasks = [
             self._spawn("watch-files", self._watch_files),
+            self._spawn("warm-authors", self.authors.warm),
             self._spawn("reconcile", self._reconcile_loop),
             self._spawn("heartbeat", self._heartbeat_loop),
-        ]
             self._spawn("overrides", self.overrides.run),
+        ]
         if self.store is not None:
             self._tasks.append(self._spawn("watch-store", self._watch_store, Backoff(0.1, 1.0)))
         return self
@@ -212,7 +213,6 @@ class Daemon:
         return asyncio.create_task(supervise(f"publisher {name}", body, backoff), name=name)
 
     async def _connect(self, claim: Callable[[], Awaitable[None]] | None = None) -> None:
-            self._spawn("warm-authors", self.authors.warm),
         """Connect, become the writer (`claim`, by default waiting on standby while
         another writer is alive) and recover, retrying while Kafka is unreachable."""
         backoff = Backoff(0.2, 5.0)
@@ -245,6 +245,32 @@ class Daemon:
         self.publisher.states = recovery.states
         self.publisher.forget_topics()
         (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
+
+    async def claim_once(self, *, take_over: bool = False) -> None:
+        """For a one-shot writer (`publish_once`, `configbus rollback`), instead of
+        `start()`: connect, become the writer and recover the versions; no task runs.
+        Raises `ActiveWriterError` while another writer's heartbeats arrive, unless
+        `take_over` (that one then stands by until this one resigns, in `stop()`)."""
+
+        async def claim() -> None:
+            if not take_over and (other := await self._live_writer()) is not None:
+                raise ActiveWriterError(
+                    f"a publisher daemon is active on these topics ({other}); it publishes "
+                    "the tree itself. Pass --take-over to publish from here anyway"
+                )
+            await self._claim(take_over=True)
+
+        await self._connect(claim)
+
+    async def publish_round(
+        self, publish: Callable[[Publisher], Awaitable[PublishReport]]
+    ) -> PublishReport:
+        """Run `publish` on the publisher as the writer (one transaction at a time), then
+        tell operators' tools what became of the streams (see `_report`)."""
+        async with self._writing:
+            report = await publish(self.publisher)
+        await self._report(report)
+        return report
 
     # -- one writer -------------------------------------------------------------------
     async def _claim(self, *, take_over: bool = False) -> None:
@@ -600,24 +626,13 @@ async def publish_once(
     `take_over` (the daemon then stands by until this run has resigned), and
     `TimeoutError` after `deadline` seconds."""
     daemon = Daemon(settings, bus=bus)
-
-    async def claim() -> None:
-        if not take_over and (other := await daemon._live_writer()) is not None:
-            raise ActiveWriterError(
-                f"a publisher daemon is active on these topics ({other}); it publishes "
-                "the tree itself. Pass --take-over to publish from here anyway"
-            )
-        await daemon._claim(take_over=True)
-
     try:
         async with asyncio.timeout(deadline):
-            await daemon._connect(claim)
+            await daemon.claim_once(take_over=take_over)
             daemon.index.rebuild()
             change = daemon._change("publish --once", ())
-            async with daemon._writing:
-                report = await daemon.publisher.publish(daemon.index.streams, change)
-            await daemon._report(report)
-            return report
+            streams = daemon.index.streams
+            return await daemon.publish_round(lambda publisher: publisher.publish(streams, change))
     finally:
         await daemon.stop()
 

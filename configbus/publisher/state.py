@@ -6,6 +6,9 @@ events, so one verification path):
 - key ``<tenant>/<env>``: the stream's *head*, its last version and config hash,
   written in the same transaction as the event. A tenant topic can be deleted and
   recreated; the state topic keeps the high-water mark, so versions never restart.
+  After a rollback the head also holds the stream (`hold`, see
+  `configbus.ops.rollback`): the hash of what the tree and store resolved to then,
+  which the publisher does not publish over the rollback.
 - key ``$writer``: the active publisher's heartbeat, written every few seconds. A
   daemon that sees another writer's heartbeats arrive stays on standby.
 
@@ -60,6 +63,9 @@ class StreamHead(msgspec.Struct, frozen=True, kw_only=True, tag="head"):
     version: int
     config_hash: str
     issued_at: int
+    # After a rollback: the hash of what the tree and store resolved to at the time;
+    # "" for none. Readers that predate it ignore it (msgspec skips unknown fields).
+    hold: str = ""
 
 
 class WriterBeat(msgspec.Struct, frozen=True, kw_only=True, tag="writer"):
@@ -95,12 +101,14 @@ def open_signed(value: bytes, trust: TrustStore, kind: type[_T]) -> _T:
 @dataclass(slots=True)
 class StreamState:
     """What Kafka holds for a stream: its last version and config hash, and the config
-    itself (as resolved data once known, else the event's JSON, decoded on demand)."""
+    itself (as resolved data once known, else the event's JSON, decoded on demand).
+    `hold`: set by a rollback in force (see `StreamHead.hold`), else ""."""
 
     version: int
     config_hash: str
     data: Mapping[str, Value] | None = None
     config_json: bytes | None = None
+    hold: str = ""
 
     def config(self) -> Mapping[str, Value] | None:
         if self.data is None and self.config_json is not None:
@@ -129,7 +137,8 @@ class Recovery:
 
 async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
     """The last version and hash of every stream: the highest verified version among
-    the stream's events (tenant topics) and heads (state topic)."""
+    the stream's events (tenant topics) and heads (state topic), and the hold of a
+    rollback in force (from the head of that same version)."""
     admin = bus.admin()
     await admin.start()
     try:
@@ -160,8 +169,10 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
     for stream, head in heads.items():
         state = recovery.states.get(stream)
         if state is None or head.version > state.version:
-            recovery.states[stream] = StreamState(head.version, head.config_hash)
+            recovery.states[stream] = StreamState(head.version, head.config_hash, hold=head.hold)
             recovery.from_state_only += 1
+        elif head.version == state.version and head.config_hash == state.config_hash:
+            state.hold = head.hold  # this event's own head: a newer event ends the hold
     return recovery
 
 
