@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from configbus.bus import KafkaBus
+from configbus.bus import SNAPSHOT_CHANNEL, KafkaBus
 from configbus.errors import SettingsError, UnknownNameError
 from configbus.events import shown
 from configbus.ops import StreamHistory, diff, stream_history
@@ -75,13 +75,17 @@ def _history(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=2), file=out)
         return _unverified(history)
-    print(f"{history.tenant}/{history.env}: {len(history.versions)} version(s)", file=out)
+    overrides = len(history.versions) - len(history.snapshots)
+    count = f"{len(history.snapshots)} version(s)" + (
+        f" and {overrides} override change(s)" if overrides else ""
+    )
+    print(f"{history.tenant}/{history.env}: {count}", file=out)
     for entry in entries:
         who = shown(entry.actor or "?", 60, quote=False)
         why = shown(entry.reason or "-", 80, quote=False)
+        number = f"v{entry.version}" if entry.channel == SNAPSHOT_CHANNEL else f"o{entry.version}"
         print(
-            f"  v{entry.version:<5} {entry.issued:%Y-%m-%dT%H:%M:%S}Z  {entry.kind:<9}"
-            f" by {who}: {why}",
+            f"  {number:<6} {entry.issued:%Y-%m-%dT%H:%M:%S}Z  {entry.kind:<9} by {who}: {why}",
             file=out,
         )
         if entry.sources:

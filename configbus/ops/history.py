@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from configbus.bus import Bus, TopicNames
+from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import TrustStore
 from configbus.errors import UnknownNameError, VerificationError
 from configbus.events import VerifiedEvent, open_envelope
@@ -48,6 +48,16 @@ class HistoryEntry:
     event: VerifiedEvent = field(repr=False, compare=False)
 
     @property
+    def channel(self) -> str:
+        """snapshot (versions of the tree and stores, rollbacks) or override (the
+        emergency overrides in effect, numbered on their own)."""
+        return self.event.body.kind.channel
+
+    @property
+    def expires_at(self) -> int | None:
+        return self.event.body.expires_at
+
+    @property
     def issued(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.issued_at / 1e9, datetime.UTC)
 
@@ -58,6 +68,7 @@ class HistoryEntry:
     def as_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "channel": self.channel,
             "kind": self.kind,
             "issued_at": self.issued.isoformat(),
             "actor": self.actor,
@@ -73,14 +84,20 @@ class HistoryEntry:
 class StreamHistory:
     tenant: str
     env: str
-    versions: list[HistoryEntry] = field(default_factory=list)  # oldest first
+    versions: list[HistoryEntry] = field(default_factory=list)  # oldest first, both channels
     unverified: int = 0  # audit records of the stream that did not verify
 
+    @property
+    def snapshots(self) -> list[HistoryEntry]:
+        """The snapshot channel's versions (what `diff` compares), oldest first."""
+        return [entry for entry in self.versions if entry.channel == SNAPSHOT_CHANNEL]
+
     def get(self, version: int) -> HistoryEntry:
-        for entry in self.versions:
+        """Snapshot version `version`."""
+        for entry in self.snapshots:
             if entry.version == version:
                 return entry
-        known = ", ".join(str(e.version) for e in self.versions[-10:]) or "none"
+        known = ", ".join(str(e.version) for e in self.snapshots[-10:]) or "none"
         raise UnknownNameError(
             f"{self.tenant}/{self.env} has no version {version} in the audit topic "
             f"(latest: {known})"
@@ -88,7 +105,9 @@ class StreamHistory:
 
     @property
     def latest(self) -> HistoryEntry | None:
-        return self.versions[-1] if self.versions else None
+        """The latest snapshot version."""
+        snapshots = self.snapshots
+        return snapshots[-1] if snapshots else None
 
 
 async def stream_history(
@@ -101,13 +120,14 @@ async def stream_history(
     channel: str | None = None,
 ) -> StreamHistory:
     """Every version of `tenant`/`env` the audit topic holds that verifies with `trust`,
-    oldest first. A version seen twice (an event re-read after a retry) is listed once.
+    of both channels (each numbered on its own), oldest first. A version seen twice (an
+    event re-read after a retry) is listed once.
     `channel`: only the events of that channel (`SNAPSHOT_CHANNEL`: what the tree and
     stores published, and rollbacks), whose versions are counted apart from others'."""
     topics.tenant_topic(tenant)  # a legal tenant id, or SettingsError
     key = topics.audit_key(tenant, env)
     history = StreamHistory(tenant, env)
-    seen: dict[int, HistoryEntry] = {}
+    seen: dict[tuple[str, int], HistoryEntry] = {}
     async for record in bus.read_to_end([topics.audit]):
         if record.key != key:
             continue
@@ -117,9 +137,11 @@ async def stream_history(
             history.unverified += 1
             continue
         body = event.body
-        if body.version in seen or (channel is not None and body.kind.channel != channel):
+        if (body.kind.channel, body.version) in seen or (
+            channel is not None and body.kind.channel != channel
+        ):
             continue
-        seen[body.version] = HistoryEntry(
+        seen[(body.kind.channel, body.version)] = HistoryEntry(
             version=body.version,
             kind=str(body.kind),
             issued_at=body.issued_at,
@@ -132,7 +154,8 @@ async def stream_history(
             kid=event.kid,
             event=event,
         )
-    history.versions = [seen[version] for version in sorted(seen)]
+    # In the order they were issued; each channel's versions rise with it.
+    history.versions = sorted(seen.values(), key=lambda e: (e.issued_at, e.channel, e.version))
     return history
 
 

@@ -561,3 +561,36 @@ async def test_a_standby_daemon_does_not_publish_expiries(tmp_path: Path) -> Non
         assert daemon.overrides.expiries_published == 0
         daemon.active.set()
         await eventually(lambda: daemon.overrides.expiries_published == 1, "the expiry")
+
+
+async def test_history_lists_overrides_beside_snapshots_without_mixing_their_numbers(
+    fleet: Fleet,
+) -> None:
+    from configbus.ops import stream_history
+
+    for version, pool in ((1, 10), (2, 20)):
+        body = build_body(
+            tenant=TENANT,
+            env=ENV,
+            version=version,
+            config_json=json.dumps({"pool": pool}).encode(),
+            detected_at=now_ns(),
+            cause=Cause(actor="publisher"),
+        )
+        async with fleet.bus.producer() as producer:
+            value = seal(body, fleet.publisher)
+            await producer.send_and_wait(TOPIC, value, key=ENV.encode())
+            await producer.send_and_wait(TOPICS.audit, value, key=b"acme/prod")
+        if version == 1:
+            await fleet.override({"pool": 99})  # override v1, between snapshots v1 and v2
+
+    history = await stream_history(fleet.bus, TOPICS, TENANT, ENV, fleet.trust)
+
+    assert [(e.channel, e.version, e.kind) for e in history.versions] == [
+        ("snapshot", 1, "snapshot"),
+        (OVERRIDE_CHANNEL, 1, "override"),
+        ("snapshot", 2, "snapshot"),
+    ]
+    assert history.get(1).config() == {"pool": 10}  # snapshot v1, not override v1
+    assert history.latest is not None and history.latest.version == 2
+    assert history.versions[1].as_dict()["channel"] == OVERRIDE_CHANNEL
