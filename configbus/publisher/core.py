@@ -500,7 +500,7 @@ class Publisher:
         for item in batch:
             (tenant, env), version, config = item.stream, item.version, item.config
             self.states[item.stream] = StreamState(
-                version, config.hash, data=config.data, hold=item.hold
+                version, config.hash, data=config.data, hold=item.hold, issued_at=now_ns()
             )
             cache[item.stream] = item.value
             log.info(

@@ -196,7 +196,9 @@ class Daemon:
             return self
         await self._connect()
         self.index.rebuild()
-        self._dirty.add(self.index.streams, self._change("start", ()))
+        start = self._change("start", ())
+        for stream, change in (await self._changes_at_start(self.index.streams, start)).items():
+            self._dirty.add([stream], change)
         self._worker = self._spawn("publish", self._work)
         self._tasks = [
             self._spawn("watch-files", self._watch_files),
@@ -239,6 +241,35 @@ class Daemon:
                 await self._store_beat()
             except BusError as exc:  # the store watcher keeps trying; files publish meanwhile
                 log.warning("redis unreachable at start: %s", exc)
+
+    async def _changes_at_start(
+        self, streams: Iterable[Stream], start: Change
+    ) -> dict[Stream, Change]:
+        """Why each stream is looked at on start: an operator's store write made while no
+        daemon ran (newer than the stream's last version) keeps its actor and reason;
+        anything else is `start`, the daemon's own reconcile."""
+        changes = dict.fromkeys(streams, start)
+        if self.store is None:
+            return changes
+        try:
+            async with asyncio.timeout(2.0):
+                stored = set(await self.store.streams()) & changes.keys()
+                for tenant, env in sorted(stored):
+                    meta = await self.store.meta(tenant, env)
+                    state = self.publisher.states.get((tenant, env))
+                    at = meta.get("at")
+                    if not isinstance(at, int) or (state is not None and at <= state.issued_at):
+                        continue
+                    actor, reason = _meta(meta, f"{tenant}/{env}")
+                    cause = Cause(
+                        sources=(f"redis:{self.store.store_key(tenant, env)}",),
+                        actor=actor or self.settings.actor,
+                        reason=reason or "store changed",
+                    )
+                    changes[(tenant, env)] = Change(start.detected_at, cause)
+        except (ConfigBusError, TimeoutError) as exc:
+            log.debug("store writes made while stopped are credited to the daemon: %s", exc)
+        return changes
 
     async def _recover(self) -> None:
         recovery = await recover(self.bus, self.settings.topics, self.trust)
@@ -630,9 +661,9 @@ async def publish_once(
         async with asyncio.timeout(deadline):
             await daemon.claim_once(take_over=take_over)
             daemon.index.rebuild()
-            change = daemon._change("publish --once", ())
-            streams = daemon.index.streams
-            return await daemon.publish_round(lambda publisher: publisher.publish(streams, change))
+            once = daemon._change("publish --once", ())
+            taken = await daemon._changes_at_start(daemon.index.streams, once)
+            return await daemon.publish_round(lambda _: daemon._publish(taken))
     finally:
         await daemon.stop()
 

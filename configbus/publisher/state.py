@@ -109,6 +109,7 @@ class StreamState:
     data: Mapping[str, Value] | None = None
     config_json: bytes | None = None
     hold: str = ""
+    issued_at: int = 0  # ns since the epoch: when the version was published (0: unknown)
 
     def config(self) -> Mapping[str, Value] | None:
         if self.data is None and self.config_json is not None:
@@ -169,7 +170,9 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
     for stream, head in heads.items():
         state = recovery.states.get(stream)
         if state is None or head.version > state.version:
-            recovery.states[stream] = StreamState(head.version, head.config_hash, hold=head.hold)
+            recovery.states[stream] = StreamState(
+                head.version, head.config_hash, hold=head.hold, issued_at=head.issued_at
+            )
             recovery.from_state_only += 1
         elif head.version == state.version and head.config_hash == state.config_hash:
             state.hold = head.hold  # this event's own head: a newer event ends the hold
@@ -199,5 +202,5 @@ def _event(
     known = recovery.states.get((body.tenant, body.env))
     if known is None or body.version > known.version:
         recovery.states[(body.tenant, body.env)] = StreamState(
-            body.version, body.config_hash, config_json=event.config_json
+            body.version, body.config_hash, config_json=event.config_json, issued_at=body.issued_at
         )

@@ -70,3 +70,30 @@ async def test_history_and_diff_span_a_daemon_restart(
 
     code, _, err = await call_main(capsys, "diff", *AURORA, "7", *where)
     assert code == 2 and "has no version 7" in err
+
+
+@pytest.mark.parametrize("how", ["daemon", "publish --once"])
+async def test_a_store_write_made_while_no_daemon_ran_keeps_its_actor_and_reason(
+    setup: Setup, redis_db_url: str, how: str
+) -> None:
+    from configbus.publisher import publish_once
+    from configbus.store import TenantStore
+
+    setup.redis_url = redis_db_url
+    async with Daemon(setup.settings()) as daemon:
+        await started(daemon)
+    async with TenantStore(redis_db_url) as store:  # the daemon is down meanwhile
+        await store.set(*AURORA, {tuple(MAX_SIZE.split(".")): 260}, actor="carol", reason="INC-9")
+
+    if how == "daemon":
+        async with Daemon(setup.settings(actor="second-daemon")) as daemon:
+            await wait_until(lambda: daemon.publisher.states[AURORA].version == 2, what="v2")
+    else:
+        report = await publish_once(setup.settings(actor="second-daemon"))
+        assert ("aurora-records", "prod", 2) in report.published
+
+    versions = {v.version: v.event.body.cause for v in await setup.audit() if v.stream == AURORA}
+    assert (versions[2].actor, versions[2].reason) == ("carol", "INC-9")
+    assert versions[2].sources == (f"redis:configbus:store:{AURORA[0]}:{AURORA[1]}",)
+    others = {c.actor for (v, c) in versions.items() if v != 2}
+    assert others == {"integration-test"}  # unchanged streams keep the daemon's own credit
