@@ -3,10 +3,12 @@
 The service keeps a database connection pool sized by
 ``database.postgresql.connection_pool.max_size`` and resizes it when that value
 changes, without a restart. It also reports every config it applies as one JSON line
-on stdout (version, detection-to-applied latency, trace id), for the demo to read:
+on stdout (version, emergency overrides in effect, detection-to-applied latency, trace
+id), for the demo to read:
 
     {"event": "config_applied", "service": "recommendations", "instance": "recommendations-1",
-     "tenant": "aurora-records", "env": "prod", "version": 2, "latency_ms": 7.9,
+     "tenant": "aurora-records", "env": "prod", "version": 2, "override_version": 0,
+     "overrides": [], "latency_ms": 7.9,
      "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "changed": ["database.postgresql..."],
      "startup": false}
 
@@ -67,7 +69,8 @@ async def main() -> int:
         await pool.resize(new.get(f"{POOL}.max_size"))
 
     def report(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
-        event = subscriber.event  # the verified event this config came from
+        snapshot = subscriber.snapshot  # config, versions, events and overrides, as one
+        event = snapshot.latest_event  # the verified event this apply came from
         assert event is not None
         line = {
             "event": "config_applied",
@@ -75,7 +78,9 @@ async def main() -> int:
             "instance": subscriber.settings.instance_id,
             "tenant": tenant,
             "env": env,
-            "version": event.body.version,
+            "version": snapshot.version,
+            "override_version": snapshot.override_version,
+            "overrides": [entry.path for entry in snapshot.overrides],
             "latency_ms": round((time.time_ns() - event.body.detected_at) / 1e6, 1),
             "trace_id": subscriber.trace_id,
             "changed": paths[:10],

@@ -14,6 +14,10 @@
    publisher starts it, every instance continues it). GET the value from the FastAPI
    app before and after.
 5. Print `configbus rollout status aurora-records prod`, read from the acks.
+6. Kill the publisher daemon (SIGKILL) and set an emergency override of the same value
+   with `configbus override set`, signed by an operator key: every instance applies it
+   with the daemon down. At its expiry each instance returns to the published value by
+   its own clock, the daemon still down.
 
 With ``--agent`` (``make demo-agent``) the three services follow the stream through
 one host agent (`configbus agent`, step 2b) instead of holding Kafka connections each:
@@ -53,6 +57,8 @@ TENANT, ENV = "aurora-records", "prod"
 KEY = "database.postgresql.connection_pool.max_size"
 EDITED_FILE = f"tenants/{TENANT}/{ENV}.yml"
 KID = "demo-publisher"
+OPERATOR = "demo-operator"
+OVERRIDE_TTL_S = 8
 
 # Deadlines, in seconds.
 SERVICE_START_S = 600  # kafka.sh may fetch the broker jars with Maven first
@@ -104,6 +110,18 @@ class Service:
     def applied(self, version: int) -> dict[str, Any] | None:
         """Its first apply of `version` or later."""
         return next((a for a in self.applies if a["version"] >= version), None)
+
+    def override_applied(self, version: int, *, in_effect: bool) -> dict[str, Any] | None:
+        """Its first apply with override `version` (or later) composed in, with the
+        override in effect or, `in_effect=False`, expired again."""
+        return next(
+            (
+                a
+                for a in self.applies
+                if a.get("override_version", 0) >= version and bool(a.get("overrides")) is in_effect
+            ),
+            None,
+        )
 
 
 def say(text: str = "") -> None:
@@ -231,6 +249,7 @@ class Demo:
             raise DemoError(f"the app serves {after['value']!r}, expected {new_value}")
 
         self.rollout_status(applies[0]["version"])
+        self.emergency_override(url, new_value)
 
     def start_kafka_and_redis(self) -> None:
         began = time.monotonic()
@@ -249,6 +268,11 @@ class Demo:
         """Keys, trust file, a copy of the tree, the daemon; the version it published."""
         keys, trust = self.tmp / "keys", self.tmp / "trust.yml"
         self.configbus("keys", "generate", "--kid", KID, "--out", str(keys), "--trust", str(trust))
+        self.configbus(
+            "keys", "generate", "--kid", OPERATOR, "--out", str(keys), "--trust", str(trust),
+            "--role", "operator", "--tenants", TENANT, "--environments", ENV, "--max-ttl", "1h",
+        )  # fmt: skip
+        self.operator_key = keys / f"{OPERATOR}.key"
         shutil.copytree(ROOT / "environments", self.root)
         self.env["CONFIGBUS_TRUST"] = str(trust)
         self.spawn(
@@ -405,6 +429,56 @@ class Demo:
         wait_until("the acks of every instance", ACKS_S, acks_in)
         say(f"\n$ configbus rollout status {TENANT} {ENV}")
         say(self.configbus(*args).rstrip())
+
+    def emergency_override(self, url: str, published: int) -> None:
+        """With the daemon killed, an operator overrides the value for OVERRIDE_TTL_S
+        seconds; every instance applies it, then drops it at its expiry."""
+        daemon = next(process for name, process in self.processes if name == "publisher daemon")
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(STOP_S)
+        say("\n$ kill -9 <publisher daemon>        # the control plane is down")
+        value = published + 100
+        command = [
+            "override", "set", TENANT, ENV, f"{KEY}={value}", "--ttl", f"{OVERRIDE_TTL_S}s",
+            "--reason", "demo: absorb a load spike", "--key", str(self.operator_key),
+            "--root", str(self.root), "--wait", str(PROPAGATE_S),
+        ]  # fmt: skip
+        say(
+            f"$ configbus override set {TENANT} {ENV} {KEY}={value} --ttl {OVERRIDE_TTL_S}s "
+            f"--reason 'demo: absorb a load spike' --key keys/{OPERATOR}.key"
+        )
+        for line in self.configbus(*command).splitlines():
+            say(f"  {line}")
+
+        def all_have(in_effect: bool) -> bool:
+            for service in self.services:
+                service.poll()
+            return all(s.override_applied(1, in_effect=in_effect) for s in self.services)
+
+        wait_until("every instance to apply the override", PROPAGATE_S, lambda: all_have(True))
+        for service in self.services:
+            apply = service.override_applied(1, in_effect=True) or {}
+            say(
+                f"  {apply['instance']:<18} v{apply['version']} + override"
+                f" v{apply['override_version']}  {apply['latency_ms']:>5.1f} ms"
+                f"  {', '.join(apply['overrides'])}"
+            )
+        body = http_get(url)
+        if body["value"] != value:
+            raise DemoError(f"the app serves {body['value']!r} under the override, not {value}")
+        say(f"GET {url}\n  {json.dumps(body)}")
+        say("  (signed by the operator's key and written to Kafka by the CLI: no daemon needed)")
+        wait_until(
+            "every instance to drop the expired override",
+            OVERRIDE_TTL_S + PROPAGATE_S,
+            lambda: all_have(False),
+        )
+        body = http_get(url)
+        if body["value"] != published:
+            raise DemoError(f"the app serves {body['value']!r} after the expiry, not {published}")
+        say(f"\nafter {OVERRIDE_TTL_S}s the override expired; each instance dropped it by its own")
+        say("clock, with the daemon still down:")
+        say(f"GET {url}\n  {json.dumps(body)}")
 
     # -- processes ------------------------------------------------------------------
     def script(self, name: str, command: str, timeout: float) -> None:

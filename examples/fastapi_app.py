@@ -60,7 +60,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     started = False
 
     def report(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
-        event = subscriber.event  # the verified event this config came from
+        snapshot = subscriber.snapshot  # config, versions, events and overrides, as one
+        event = snapshot.latest_event  # the verified event this apply came from
         assert event is not None
         line = {
             "event": "config_applied",
@@ -68,7 +69,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "instance": subscriber.settings.instance_id,
             "tenant": tenant,
             "env": env,
-            "version": event.body.version,
+            "version": snapshot.version,
+            "override_version": snapshot.override_version,
+            "overrides": [entry.path for entry in snapshot.overrides],
             "latency_ms": round((time.time_ns() - event.body.detected_at) / 1e6, 1),
             "trace_id": subscriber.trace_id,
             "changed": paths[:10],

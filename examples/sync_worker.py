@@ -62,17 +62,20 @@ def main() -> int:
     started = threading.Event()
 
     def on_change(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
-        event = subscriber.event  # the verified event this config came from
+        snapshot = subscriber.snapshot  # config, versions, events and overrides, as one
+        event = snapshot.latest_event  # the verified event this apply came from
         assert event is not None
         if started.is_set():
-            log.info("v%d changed %s", event.body.version, ", ".join(paths))
+            log.info("v%d changed %s", snapshot.version, ", ".join(paths))
         line = {
             "event": "config_applied",
             "service": SERVICE,
             "instance": subscriber.subscriber.settings.instance_id,
             "tenant": tenant,
             "env": env,
-            "version": event.body.version,
+            "version": snapshot.version,
+            "override_version": snapshot.override_version,
+            "overrides": [entry.path for entry in snapshot.overrides],
             "latency_ms": round((time.time_ns() - event.body.detected_at) / 1e6, 1),
             "trace_id": subscriber.trace_id,
             "changed": paths[:10],

@@ -108,6 +108,18 @@ class Snapshot:
         """The version of the override channel composed in; 0 when none."""
         return self.override.version if self.override is not None else 0
 
+    @property
+    def latest_event(self) -> VerifiedEvent | None:
+        """The newer of the snapshot's event and the override record composed in: what
+        the last apply came from (for its latency and trace; an expiry comes from
+        neither, it is this process's clock)."""
+        override = self.override.event if self.override is not None else None
+        if override is None or (
+            self.event is not None and self.event.body.issued_at >= override.body.issued_at
+        ):
+            return self.event
+        return override
+
 
 _EMPTY = ResolvedConfig(FrozenDict())
 _ack_encoder = msgspec.msgpack.Encoder()

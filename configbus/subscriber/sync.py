@@ -22,6 +22,7 @@ from typing import Any, TypeVar, Unpack
 
 from configbus.errors import ConfigBusError
 from configbus.events import VerifiedEvent
+from configbus.ops.overrides import OverrideEntry
 from configbus.subscriber.core import Callback, ConfigSubscriber, Snapshot, Validator
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.tree.resolved import ResolvedConfig
@@ -77,6 +78,11 @@ class SyncSubscriber:
     def event(self) -> VerifiedEvent | None:
         """As `ConfigSubscriber.event`: the verified event of the current config."""
         return self._subscriber.event
+
+    @property
+    def overrides(self) -> tuple[OverrideEntry, ...]:
+        """As `ConfigSubscriber.overrides`: the emergency overrides in effect."""
+        return self._subscriber.overrides
 
     @property
     def trace_id(self) -> str:
