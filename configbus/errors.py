@@ -126,7 +126,8 @@ class LimitError(ConfigBusError):
 class VerificationError(ConfigBusError):
     """An event failed verification. `reason` is a short stable code (for metrics and
     acknowledgements): bad_signature, unknown_key, untrusted_scope, malformed,
-    unknown_schema, hash_mismatch, wrong_stream, stale_version."""
+    unknown_schema, hash_mismatch, wrong_stream, wrong_channel, stale_version,
+    too_large, ttl_too_long, issued_in_future, refused (a validator said no)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
