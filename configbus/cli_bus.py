@@ -453,7 +453,7 @@ def _tenant_set(args: argparse.Namespace, out: TextIO) -> int:
             for path, value in values.items():
                 shown = json.dumps(redacted(value))
                 print(f"set {tenant}/{env} {format_path(path)} = {shown}", file=out, flush=True)
-            return await _confirm(store, tenant, env, expected, args.wait, out)
+            return await _confirm(store, tenant, env, expected, args.wait, out, list(values))
 
     return run_async(apply())
 
@@ -489,7 +489,13 @@ def _checked(
 
 
 async def _confirm(
-    store: TenantStore, tenant: str, env: str, expected: str, wait: float, out: TextIO
+    store: TenantStore,
+    tenant: str,
+    env: str,
+    expected: str,
+    wait: float,
+    out: TextIO,
+    paths: list[Path] | None = None,
 ) -> int:
     """Wait up to `wait` seconds for the daemon to publish the stream with the `expected`
     config hash. 0 when published; 1 when refused, not confirmed in time, or when no
@@ -510,6 +516,7 @@ async def _confirm(
         status = await store.status(tenant, env) or {}
         if status.get("config_hash") == expected:
             print(f"published {stream} v{status.get('version')}", file=out)
+            _masked(status.get("overrides"), paths or [])
             return 0
         refused, at = status.get("refused"), status.get("at")
         if refused and isinstance(at, int | float) and at >= started:
@@ -518,6 +525,29 @@ async def _confirm(
         await asyncio.sleep(0.05)
     print(f"not confirmed within {wait:g}s: {stream} is not published yet", file=sys.stderr)
     return 1
+
+
+def _masked(overrides: Any, paths: list[Path]) -> None:
+    """Warn when an emergency override in effect covers a key just set: instances keep
+    the override's value until it expires or is cleared."""
+    set_keys = [format_path(path) for path in paths]
+    for entry in overrides if isinstance(overrides, list) else []:
+        key = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+        covered = [k for k in set_keys if k == key or k.startswith(key + ".")]
+        if not key or not covered:
+            continue
+        until = entry.get("expires_at")
+        when = (
+            datetime.datetime.fromtimestamp(until / 1e9, datetime.UTC).strftime("%H:%M:%SZ")
+            if isinstance(until, int)
+            else "?"
+        )
+        print(
+            f"note: an emergency override of {shown(key, quote=False)} by "
+            f"{shown(str(entry.get('actor') or '?'), quote=False)} is in effect until {when}: "
+            f"instances keep its value until it expires or is cleared",
+            file=sys.stderr,
+        )
 
 
 def _tenant_show(args: argparse.Namespace, out: TextIO) -> int:

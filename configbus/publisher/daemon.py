@@ -548,7 +548,10 @@ class Daemon:
                     if state is None or self._reported.get(stream) == state.config_hash:
                         continue
                     await self.store.report(
-                        *stream, version=state.version, config_hash=state.config_hash
+                        *stream,
+                        version=state.version,
+                        config_hash=state.config_hash,
+                        overrides=self._overrides_of(stream),
                     )
                     self._reported[stream] = state.config_hash
                 for stream, reason in report.failed.items():
@@ -556,6 +559,17 @@ class Daemon:
                     self._reported.pop(stream, None)
         except Exception as exc:  # best effort: operators' tools say "not confirmed"
             log.debug("could not report publication status to redis: %s", exc)
+
+    def _overrides_of(self, stream: Stream) -> list[dict[str, Any]]:
+        """The stream's emergency overrides in effect, for operators' tools: what
+        instances run on top of the published version."""
+        state = self.overrides.states.get(stream)
+        if state is None:
+            return []
+        return [
+            {"path": e.path, "expires_at": e.expires_at, "actor": e.actor, "reason": e.reason}
+            for e in state.active(now_ns())
+        ]
 
     async def _watch_files(self) -> None:
         root = str(self.tree.root)

@@ -308,15 +308,18 @@ class TenantStore:
         version: int | None = None,
         config_hash: str = "",
         refused: str | None = None,
+        overrides: list[dict[str, Any]] | None = None,
     ) -> None:
         """Record what became of the stream's last publication attempt: published as
-        `version` with `config_hash`, or `refused` for a reason (the last published
-        version stays recorded). Only the active daemon writes this."""
+        `version` with `config_hash` (and the emergency `overrides` in effect on top of
+        it), or `refused` for a reason (the last published version stays recorded).
+        Only the active daemon writes this."""
         field = f"{tenant}/{env}"
         try:
             status = await self.status(tenant, env) or {}
             if refused is None:
                 status |= {"version": version, "config_hash": config_hash, "refused": None}
+                status["overrides"] = overrides or []
             else:
                 status |= {"refused": refused}
             status["at"] = time.time()

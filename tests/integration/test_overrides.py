@@ -338,3 +338,50 @@ async def test_subscribers_refuse_an_override_the_key_may_not_sign_and_say_so(
 async def _three(refusals: Any) -> list[Ack] | None:
     found: list[Ack] = await refusals()
     return found if len({a.instance for a in found}) == 3 else None
+
+
+async def test_tenant_set_warns_when_an_override_keeps_the_value_it_sets(
+    setup: Setup, redis_db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import call_main, started
+
+    from configbus.publisher import Daemon
+
+    setup.redis_url = redis_db_url
+    async with Daemon(setup.settings(trust=setup.trust_path)) as daemon:
+        await started(daemon)
+        alice = SigningKey.load(operator(setup, "alice"), "alice")
+
+        def change(kept: tuple[OverrideEntry, ...], now: int) -> tuple[OverrideEntry, ...]:
+            return (
+                OverrideEntry(
+                    path="application.workers",
+                    value=12,
+                    set_at=now,
+                    expires_at=now + 600 * 10**9,
+                    actor="alice",
+                    reason="INC-7",
+                ),
+            )
+
+        await write_overrides(
+            KafkaBus(setup.kafka),
+            setup.topics,
+            TENANT,
+            ENV,
+            key=alice,
+            trust=setup.trust,
+            change=change,
+            cause=Cause(actor="alice", reason="INC-7"),
+        )
+        await wait_until(lambda: daemon.overrides.in_effect(), 30, what="the daemon to learn it")
+
+        code, out, err = await call_main(
+            capsys,
+            "tenant", "set", TENANT, ENV, "application.workers=16", "--root", setup.root,
+            "--redis", redis_db_url, "--actor", "bob", "--reason", "more workers",
+        )  # fmt: skip
+
+    assert code == 0, err
+    assert "published aurora-records/prod v2" in out
+    assert "note: an emergency override of application.workers by alice is in effect" in err
