@@ -5,17 +5,17 @@ acknowledge the refusal of) an override from a key out of scope or over its max_
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from helpers import CLI, REPO, Setup, subscriber_settings, wait_until
+from helpers import CLI, REPO, Setup, call_main, subscriber_settings, wait_until
 
 from configbus.bus import OVERRIDE_CHANNEL, KafkaBus, read_to_end
 from configbus.crypto import OPERATOR, SigningKey, TrustedKey, TrustStore, generate_keypair
@@ -66,17 +66,16 @@ def topic_options(setup: Setup) -> list[str]:
     ]
 
 
-async def configbus(setup: Setup, *args: str | Path, timeout: float = 60) -> Any:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [*CLI, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(setup),
-        cwd=REPO,
-        check=False,
-    )
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def configbus(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
+    """The `configbus` command, in this process (its coverage counts)."""
+    return Result(*await call_main(capsys, *args))
 
 
 class DaemonProcess:
@@ -160,13 +159,16 @@ async def acks(setup: Setup) -> list[Ack]:
 
 
 async def test_an_override_reaches_every_instance_with_the_daemon_killed_and_expires_by_itself(
-    setup: Setup, daemon: DaemonProcess, fleet: list[ConfigSubscriber]
+    setup: Setup,
+    daemon: DaemonProcess,
+    fleet: list[ConfigSubscriber],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert {s.config.get(FLAG) for s in fleet} == {False}
     daemon.kill()  # SIGKILL: no goodbye, no expiry publication from it
 
     result = await configbus(
-        setup,
+        capsys,
         "override",
         "set",
         TENANT,
@@ -215,11 +217,13 @@ async def test_an_override_reaches_every_instance_with_the_daemon_killed_and_exp
 
 
 async def test_override_clear_ends_it_at_once_and_list_shows_what_is_in_effect(
-    setup: Setup, fleet: list[ConfigSubscriber]
+    setup: Setup,
+    fleet: list[ConfigSubscriber],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     signer = ["--key", str(operator(setup, "alice")), "--trust", str(setup.trust_path)]
     result = await configbus(
-        setup,
+        capsys,
         "override",
         "set",
         TENANT,
@@ -238,7 +242,7 @@ async def test_override_clear_ends_it_at_once_and_list_shows_what_is_in_effect(
     assert result.returncode == 0, result.stderr
 
     listed = await configbus(
-        setup, "override", "list", TENANT, "--trust", setup.trust_path, *topic_options(setup)
+        capsys, "override", "list", TENANT, "--trust", setup.trust_path, *topic_options(setup)
     )
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
@@ -247,7 +251,7 @@ async def test_override_clear_ends_it_at_once_and_list_shows_what_is_in_effect(
     assert "by alice: INC-1  [v1]" in lines[0]
 
     cleared = await configbus(
-        setup,
+        capsys,
         "override",
         "clear",
         TENANT,
@@ -271,10 +275,12 @@ async def test_override_clear_ends_it_at_once_and_list_shows_what_is_in_effect(
 
 
 async def test_the_cli_refuses_a_value_the_schema_refuses_and_writes_nothing(
-    setup: Setup, fleet: list[ConfigSubscriber]
+    setup: Setup,
+    fleet: list[ConfigSubscriber],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = await configbus(
-        setup,
+        capsys,
         "override",
         "set",
         TENANT,
@@ -343,7 +349,7 @@ async def _three(refusals: Any) -> list[Ack] | None:
 async def test_tenant_set_warns_when_an_override_keeps_the_value_it_sets(
     setup: Setup, redis_db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from helpers import call_main, started
+    from helpers import started
 
     from configbus.publisher import Daemon
 
