@@ -17,13 +17,14 @@ from typing import Any, TextIO, TypeVar
 
 import yaml
 
-from configbus.bus import Admin, KafkaSettings, TopicNames, follow, read_to_end
+from configbus.bus import OVERRIDE_CHANNEL, Admin, KafkaSettings, TopicNames, follow, read_to_end
 from configbus.bus.kafka import Record
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
-from configbus.events import open_envelope, shown
+from configbus.events import VerifiedEvent, open_envelope, shown
 from configbus.logs import configure
 from configbus.ops import RolloutReport, rollout_status
+from configbus.ops.overrides import parse_overrides
 from configbus.options import pick
 from configbus.publisher import PublisherSettings, publish_once, run
 from configbus.store import TenantStore, nest
@@ -282,11 +283,11 @@ async def _tail_topic(
                 "(is the tenant id or --topic-prefix right?)"
             )
     records = follow(kafka, [topic]) if keep_following else read_to_end(kafka, [topic])
-    last: dict[str, int] = {}
+    last: dict[tuple[str, str], int] = {}
     rejected = 0
     async for record in records:
-        if env is not None and record.key != env.encode():
-            continue
+        if env is not None and TopicNames.channel_of(record.key)[0] != env:
+            continue  # the stream's every channel: its snapshots and its overrides
         line, ok = _tail_line(record, trust, last, tenant)
         rejected += not ok
         print(line, file=out, flush=True)
@@ -309,34 +310,58 @@ def _tenant_topic(topics: TopicNames, tenant: str) -> str:
 
 
 def _tail_line(
-    record: Record, trust: TrustStore, last: dict[str, int], tenant: str
+    record: Record, trust: TrustStore, last: dict[tuple[str, str], int], tenant: str
 ) -> tuple[str, bool]:
+    """One record as a line, and whether it verifies. `last`: the latest version seen of
+    each (environment, channel), which the record's key names; each channel of a
+    stream is numbered on its own."""
     raw_key = (record.key or b"").decode(errors="replace")
     key = shown(raw_key, 32, quote=False)  # anyone may write a key: no terminal tricks
     where = f"@{record.offset}"
+    env, channel = TopicNames.channel_of(record.key)
     try:
         # The stream is checked before the config is inflated (wire format §7).
-        event = open_envelope(record.value or b"", trust, stream=(tenant, raw_key))
+        event = open_envelope(record.value or b"", trust, stream=(tenant, env), channel=channel)
         body = event.body
-        if body.version <= last.get(body.env, 0):
-            raise VerificationError("stale_version", f"v{body.version} after v{last[body.env]}")
+        seen = last.get((env, channel), 0)
+        if body.version <= seen:
+            raise VerificationError("stale_version", f"v{body.version} after v{seen}")
+        details = _overrides_line(event) if channel == OVERRIDE_CHANNEL else _changed_line(event)
     except VerificationError as exc:
         return f"{where:<7} {key:<8} REJECTED {shown(str(exc), 300, quote=False)}", False
-    last[body.env] = body.version
+    last[(env, channel)] = body.version
+    version = f"override v{body.version}" if channel == OVERRIDE_CHANNEL else f"v{body.version:<5}"
     when = datetime.datetime.fromtimestamp(body.issued_at / 1e9, datetime.UTC)
     cause = shown(body.cause.reason, 200, quote=False) if body.cause.reason else body.kind
     if body.cause.actor:
         cause += f" by {shown(body.cause.actor, quote=False)}"
     if body.cause.sources:
         cause += f" ({', '.join(shown(s, 200, quote=False) for s in body.cause.sources[:5])})"
-    changed = ", ".join(shown(p, 200, quote=False) for p in body.changed_paths[:5])
-    if len(body.changed_paths) > 5:
-        changed += f" (+{len(body.changed_paths) - 5} more)"
     return (
-        f"{where:<7} {body.env:<8} v{body.version:<5} {body.config_hash[:12]}  "
-        f"{when:%Y-%m-%dT%H:%M:%S}Z  verified:{event.kid}  {cause}  changed: {changed or '-'}",
+        f"{where:<7} {body.env:<8} {version} {body.config_hash[:12]}  "
+        f"{when:%Y-%m-%dT%H:%M:%S}Z  verified:{event.kid}  {cause}  {details}",
         True,
     )
+
+
+def _changed_line(event: VerifiedEvent) -> str:
+    paths = event.body.changed_paths
+    changed = ", ".join(shown(p, 200, quote=False) for p in paths[:5])
+    if len(paths) > 5:
+        changed += f" (+{len(paths) - 5} more)"
+    return f"changed: {changed or '-'}"
+
+
+def _overrides_line(event: VerifiedEvent) -> str:
+    """The keys an override record sets, each until when (not their values: a line
+    per record, as for snapshots). Raises `VerificationError` for a malformed set."""
+    entries = parse_overrides(event).active(event.body.issued_at)
+    shown_entries = ", ".join(
+        f"{shown(e.path, 200, quote=False)} until {e.until:%Y-%m-%dT%H:%M:%S}Z" for e in entries[:5]
+    )
+    if len(entries) > 5:
+        shown_entries += f" (+{len(entries) - 5} more)"
+    return f"overrides: {shown_entries or 'none'}"
 
 
 # -- rollout ------------------------------------------------------------------------

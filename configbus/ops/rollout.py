@@ -150,7 +150,9 @@ async def latest_version(
     best = 0
     for record in records:
         try:
-            event = open_envelope(record.value or b"", trust, stream=(tenant, env))
+            event = open_envelope(
+                record.value or b"", trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL
+            )
         except VerificationError:
             continue
         best = max(best, event.body.version)

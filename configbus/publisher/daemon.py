@@ -44,7 +44,7 @@ from typing import Any
 import watchfiles
 
 from configbus.bus import Bus, KafkaBus
-from configbus.crypto import SigningKey, TrustStore
+from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.errors import (
     ActiveWriterError,
     BusError,
@@ -146,7 +146,8 @@ class Daemon:
         self.settings = settings
         self.bus: Bus = bus or KafkaBus(settings.kafka)
         self.key = SigningKey.load(settings.signing_key, settings.kid)
-        self.trust = _recovery_trust(self.key, settings.trust)
+        self.trust = _recovery_trust(self.key, settings.trust)  # publisher keys only
+        self.override_trust = _override_trust(self.key, settings.trust)  # operators' too
         self.tree = EnvironmentTree(settings.root)
         self.index = StreamIndex(self.tree)
         self.authors = Authors(self.tree.root)  # who a file edit is credited to
@@ -167,7 +168,7 @@ class Daemon:
             self.bus,
             settings.topics,
             self.key,
-            self.trust,
+            self.override_trust,
             actor=settings.actor,
             is_writer=lambda: self.active.is_set(),
         )
@@ -626,8 +627,17 @@ class Daemon:
 
 def _recovery_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
     """Whose records recovery and the writer heartbeats believe: our own key, and the
-    keys of the trust file (the previous publisher keys, after a rotation, so versions
-    go on rising instead of starting again at 1). Anything else is skipped."""
+    publisher keys of the trust file (the previous ones, after a rotation, so versions
+    go on rising instead of starting again at 1). Never an operator key: it signs
+    overrides only, not a head, a heartbeat or a snapshot. Anything else is skipped."""
+    entries = _override_trust(key, trust_file).entries()
+    return TrustStore(entry for entry in entries if entry.role == PUBLISHER)
+
+
+def _override_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
+    """Whose override records the override keeper believes: our own key (it signs the
+    expiries) and every key of the trust file, operators' included; `open_envelope`
+    holds each to its role, scope and max_ttl."""
     own = TrustStore.of(key.public)
     if trust_file is None:
         return own

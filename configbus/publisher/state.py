@@ -12,9 +12,11 @@ events, so one verification path):
 - key ``$writer``: the active publisher's heartbeat, written every few seconds. A
   daemon that sees another writer's heartbeats arrive stays on standby.
 
-Recovery trusts only what verifies against the publisher's own keys, and takes a
-record's stream from where it lies (the topic's tenant, the record's key), never from
-its body alone. Everything else is skipped and counted by reason.
+Recovery and the heartbeats trust only what verifies against publisher-role keys
+(an operator key signs overrides, never a head, a heartbeat or a snapshot), a head
+only within its key's scope, and take a record's stream from where it lies (the
+topic's tenant, the record's key: a snapshot key holds snapshot-channel events only),
+never from its body alone. Everything else is skipped and counted by reason.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Final, TypeVar
 import msgspec
 
 from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
-from configbus.crypto import SigningKey, TrustStore
+from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.errors import VerificationError
 from configbus.events import (
     ENVELOPE_VERSION,
@@ -36,6 +38,7 @@ from configbus.events import (
     Envelope,
     check_signature,
     open_envelope,
+    shown,
 )
 from configbus.tree.values import Value, freeze
 
@@ -86,16 +89,29 @@ def seal_signed(record: StreamHead | WriterBeat, key: SigningKey) -> bytes:
 
 
 def open_signed(value: bytes, trust: TrustStore, kind: type[_T]) -> _T:
-    """Verify a state record and decode it as `kind`; raises `VerificationError`."""
+    """Verify a state record and decode it as `kind`; raises `VerificationError`.
+    Only a publisher-role key signs state records, and a head only for a stream its
+    key's scope covers (untrusted_scope otherwise)."""
     try:
         envelope = _envelope_decoder.decode(value)
     except (msgspec.DecodeError, TypeError):
         raise VerificationError("malformed", "not an envelope") from None
-    check_signature(envelope, trust)
+    trusted = check_signature(envelope, trust)
+    if trusted.role != PUBLISHER:
+        raise VerificationError(
+            "untrusted_scope",
+            f"key {envelope.kid!r} is an {trusted.role} key: it signs overrides only",
+        )
     try:
-        return msgspec.msgpack.decode(envelope.body, type=kind)
+        record = msgspec.msgpack.decode(envelope.body, type=kind)
     except (msgspec.DecodeError, TypeError):
         raise VerificationError("malformed", f"not a {kind.__name__}") from None
+    if isinstance(record, StreamHead) and not trusted.covers(record.tenant, record.env):
+        stream = shown(f"{record.tenant}/{record.env}", quote=False)
+        raise VerificationError(
+            "untrusted_scope", f"key {envelope.kid!r} may not sign the head of {stream}"
+        )
+    return record
 
 
 @dataclass(slots=True)
@@ -197,7 +213,8 @@ def _event(
     env, channel = topics.channel_of(key)
     if channel != SNAPSHOT_CHANNEL:
         return  # overrides (and other channels) keep versions of their own
-    event = open_envelope(value, trust, stream=(tenant, env))
+    # channel=: an override-kind event under the snapshot key is refused, never adopted
+    event = open_envelope(value, trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL)
     body = event.body
     known = recovery.states.get((body.tenant, body.env))
     if known is None or body.version > known.version:
