@@ -249,6 +249,10 @@ def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
     max_ttl = _max_ttl(args)
     tenants, environments = _scope(args.tenants), _scope(args.environments)
     trust_path = Path(args.trust) if args.trust else None
+    if args.role == OPERATOR and not (args.tenants and args.environments):
+        raise UnknownNameError(
+            "--role operator needs --tenants and --environments: the streams it may override"
+        )
     if trust_path is None and (args.role != PUBLISHER or args.tenants or args.environments):
         raise UnknownNameError(
             "--role, --tenants and --environments go into a trust file: give --trust"

@@ -11,13 +11,13 @@ and nothing else::
           -----BEGIN PUBLIC KEY-----
           MCowBQYDK2VwAyEA...
           -----END PUBLIC KEY-----
-        tenants: ["*"]          # optional, default every tenant
-        environments: ["*"]     # optional, default every environment
+        tenants: ["*"]          # optional for a publisher, default every tenant
+        environments: ["*"]     # optional for a publisher, default every environment
     operators:
       - kid: alice-2026
         public_key_file: keys/alice-2026.pub
-        tenants: [aurora-records]
-        environments: [prod]
+        tenants: [aurora-records]   # required for an operator
+        environments: [prod]        # required for an operator
         max_ttl: 2h             # required: the longest override this key may sign
 
 or, instead of `public_key`, ``public_key_file: keys/publisher-2026-11.pub`` (relative
@@ -26,6 +26,12 @@ covers the event's tenant and environment, and its role may sign the event's kin
 operator key signs overrides only, none longer than its `max_ttl`). Rotation: add the
 new kid, roll the trust file out, switch the publisher to the new key, then remove the
 old kid.
+
+The file fails closed: an unknown top-level key or entry field (a typo such as
+`tenant:` for `tenants:`) is an error, never ignored, and so is a field this version
+does not implement yet (`not_before`, `not_after`, `revoked`): a key someone meant to
+revoke must not stay trusted. An operator entry states its scope; a scope that lists
+nothing is an error; `public_key` and `public_key_file` exclude each other.
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ __all__ = ["OPERATOR", "PUBLISHER", "TrustStore", "TrustedKey"]
 PUBLISHER = "publisher"  # signs snapshots (and the expiry of overrides)
 OPERATOR = "operator"  # signs emergency overrides only
 _LISTS = {PUBLISHER: "publishers", OPERATOR: "operators"}
+_FIELDS = ("kid", "public_key", "public_key_file", "tenants", "environments", "role", "max_ttl")
+# Planned in DESIGN but not implemented: refused, so that no one relies on them.
+_UNSUPPORTED = {
+    "not_before": "add the entry when the key should become trusted",
+    "not_after": "delete the entry when the key should stop being trusted",
+    "revoked": "delete the entry to stop trusting the key",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +127,11 @@ class TrustStore:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise KeyringError(f"{where}{line}: trust file is not valid YAML") from None
+        if isinstance(document, Mapping):
+            unknown = [key for key in document if key not in _LISTS.values()]
+            if unknown:
+                known = ", ".join(sorted(_LISTS.values()))
+                raise KeyringError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
         if not isinstance(document, Mapping) or not any(
             isinstance(document.get(name), list) for name in _LISTS.values()
         ):
@@ -160,8 +178,12 @@ def _entry(where: Path, name: str, index: int, entry: Any, role: str) -> Trusted
     try:
         kid = check_kid(entry.get("kid"))
     except KeyringError as exc:
+        _check_fields(label, entry)  # a misspelt `kid` is named as such
         raise KeyringError(f"{label}: {exc}") from None
     label = f"{where}: {role} {kid!r}"
+    _check_fields(label, entry)
+    if "public_key" in entry and "public_key_file" in entry:
+        raise KeyringError(f"{label}: give public_key or public_key_file, not both")
     pem = entry.get("public_key")
     if pem is None and isinstance(entry.get("public_key_file"), str):
         key_path = where.parent / entry["public_key_file"]
@@ -171,18 +193,41 @@ def _entry(where: Path, name: str, index: int, entry: Any, role: str) -> Trusted
             raise KeyringError(f"{label}: cannot read {key_path}: {exc}") from None
     if not isinstance(pem, str):
         raise KeyringError(f"{label}: needs public_key (PEM) or public_key_file")
-    scopes = []
-    for scope in ("tenants", "environments"):
-        value = entry.get(scope, ["*"])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise KeyringError(f"{label}: {scope} must be a list of names (or ['*'])")
-        scopes.append(frozenset(value))
+    tenants = _scope(label, entry, "tenants", role)
+    environments = _scope(label, entry, "environments", role)
     stated = entry.get("role", role)
     if stated != role:
         raise KeyringError(f"{label}: role {stated!r} does not belong in the {name} list")
     max_ttl = _max_ttl(label, entry.get("max_ttl"), role)
     key = public_key_from_pem(kid, pem, label)
-    return TrustedKey(key, scopes[0], scopes[1], role=role, max_ttl=max_ttl)
+    return TrustedKey(key, tenants, environments, role=role, max_ttl=max_ttl)
+
+
+def _check_fields(label: str, entry: Mapping[Any, Any]) -> None:
+    """Refuse fields this version does not implement, then fields it does not know."""
+    for field in entry:
+        if field in _UNSUPPORTED:
+            raise KeyringError(
+                f"{label}: {field!r} is not supported by this version of configbus"
+                f" (refused, not ignored): {_UNSUPPORTED[field]}"
+            )
+    unknown = [field for field in entry if field not in _FIELDS]
+    if unknown:
+        names = ", ".join(repr(field) for field in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise KeyringError(f"{label}: unknown field{plural} {names} (known: {', '.join(_FIELDS)})")
+
+
+def _scope(label: str, entry: Mapping[Any, Any], scope: str, role: str) -> frozenset[str]:
+    """A list of tenant or environment names: required for operators, never empty."""
+    if scope not in entry and role == OPERATOR:
+        raise KeyringError(f"{label}: an operator key needs {scope} (a list of names, or ['*'])")
+    value = entry.get(scope, ["*"])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise KeyringError(f"{label}: {scope} must be a list of names (or ['*'])")
+    if not value:
+        raise KeyringError(f"{label}: {scope} is empty: the key would be trusted for nothing")
+    return frozenset(value)
 
 
 def _max_ttl(label: str, value: Any, role: str) -> int | None:

@@ -324,9 +324,15 @@ def test_a_trust_file_that_is_not_yaml_names_the_line(tmp_path: Path) -> None:
     assert re.fullmatch(rf"{re.escape(str(path))}:\d+: trust file is not valid YAML", message)
 
 
-@pytest.mark.parametrize("text", ["", "- a\n- b\n", "publishers: {}\n", "publisher:\n  - kid: a\n"])
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "publishers: {}\n"])
 def test_a_trust_file_without_a_publishers_list(tmp_path: Path, text: str) -> None:
     assert "'publishers' or 'operators' list" in _trust_error(_written(tmp_path / "t.yml", text))
+
+
+def test_a_misspelt_publishers_list_is_named(tmp_path: Path) -> None:
+    message = _trust_error(_written(tmp_path / "t.yml", "publisher:\n  - kid: a\n"))
+
+    assert "unknown key 'publisher' (known: operators, publishers)" in message
 
 
 def test_a_trust_file_listing_a_kid_twice(tmp_path: Path) -> None:
