@@ -89,9 +89,12 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
     set_.set_defaults(func=_set)
 
     clear = actions.add_parser(
-        "clear", parents=[signer], help="end overrides of a stream now (all, or the KEYs)"
+        "clear", parents=[signer], help="end overrides of a stream now: the KEYs, or --all"
     )
     clear.add_argument("keys", nargs="*", metavar="KEY")
+    clear.add_argument(
+        "--all", action="store_true", help="every override of the stream, whoever set it"
+    )
     clear.set_defaults(func=_clear)
 
     list_ = actions.add_parser(
@@ -144,6 +147,8 @@ def _set(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _clear(args: argparse.Namespace, out: TextIO) -> int:
+    if bool(args.keys) == args.all:
+        raise UnknownNameError("name the KEYs to clear, or --all for every override")
     paths = [_path(key) for key in args.keys]
     bus, topics, trust, key = _signer(args)
     actor = _actor(args, key)
@@ -263,8 +268,9 @@ async def _report(
     out: TextIO,
 ) -> int:
     """Say what was published, then wait up to --wait for the stream's instances to
-    acknowledge it: 0 when every instance known to run the stream applied it, 1 on a
-    refusal or when some did not answer in time."""
+    acknowledge it: 0 when instances applied it and none refused it, 1 on a refusal or
+    when none applied it. Instances that did not answer are named: gone (an instance
+    that stopped still counts as known here), or slow."""
     stream = f"{args.tenant}/{args.env}"
     if expired:
         gone = ", ".join(entry.path for entry in expired)
@@ -287,8 +293,12 @@ async def _report(
         print(f"  refused by {shown(instance)}: {shown(ack.reason, 200)}", file=sys.stderr)
     if silent:
         names = ", ".join(shown(i) for i in silent[:10])
-        print(f"  no answer within {args.wait:g}s from: {names}", file=sys.stderr)
-    return 1 if refused or silent else 0
+        more = f" (+{len(silent) - 10} more)" if len(silent) > 10 else ""
+        print(
+            f"  no answer within {args.wait:g}s from: {names}{more} (stopped, or slow)",
+            file=sys.stderr,
+        )
+    return 1 if refused or (known and not applied) else 0
 
 
 async def _acks(

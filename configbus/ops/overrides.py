@@ -29,10 +29,11 @@ from typing import Any, Final
 import msgspec
 from opentelemetry import trace
 
-from configbus.bus import CONTENT_TYPE, OVERRIDE_CHANNEL, Bus, TopicNames
+from configbus.bus import CONTENT_TYPE, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, FencedError, LimitError, VerificationError
 from configbus.events import (
+    MAX_VERSION,
     Cause,
     EventKind,
     VerifiedEvent,
@@ -51,9 +52,11 @@ from configbus.tree.values import (
     SECRET_KEY,
     FrozenDict,
     Path,
+    SecretRef,
     Value,
     format_path,
     freeze_json,
+    plain_secret_paths,
 )
 
 __all__ = [
@@ -139,9 +142,12 @@ class OverrideState:
 
 
 def parse_overrides(event: VerifiedEvent, limits: Limits = DEFAULT_LIMITS) -> OverrideState:
-    """The entries of a verified override event, checked: each a legal key and a value
-    within `limits`, none past the event's own `expires_at` (which the signer's max_ttl
-    bounds), at most `MAX_ENTRIES`. Raises `VerificationError`."""
+    """The entries of a verified override event, checked: each a legal key (no deeper
+    than ``limits.depth``, no part starting with ``$``) and a plain value (no secret: no
+    secret reference, no plain text under a secret-named key), set no later than the
+    event and expiring after it was set but not after the event's own `expires_at`
+    (which the signer's max_ttl bounds); at most `MAX_ENTRIES`, and all their values
+    together within `limits`. Raises `VerificationError`."""
     body = event.body
     try:
         document = _decoder.decode(event.config_json)
@@ -158,19 +164,34 @@ def parse_overrides(event: VerifiedEvent, limits: Limits = DEFAULT_LIMITS) -> Ov
         path = parse_key(entry.path)
         if not path or any(part == "" for part in path) or path in seen:
             raise VerificationError("malformed", f"{where}: not a key, or listed twice")
+        if len(path) > limits.depth or any(str(part).startswith("$") for part in path):
+            raise VerificationError("malformed", f"{where}: too deep, or a part starts with $")
         seen.add(path)
         if body.expires_at is None or entry.expires_at > body.expires_at:
             raise VerificationError("malformed", f"{where}: expires after the override event")
+        if not 0 < entry.set_at < entry.expires_at or entry.set_at > body.issued_at:
+            raise VerificationError("malformed", f"{where}: set_at out of range")
         if max(len(entry.actor), len(entry.reason)) > limits.text_chars:
             raise VerificationError("too_large", f"{where}: actor or reason too long")
         try:
             value = freeze_json(entry.value, limits, what=where)
         except LimitError as exc:
             raise VerificationError("too_large", str(exc)) from None
-        if _holds_secret(entry.value):
+        if _holds_secret(entry.value) or any(plain_secret_paths(_nested(path, value))):
             raise VerificationError("malformed", f"{where}: an override cannot set a secret")
         values.append((path, value))
+    try:  # every entry within the limits, and all of them together too
+        freeze_json([entry.value for entry in document.entries], limits, what="the override set")
+    except LimitError as exc:
+        raise VerificationError("too_large", str(exc)) from None
     return OverrideState(event, document.entries, tuple(values))
+
+
+def _nested(path: Path, value: Value) -> Value:
+    """`value` at `path` in an otherwise empty mapping."""
+    for part in reversed(path):
+        value = FrozenDict({str(part): value})
+    return value
 
 
 def _holds_secret(value: Any) -> bool:
@@ -183,23 +204,38 @@ def _holds_secret(value: Any) -> bool:
 
 def compose(data: Mapping[str, Value], values: Iterable[tuple[Path, Value]]) -> Mapping[str, Value]:
     """`data` with each (path, value) set on top: the override layer, highest. Only the
-    mappings along each path are copied; the rest is shared with `data`."""
+    mappings along each path are copied; the rest is shared with `data`. An override
+    sets a value or adds a key; it never changes the config's shape on the way: a path
+    through a list item that is not there, through a value that is not a mapping or
+    list, or onto a secret raises `VerificationError` ("malformed")."""
     result = data
     for path, value in values:
-        result = _set(result, path, value)
+        result = _set(result, path, value, path)
     return result
 
 
-def _set(node: Any, path: Path, value: Value) -> Any:
+def _set(node: Any, path: Path, value: Value, whole: Path) -> Any:
     head, rest = path[0], path[1:]
-    if isinstance(head, int) and isinstance(node, tuple) and head < len(node):
+    if isinstance(node, SecretRef):
+        raise _unfit(whole, "it would replace or reach into a secret")
+    if isinstance(node, tuple):
+        if not isinstance(head, int) or head >= len(node):
+            raise _unfit(whole, f"the list has no item {head}")
         items = list(node)
-        items[head] = _set(items[head], rest, value) if rest else value
+        items[head] = _set(items[head], rest, value, whole) if rest else value
         return tuple(items)
+    if node is not None and not isinstance(node, Mapping):
+        raise _unfit(whole, "it goes through a value that is not a mapping")
     key = str(head)
-    mapping: Mapping[str, Any] = node if isinstance(node, Mapping) else FrozenDict()
+    mapping: Mapping[str, Any] = node if node is not None else FrozenDict()
     child = mapping.get(key)
-    return FrozenDict({**mapping, key: _set(child, rest, value) if rest else value})
+    if not rest and isinstance(child, SecretRef):
+        raise _unfit(whole, "it would replace a secret")
+    return FrozenDict({**mapping, key: _set(child, rest, value, whole) if rest else value})
+
+
+def _unfit(path: Path, why: str) -> VerificationError:
+    return VerificationError("malformed", f"override of {format_path(path)} does not fit: {why}")
 
 
 def layers_of(state: OverrideState, now: int, source: str) -> list[Layer]:
@@ -228,8 +264,8 @@ def override_transactional_id(topics: TopicNames, tenant: str, env: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Current:
-    state: OverrideState | None
-    claimed: int  # the highest version any record of the channel claims
+    state: OverrideState | None  # the latest record that verifies
+    skipped: tuple[str, ...] = ()  # newer records that do not, and why
 
 
 async def read_overrides(
@@ -248,17 +284,20 @@ async def read_overrides(
 async def _read(
     bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore, limits: Limits
 ) -> _Current:
-    """The latest verified override record. The record claiming the highest version
-    must be the one that verifies: a writer that built on an older one would lose the
-    entries of the newer (one signed by a key the caller does not trust, say)."""
+    """The latest override record that verifies with `trust`: what subscribers with the
+    same trust file run. Newer records that do not verify (junk anyone could write,
+    forgeries, records those subscribers refused) are skipped and said why; their
+    claimed versions count for nothing, so no record can push a writer's next version
+    out of reach."""
     topic = topics.tenant_topic(tenant)
     reader = bus.reader(topic)
     try:
         if not await reader.start():
-            return _Current(None, 0)
+            return _Current(None)
         records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
     finally:
         await reader.stop()
+    skipped: list[str] = []
     claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
     for claimed, record in claims:
         try:
@@ -271,15 +310,10 @@ async def _read(
             )
             state = parse_overrides(event, limits)
         except VerificationError as exc:
-            if claimed <= 0:
-                continue  # claims nothing: junk, never a version to build on
-            raise VerificationError(
-                exc.reason,
-                f"the latest override record of {tenant}/{env} (v{claimed}) does not verify "
-                f"with the trust file: {exc}",
-            ) from None
-        return _Current(state, max(claimed, state.version))
-    return _Current(None, 0)
+            skipped.append(f"a record claiming v{claimed} at offset {record.offset}: {exc}")
+            continue
+        return _Current(state, tuple(skipped))
+    return _Current(None, tuple(skipped))
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +379,8 @@ async def _write_once(
     limits: Limits,
 ) -> OverrideWrite:
     current = await _read(bus, topics, tenant, env, trust, limits)
+    for why in current.skipped:
+        log.warning("%s/%s: skipped %s", tenant, env, why)
     now = now_ns()
     before = current.state.entries if current.state is not None else ()
     kept = tuple(entry for entry in before if not entry.expired(now))
@@ -357,7 +393,9 @@ async def _write_once(
     old = {entry.path: entry for entry in before}
     new = {entry.path: entry for entry in entries}
     changed = tuple(sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p)))
-    version = current.claimed + 1
+    version = (current.state.version if current.state is not None else 0) + 1
+    if version > MAX_VERSION:
+        raise LimitError(f"{tenant}/{env}: the override channel is at its last version")
     body = build_body(
         tenant=tenant,
         env=env,
@@ -373,6 +411,7 @@ async def _write_once(
     value = seal(body, key)
     if len(value) > limits.event_bytes:
         raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
+    _check_own(value, trust, tenant, env, limits, entries, key)
     if not await _topic_exists(bus, topic := topics.tenant_topic(tenant)):
         raise ConfigBusError(
             f"{topic} does not exist: nothing was ever published for tenant {tenant}"
@@ -403,6 +442,36 @@ async def _write_once(
     return OverrideWrite(version, entries, expired, changed)
 
 
+def _check_own(
+    value: bytes,
+    trust: TrustStore,
+    tenant: str,
+    env: str,
+    limits: Limits,
+    entries: tuple[OverrideEntry, ...],
+    key: SigningKey,
+) -> None:
+    """Refuse to publish what subscribers with this trust file would refuse: a writer
+    whose key's max_ttl is shorter than an entry it carries over, or whose key the
+    trust file does not cover. Nothing is written then."""
+    try:
+        parse_overrides(
+            open_envelope(value, trust, stream=(tenant, env), channel=OVERRIDE_CHANNEL), limits
+        )
+    except VerificationError as exc:
+        if exc.reason == "ttl_too_long":
+            last = max(entries, key=lambda e: e.expires_at)
+            raise ConfigBusError(
+                f"{tenant}/{env}: key {key.kid!r} may not sign an override set that runs "
+                f"until {last.until:%Y-%m-%d %H:%M:%S}Z (the override of {last.path} by "
+                f"{shown(last.actor or '?', quote=False)}): clear that override first, or "
+                "use a key with a longer max_ttl; nothing written"
+            ) from None
+        raise ConfigBusError(
+            f"{tenant}/{env}: subscribers would refuse this override set ({exc}); nothing written"
+        ) from None
+
+
 async def _topic_exists(bus: Bus, topic: str) -> bool:
     reader = bus.reader(topic)
     try:
@@ -430,7 +499,13 @@ async def latest_snapshot(
     best: VerifiedEvent | None = None
     for record in records:
         try:
-            event = open_envelope(record.value or b"", trust, stream=(tenant, env))
+            # the snapshot key holds snapshot-channel events only (not an override's)
+            event = open_envelope(
+                record.value or b"",
+                trust,
+                stream=(tenant, env),
+                channel=SNAPSHOT_CHANNEL,
+            )
         except VerificationError:
             continue
         if best is None or event.body.version > best.body.version:

@@ -171,8 +171,14 @@ class OverrideKeeper:
                         reason=f"override expired: {gone}",
                     ),
                 )
-            except ConfigBusError as exc:
-                log.warning("%s/%s: could not publish the override expiry: %s", tenant, env, exc)
+            except Exception as exc:  # one stream's failure is that stream's alone
+                log.warning(
+                    "%s/%s: could not publish the override expiry: %s",
+                    tenant,
+                    env,
+                    exc,
+                    exc_info=not isinstance(exc, ConfigBusError),
+                )
                 self._retry_at[stream] = moment + RETRY_S
                 continue
             self._retry_at.pop(stream, None)

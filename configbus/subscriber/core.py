@@ -51,6 +51,7 @@ from opentelemetry.trace import StatusCode
 from configbus.agent.protocol import Hello
 from configbus.bus import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, KafkaBus, Record, TopicNames
 from configbus.bus.base import ReaderAPI
+from configbus.crypto import PUBLISHER
 from configbus.errors import (
     BusError,
     ConfigBusError,
@@ -157,6 +158,8 @@ class ConfigSubscriber:
         self._base = _EMPTY  # the snapshot channel's config, before overrides
         self._pending: OverrideState | None = None  # an override set before any snapshot
         self._expiry: asyncio.TimerHandle | None = None
+        self._expiring: asyncio.Task[None] | None = None
+        self._applying = asyncio.Lock()  # an apply and its callbacks, or an expiry: one at a time
         self._keys = {
             TopicNames.record_key(self.env): SNAPSHOT_CHANNEL,
             TopicNames.record_key(self.env, OVERRIDE_CHANNEL): OVERRIDE_CHANNEL,
@@ -320,6 +323,7 @@ class ConfigSubscriber:
         self._state = "stopped"
         if self._expiry is not None:
             self._expiry.cancel()
+        await finish(self._expiring, f"{self.tenant}/{self.env} expiry")
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
@@ -491,10 +495,16 @@ class ConfigSubscriber:
     async def _handle(
         self, record: Record, *, source: str = "kafka", startup: bool = False
     ) -> bool:
-        """Verify and apply one record of either channel; True when applied. The lean
-        path: one span when a tracer provider is installed (none otherwise), no diff
-        unless a callback needs one, the config read lazily, the ack and the cache
-        written off the path."""
+        """Verify and apply one record of either channel; True when applied. One at a
+        time with expiries, callbacks included: a slow callback never sees a later
+        config land before it."""
+        async with self._applying:
+            return await self._handle_now(record, source, startup)
+
+    async def _handle_now(self, record: Record, source: str, startup: bool) -> bool:
+        """The lean path: one span when a tracer provider is installed (none
+        otherwise), no diff unless a callback needs one, the config read lazily, the
+        ack and the cache written off the path."""
         received_at = time.time_ns()
         from_cache = source == "cache"
         channel = self._keys.get(record.key or b"", SNAPSHOT_CHANNEL)
@@ -631,6 +641,14 @@ class ConfigSubscriber:
         """Swap in a new override set on top of the snapshot; None when there is no
         snapshot yet (the set waits for it)."""
         state = parse_overrides(event, self.settings.limits)
+        # The publisher publishes expiries: it may end overrides, never set one.
+        known = self._current.override or self._pending
+        trusted = self.settings.trust.get(event.kid)
+        publisher = trusted is not None and trusted.role == PUBLISHER
+        if publisher and known is not None and not set(state.entries) <= set(known.entries):
+            raise VerificationError(
+                "untrusted_scope", f"key {event.kid!r} may end overrides, not set them"
+            )
         if self.version == 0:
             self._pending = state
             return None
@@ -693,12 +711,20 @@ class ConfigSubscriber:
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, (due - now_ns()) / 1e9)
-        self._expiry = loop.call_later(delay, lambda: loop.create_task(self._expire()))
+        self._expiry = loop.call_later(delay, self._start_expiry)
+
+    def _start_expiry(self) -> None:
+        self._expiry = None
+        if self._state != "stopped" and (self._expiring is None or self._expiring.done()):
+            self._expiring = asyncio.get_running_loop().create_task(self._expire())
 
     async def _expire(self) -> None:
         """Recompose without the overrides that expired. No validator can keep an
         expired override in effect."""
-        self._expiry = None
+        async with self._applying:
+            await self._expire_now()
+
+    async def _expire_now(self) -> None:
         current = self._current
         new, entries = self._composed(self._base, current.override)
         if entries == current.overrides:

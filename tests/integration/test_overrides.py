@@ -17,10 +17,10 @@ import msgspec
 import pytest
 from helpers import CLI, REPO, Setup, call_main, subscriber_settings, wait_until
 
-from configbus.bus import OVERRIDE_CHANNEL, KafkaBus, read_to_end
-from configbus.crypto import OPERATOR, SigningKey, TrustedKey, TrustStore, generate_keypair
-from configbus.events import Ack, Cause, EventKind, open_envelope
-from configbus.ops.overrides import OverrideEntry, parse_overrides, write_overrides
+from configbus.bus import OVERRIDE_CHANNEL, KafkaBus, Producer, read_to_end
+from configbus.crypto import OPERATOR, SigningKey, TrustedKey, generate_keypair
+from configbus.events import Ack, Cause, EventKind, build_body, now_ns, open_envelope, seal
+from configbus.ops.overrides import OverrideEntry, encode_set, parse_overrides, write_overrides
 from configbus.subscriber import ConfigSubscriber
 
 TENANT, ENV = "aurora-records", "prod"
@@ -311,23 +311,25 @@ async def test_the_cli_refuses_a_value_the_schema_refuses_and_writes_nothing(
 async def test_subscribers_refuse_an_override_the_key_may_not_sign_and_say_so(
     setup: Setup, fleet: list[ConfigSubscriber], kid: str, ttl: int, reason: str
 ) -> None:
-    # Written past the CLI's own checks, as a hostile or misconfigured tool would.
+    # Written past the CLI's own checks (which refuse it), as a hostile tool would.
     key = SigningKey.load(operator(setup, kid), kid)
-
-    def change(kept: tuple[OverrideEntry, ...], now: int) -> tuple[OverrideEntry, ...]:
-        return (OverrideEntry(path=FLAG, value=True, set_at=now, expires_at=now + ttl * 10**9),)
-
-    everything = TrustStore([*setup.trust.entries()])
-    await write_overrides(
-        KafkaBus(setup.kafka),
-        setup.topics,
-        TENANT,
-        ENV,
-        key=key,
-        trust=everything,
-        change=change,
+    now = now_ns()
+    entry = OverrideEntry(path=FLAG, value=True, set_at=now, expires_at=now + ttl * 10**9)
+    body = build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=1,
+        config_json=encode_set([entry]),
+        kind=EventKind.OVERRIDE,
+        detected_at=now,
+        issued_at=now,
         cause=Cause(actor=kid, reason="test"),
+        expires_at=entry.expires_at,
     )
+    async with Producer(setup.kafka) as producer:
+        await producer.send_and_wait(
+            setup.topics.tenant_topic(TENANT), seal(body, key), key=f"{ENV}/override".encode()
+        )
 
     async def refusals() -> list[Ack]:
         return [

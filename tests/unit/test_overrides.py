@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from configbus.bus import OVERRIDE_CHANNEL, TopicNames
 from configbus.bus.memory import MemoryBus
 from configbus.crypto import OPERATOR, SigningKey, TrustedKey, TrustStore, generate_keypair
-from configbus.errors import KeyringError, VerificationError
+from configbus.errors import ConfigBusError, KeyringError, VerificationError
 from configbus.events import (
     Ack,
     Cause,
@@ -36,7 +37,7 @@ from configbus.ops.overrides import (
     write_overrides,
 )
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
-from configbus.tree.values import FrozenDict
+from configbus.tree.values import FrozenDict, SecretRef
 
 from .helpers import eventually
 
@@ -71,6 +72,7 @@ class Fleet:
                 ),
             ]
         )
+        self.tmp = tmp_path
         self.bus = MemoryBus()
         for topic, compact in ((TOPIC, True), (TOPICS.acks, True), (TOPICS.audit, False)):
             self.bus.create_topic(topic, compact=compact)
@@ -105,7 +107,7 @@ class Fleet:
                     value=value,
                     set_at=now,
                     expires_at=now + int(ttl * SECOND),
-                    actor="alice",
+                    actor=(key or self.alice).kid,
                     reason="INC-1",
                 )
             return tuple(entries.values())
@@ -121,6 +123,30 @@ class Fleet:
             cause=Cause(actor="alice", reason="INC-1"),
         )
         return written.version
+
+    async def raw_override(
+        self, key: SigningKey, values: dict[str, Any], *, ttl: float = 600, version: int = 1
+    ) -> None:
+        """An override record as a hostile or misconfigured tool writes it, past every
+        check `write_overrides` makes."""
+        now = now_ns()
+        entries = [
+            OverrideEntry(path=path, value=value, set_at=now, expires_at=now + int(ttl * SECOND))
+            for path, value in values.items()
+        ]
+        body = build_body(
+            tenant=TENANT,
+            env=ENV,
+            version=version,
+            config_json=encode_set(entries),
+            kind=EventKind.OVERRIDE,
+            detected_at=now,
+            issued_at=now,
+            cause=Cause(actor=key.kid),
+            expires_at=max(e.expires_at for e in entries),
+        )
+        async with self.bus.producer() as producer:
+            await producer.send_and_wait(TOPIC, seal(body, key), key=b"prod/override")
 
     def subscriber(self, **options: Any) -> ConfigSubscriber:
         settings = SubscriberSettings.build(
@@ -221,7 +247,7 @@ async def test_an_override_expires_by_the_subscribers_own_clock(
 async def test_an_operator_key_out_of_scope_is_refused_and_the_refusal_acknowledged(
     fleet: Fleet, running: ConfigSubscriber
 ) -> None:
-    await fleet.override({"pool": 1}, key=fleet.bob)  # bob may override tenant "other" only
+    await fleet.raw_override(fleet.bob, {"pool": 1})  # bob may override tenant "other" only
 
     ack = await eventually(
         lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
@@ -235,7 +261,7 @@ async def test_an_operator_key_out_of_scope_is_refused_and_the_refusal_acknowled
 async def test_an_override_longer_than_the_keys_max_ttl_is_refused(
     fleet: Fleet, running: ConfigSubscriber
 ) -> None:
-    await fleet.override({"pool": 1}, ttl=2 * 3600)  # alice's max_ttl is 1h
+    await fleet.raw_override(fleet.alice, {"pool": 1}, ttl=2 * 3600)  # alice's max_ttl is 1h
 
     ack = await eventually(
         lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
@@ -441,7 +467,8 @@ def test_a_bad_operator_entry_names_the_file_and_key(
     generate_keypair("alice", tmp_path)
     path = _write(
         tmp_path / "trust.yml",
-        "operators:\n  - kid: alice\n    public_key_file: alice.pub\n" + entry,
+        "operators:\n  - kid: alice\n    public_key_file: alice.pub\n"
+        "    tenants: [acme]\n    environments: [prod]\n" + entry,
     )
 
     with pytest.raises(KeyringError) as error:
@@ -594,3 +621,167 @@ async def test_history_lists_overrides_beside_snapshots_without_mixing_their_num
     assert history.get(1).config() == {"pool": 10}  # snapshot v1, not override v1
     assert history.latest is not None and history.latest.version == 2
     assert history.versions[1].as_dict()["channel"] == OVERRIDE_CHANNEL
+
+
+# -- what the review of overrides found ----------------------------------------------
+
+
+async def test_a_writer_refuses_what_subscribers_would_refuse_and_writes_nothing(
+    fleet: Fleet,
+) -> None:
+    await fleet.publish(1, {"pool": 10})
+
+    with pytest.raises(ConfigBusError, match=r"subscribers would refuse.*untrusted_scope"):
+        await fleet.override({"pool": 1}, key=fleet.bob)
+    with pytest.raises(ConfigBusError, match="may not sign an override set that runs until"):
+        await fleet.override({"pool": 1}, ttl=2 * 3600)
+
+    assert [r for r in fleet.bus.records(TOPIC) if r.key == b"prod/override"] == []
+
+
+async def test_a_short_ttl_key_cannot_carry_a_longer_override_and_says_whose(
+    fleet: Fleet,
+) -> None:
+    await fleet.publish(1, {"pool": 10})
+    carol = SigningKey.load(generate_keypair("carol", fleet.tmp / "c")[0], "carol")
+    fleet.trust = fleet.trust.with_key(
+        TrustedKey(carol.public, frozenset({TENANT}), frozenset({ENV}), OPERATOR, 4 * 3600)
+    )
+    await fleet.override({"pool": 99}, ttl=3 * 3600, key=carol)
+
+    with pytest.raises(ConfigBusError) as refused:
+        await fleet.override({"other": 1}, ttl=600)  # alice: max_ttl 1h
+
+    assert "key 'alice' may not sign" in str(refused.value)
+    assert "(the override of pool by carol): clear that override first" in str(refused.value)
+    # Clearing it is within alice's reach: the set then ends sooner.
+    assert await fleet.override({}, clear=("pool",)) == 2
+
+
+async def test_junk_on_the_override_key_wedges_no_writer_and_moves_no_version(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await running.wait_for(has_override(await fleet.override({"pool": 99})), timeout=5)
+    junk = msgspec.msgpack.encode(
+        {"v": 1, "kid": "pub", "sig": b"x" * 64, "body": msgspec.msgpack.encode({"version": 10**6})}
+    )
+    async with fleet.bus.producer() as producer:
+        await producer.send_and_wait(TOPIC, junk, key=b"prod/override")
+
+    version = await fleet.override({}, clear=("pool",))
+
+    assert version == 2  # built on the last record that verifies, not on the junk's claim
+    snapshot = await running.wait_for(has_override(2), timeout=5)
+    assert snapshot.config.get("pool") == 10 and running.rejected == {"bad_signature": 1}
+
+
+async def test_a_publisher_signed_override_may_end_overrides_but_not_set_one(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    await running.wait_for(has_override(await fleet.override({"pool": 99})), timeout=5)
+
+    await fleet.raw_override(fleet.publisher, {"pool": 99, "x": 1}, version=2)
+
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
+    )
+    assert ack.reason == "untrusted_scope: key 'pub' may end overrides, not set them"
+    assert running.config.get("x") is None and running.snapshot.override_version == 1
+
+
+async def test_an_expiry_waits_for_a_slow_callback_of_the_apply_before_it(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    seen: list[int] = []
+    release = asyncio.Event()
+
+    async def slow(old: Any, new: Any, paths: list[str]) -> None:
+        if new.get("pool") == 99:
+            await release.wait()  # still busy with the override when it expires
+        seen.append(new.get("pool"))
+
+    running.on_change("pool", slow)
+    await fleet.override({"pool": 99}, ttl=0.2)
+    await eventually(lambda: running.config.get("pool") == 99, "the override")
+    await eventually(lambda: not running.snapshot.override.active(now_ns()), "its expiry time")
+    release.set()
+
+    await eventually(lambda: len(seen) == 2, "both callbacks")
+    assert seen == [99, 10]  # in the order the configs were applied
+    assert running.config.get("pool") == 10
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "text"),
+    [
+        ("database.password", "hunter2", "cannot set a secret"),
+        ("database", {"api_key": "k"}, "cannot set a secret"),
+        ("password.$secret", "kafka/sasl", "a part starts with $"),
+        (".".join(["a"] * 40), 1, "too deep"),
+    ],
+)
+def test_an_override_cannot_set_a_secret_nor_go_too_deep(
+    fleet: Fleet, path: str, value: Any, text: str
+) -> None:
+    now = now_ns()
+    entry = OverrideEntry(path=path, value=value, set_at=now, expires_at=now + SECOND)
+    body = build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=1,
+        config_json=encode_set([entry]),
+        kind=EventKind.OVERRIDE,
+        detected_at=now,
+        issued_at=now,
+        cause=Cause(),
+        expires_at=entry.expires_at,
+    )
+
+    with pytest.raises(VerificationError, match=re.escape(text)):
+        parse_overrides(open_envelope(seal(body, fleet.alice), fleet.trust))
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        (("list", 5), "the list has no item 5"),
+        (("scalar", "below"), "goes through a value that is not a mapping"),
+        (("secret",), "would replace a secret"),
+        (("secret", "x"), "reach into a secret"),
+    ],
+)
+def test_compose_never_changes_the_shape_of_the_config(path: tuple[Any, ...], text: str) -> None:
+    data = FrozenDict({"list": (1, 2, 3), "scalar": 5, "secret": SecretRef("db/password")})
+
+    with pytest.raises(VerificationError, match=re.escape(text)):
+        compose(data, [(path, 1)])
+
+
+def test_an_entry_set_after_its_event_or_all_entries_over_the_node_limit_are_refused(
+    fleet: Fleet,
+) -> None:
+    now = now_ns()
+
+    def event(entries: list[OverrideEntry]) -> Any:
+        body = build_body(
+            tenant=TENANT,
+            env=ENV,
+            version=1,
+            config_json=encode_set(entries),
+            kind=EventKind.OVERRIDE,
+            detected_at=now,
+            issued_at=now,
+            cause=Cause(),
+            expires_at=now + SECOND,
+        )
+        return open_envelope(seal(body, fleet.alice), fleet.trust)
+
+    late = OverrideEntry(path="a", value=1, set_at=now + 10**30, expires_at=now + SECOND)
+    with pytest.raises(VerificationError, match="set_at out of range"):
+        parse_overrides(event([late]))
+    big = [
+        OverrideEntry(path=f"k{n}", value=list(range(3000)), set_at=now, expires_at=now + SECOND)
+        for n in range(80)
+    ]
+    with pytest.raises(VerificationError, match="the override set holds more than"):
+        parse_overrides(event(big))
