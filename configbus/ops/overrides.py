@@ -33,6 +33,7 @@ from configbus.bus import CONTENT_TYPE, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus,
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, FencedError, LimitError, VerificationError
 from configbus.events import (
+    CLOCK_SKEW_NS,
     MAX_VERSION,
     Cause,
     EventKind,
@@ -66,6 +67,7 @@ __all__ = [
     "OverrideState",
     "OverrideWrite",
     "all_overrides",
+    "check_logged",
     "compose",
     "encode_set",
     "latest_snapshot",
@@ -194,6 +196,24 @@ def _nested(path: Path, value: Value) -> Value:
     return value
 
 
+def check_logged(event: VerifiedEvent, logged_ms: int) -> None:
+    """An override must reach its topic about when it says it was issued. Tenant topics
+    stamp each record with the time the broker appended it (``LogAppendTime``), so a
+    record signed ahead of time and written later, or replayed, is refused; `logged_ms`
+    0 (a record from a disk cache, checked when it first arrived) is not checked."""
+    if logged_ms <= 0:
+        return
+    drift_ms = event.body.issued_at // 10**6 - logged_ms
+    if drift_ms > CLOCK_SKEW_NS // 10**6:
+        raise VerificationError(
+            "issued_in_future", f"override issued {drift_ms / 1000:.0f}s after Kafka took it"
+        )
+    if -drift_ms > CLOCK_SKEW_NS // 10**6:
+        raise VerificationError(
+            "replayed", f"override issued {-drift_ms / 1000:.0f}s before Kafka took it"
+        )
+
+
 def _holds_secret(value: Any) -> bool:
     if isinstance(value, dict):
         return SECRET_KEY in value or any(_holds_secret(v) for v in value.values())
@@ -309,6 +329,7 @@ async def _read(
                 limits=limits,
             )
             state = parse_overrides(event, limits)
+            check_logged(event, record.timestamp_ms)
         except VerificationError as exc:
             skipped.append(f"a record claiming v{claimed} at offset {record.offset}: {exc}")
             continue

@@ -23,7 +23,12 @@ from configbus.bus.base import TopicsReaderAPI
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, VerificationError
 from configbus.events import Cause, now_ns, open_envelope
-from configbus.ops.overrides import OverrideState, parse_overrides, write_overrides
+from configbus.ops.overrides import (
+    OverrideState,
+    check_logged,
+    parse_overrides,
+    write_overrides,
+)
 
 __all__ = ["OverrideKeeper"]
 
@@ -111,6 +116,7 @@ class OverrideKeeper:
                 record.value or b"", self.trust, stream=stream, channel=OVERRIDE_CHANNEL
             )
             state = parse_overrides(event)
+            check_logged(event, record.timestamp_ms)
         except VerificationError as exc:
             if stream not in self._untrusted:
                 self._untrusted.add(stream)

@@ -60,7 +60,13 @@ from configbus.errors import (
     VerificationError,
 )
 from configbus.events import Ack, VerifiedEvent, claimed_version, now_ns, open_envelope
-from configbus.ops.overrides import OverrideEntry, OverrideState, compose, parse_overrides
+from configbus.ops.overrides import (
+    OverrideEntry,
+    OverrideState,
+    check_logged,
+    compose,
+    parse_overrides,
+)
 from configbus.subscriber.acks import AckSender
 from configbus.subscriber.link import AgentLink
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
@@ -527,6 +533,7 @@ class ConfigSubscriber:
                 self._check_version(event, channel)
                 previous = self.version
                 if channel == OVERRIDE_CHANNEL:
+                    check_logged(event, record.timestamp_ms)
                     swapped = self._apply_override(event, record, trace_id)
                     if swapped is None:
                         return False  # kept until there is a snapshot to put it on

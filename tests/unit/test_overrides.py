@@ -125,11 +125,17 @@ class Fleet:
         return written.version
 
     async def raw_override(
-        self, key: SigningKey, values: dict[str, Any], *, ttl: float = 600, version: int = 1
+        self,
+        key: SigningKey,
+        values: dict[str, Any],
+        *,
+        ttl: float = 600,
+        version: int = 1,
+        issued_at: int | None = None,
     ) -> None:
         """An override record as a hostile or misconfigured tool writes it, past every
         check `write_overrides` makes."""
-        now = now_ns()
+        now = issued_at or now_ns()
         entries = [
             OverrideEntry(path=path, value=value, set_at=now, expires_at=now + int(ttl * SECOND))
             for path, value in values.items()
@@ -785,3 +791,31 @@ def test_an_entry_set_after_its_event_or_all_entries_over_the_node_limit_are_ref
     ]
     with pytest.raises(VerificationError, match="the override set holds more than"):
         parse_overrides(event(big))
+
+
+async def test_an_override_that_reaches_the_log_long_after_it_was_signed_is_refused(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    signed_earlier = now_ns() - 300 * SECOND  # kept five minutes, then written: a replay
+
+    await fleet.raw_override(fleet.alice, {"pool": 1}, issued_at=signed_earlier)
+
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
+    )
+    assert ack.reason.startswith("replayed: override issued 300s before Kafka took it")
+    assert running.config.get("pool") == 10
+
+
+async def test_the_daemon_makes_tenant_topics_stamp_records_with_their_append_time(
+    tmp_path: Path,
+) -> None:
+    world, _, _, trust_file = await _daemon_world(tmp_path)
+
+    async with world.daemon(trust=trust_file) as daemon:
+        await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
+
+    topic = world.bus._topics[world.topics.tenant_topic("aurora-records")]
+    assert topic.configs.get("message.timestamp.type") == "LogAppendTime"
+    state = world.bus._topics[world.topics.state]
+    assert "message.timestamp.type" not in state.configs
