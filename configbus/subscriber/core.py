@@ -636,8 +636,17 @@ class ConfigSubscriber:
             raise VerificationError("malformed", "config is not a JSON object")
         override = self._current.override or self._pending
         base = ResolvedConfig(data, env=self.env, tenant=self.tenant)
-        new, entries = self._composed(base, override)
-        self._validate(new)
+        try:
+            new, entries = self._composed(base, override)
+            self._validate(new)
+        except VerificationError as exc:
+            if override is None or not override.active(now_ns()):
+                raise
+            # Refused with the overrides on top: when the snapshot alone passes, it is
+            # the overrides that are refused (and said so), not the published config.
+            self._validate(base)
+            self._rejected(exc, override.event, time.time_ns(), "", None, OVERRIDE_CHANNEL)
+            new, entries, override = base, (), None
         self._base, self._pending = base, None
         old = self._swap(Snapshot(new, event.body.version, event, trace_id, override, entries))
         return old, new

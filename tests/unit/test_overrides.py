@@ -819,3 +819,36 @@ async def test_the_daemon_makes_tenant_topics_stamp_records_with_their_append_ti
     assert topic.configs.get("message.timestamp.type") == "LogAppendTime"
     state = world.bus._topics[world.topics.state]
     assert "message.timestamp.type" not in state.configs
+
+
+async def test_a_snapshot_refused_only_with_the_overrides_on_top_applies_without_them(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    def no_big_pool_in_wide_mode(config: Any) -> bool:
+        return not (config.get("pool") == 99 and config.get("wide") is True)
+
+    running.add_validator(no_big_pool_in_wide_mode)
+    await running.wait_for(has_override(await fleet.override({"pool": 99})), timeout=5)
+
+    await fleet.publish(2, {"features": {"checkout": True}, "pool": 10, "wide": True})
+    snapshot = await running.wait_for(lambda s: s.version == 2, timeout=5)
+
+    assert (snapshot.config.get("pool"), snapshot.overrides, snapshot.override) == (10, (), None)
+    ack = await eventually(
+        lambda: next((a for a in fleet.acks() if a.status == "rejected"), None), "a refusal"
+    )
+    assert (ack.channel, ack.version) == (OVERRIDE_CHANNEL, 1)
+    assert ack.reason.startswith("refused: ") and "no_big_pool_in_wide_mode" in ack.reason
+
+
+async def test_an_override_the_validators_refuse_never_stops_an_instance_starting(
+    fleet: Fleet,
+) -> None:
+    await fleet.publish(1, {"pool": 10})
+    await fleet.override({"pool": 99})
+    subscriber = fleet.subscriber(start_timeout=5)
+    subscriber.add_validator(lambda config: config.get("pool") != 99)
+
+    async with subscriber:
+        assert (subscriber.version, subscriber.config.get("pool")) == (1, 10)
+        assert subscriber.rejected == {"refused": 1}
