@@ -47,6 +47,33 @@ TOPIC = TOPICS.tenant_topic(TENANT)
 SECOND = 10**9
 
 
+def override_value(
+    key: SigningKey,
+    entries: list[OverrideEntry] | bytes,
+    *,
+    issued_at: int,
+    expires_at: int | None = None,
+    version: int = 1,
+) -> bytes:
+    """A signed override record of `entries` (or of raw JSON bytes) for acme/prod."""
+    content = entries if isinstance(entries, bytes) else encode_set(entries)
+    if expires_at is None:
+        assert not isinstance(entries, bytes)
+        expires_at = max(e.expires_at for e in entries)
+    body = build_body(
+        tenant=TENANT,
+        env=ENV,
+        version=version,
+        config_json=content,
+        kind=EventKind.OVERRIDE,
+        detected_at=issued_at,
+        issued_at=issued_at,
+        cause=Cause(actor=key.kid),
+        expires_at=expires_at,
+    )
+    return seal(body, key)
+
+
 class Fleet:
     """A tenant topic on a MemoryBus with a snapshot, the publisher's key, and operator
     keys: one for this tenant (max_ttl 1h), one for another tenant only."""
@@ -140,19 +167,9 @@ class Fleet:
             OverrideEntry(path=path, value=value, set_at=now, expires_at=now + int(ttl * SECOND))
             for path, value in values.items()
         ]
-        body = build_body(
-            tenant=TENANT,
-            env=ENV,
-            version=version,
-            config_json=encode_set(entries),
-            kind=EventKind.OVERRIDE,
-            detected_at=now,
-            issued_at=now,
-            cause=Cause(actor=key.kid),
-            expires_at=max(e.expires_at for e in entries),
-        )
+        value = override_value(key, entries, issued_at=now, version=version)
         async with self.bus.producer() as producer:
-            await producer.send_and_wait(TOPIC, seal(body, key), key=b"prod/override")
+            await producer.send_and_wait(TOPIC, value, key=b"prod/override")
 
     def subscriber(self, **options: Any) -> ConfigSubscriber:
         settings = SubscriberSettings.build(
@@ -293,20 +310,9 @@ def test_an_operator_key_cannot_sign_a_snapshot(fleet: Fleet) -> None:
 def test_an_override_issued_in_the_future_is_refused(fleet: Fleet) -> None:
     later = now_ns() + 3600 * SECOND  # would stretch the override past max_ttl from now
     entry = OverrideEntry(path="pool", value=1, set_at=later, expires_at=later + SECOND)
-    body = build_body(
-        tenant=TENANT,
-        env=ENV,
-        version=1,
-        config_json=encode_set([entry]),
-        kind=EventKind.OVERRIDE,
-        detected_at=later,
-        issued_at=later,
-        cause=Cause(),
-        expires_at=entry.expires_at,
-    )
 
     with pytest.raises(VerificationError) as refused:
-        open_envelope(seal(body, fleet.alice), fleet.trust)
+        open_envelope(override_value(fleet.alice, [entry], issued_at=later), fleet.trust)
 
     assert refused.value.reason == "issued_in_future"
 
@@ -337,18 +343,10 @@ def test_an_override_set_that_breaks_the_rules_is_refused(
 ) -> None:
     now = now_ns()
     document = {"entries": [e | {"set_at": now, "expires_at": now + SECOND} for e in entries]}
-    body = build_body(
-        tenant=TENANT,
-        env=ENV,
-        version=1,
-        config_json=json.dumps(document).encode(),
-        kind=EventKind.OVERRIDE,
-        detected_at=now,
-        issued_at=now,
-        cause=Cause(),
-        expires_at=now + SECOND,
+    value = override_value(
+        fleet.alice, json.dumps(document).encode(), issued_at=now, expires_at=now + SECOND
     )
-    event = open_envelope(seal(body, fleet.alice), fleet.trust)
+    event = open_envelope(value, fleet.trust)
 
     with pytest.raises(VerificationError) as refused:
         parse_overrides(event)
@@ -731,20 +729,10 @@ def test_an_override_cannot_set_a_secret_nor_go_too_deep(
 ) -> None:
     now = now_ns()
     entry = OverrideEntry(path=path, value=value, set_at=now, expires_at=now + SECOND)
-    body = build_body(
-        tenant=TENANT,
-        env=ENV,
-        version=1,
-        config_json=encode_set([entry]),
-        kind=EventKind.OVERRIDE,
-        detected_at=now,
-        issued_at=now,
-        cause=Cause(),
-        expires_at=entry.expires_at,
-    )
+    record = override_value(fleet.alice, [entry], issued_at=now)
 
     with pytest.raises(VerificationError, match=re.escape(text)):
-        parse_overrides(open_envelope(seal(body, fleet.alice), fleet.trust))
+        parse_overrides(open_envelope(record, fleet.trust))
 
 
 @pytest.mark.parametrize(
@@ -769,18 +757,8 @@ def test_an_entry_set_after_its_event_or_all_entries_over_the_node_limit_are_ref
     now = now_ns()
 
     def event(entries: list[OverrideEntry]) -> Any:
-        body = build_body(
-            tenant=TENANT,
-            env=ENV,
-            version=1,
-            config_json=encode_set(entries),
-            kind=EventKind.OVERRIDE,
-            detected_at=now,
-            issued_at=now,
-            cause=Cause(),
-            expires_at=now + SECOND,
-        )
-        return open_envelope(seal(body, fleet.alice), fleet.trust)
+        value = override_value(fleet.alice, entries, issued_at=now, expires_at=now + SECOND)
+        return open_envelope(value, fleet.trust)
 
     late = OverrideEntry(path="a", value=1, set_at=now + 10**30, expires_at=now + SECOND)
     with pytest.raises(VerificationError, match="set_at out of range"):
