@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,8 @@ import pytest
 import configbus.cli_ops
 import configbus.cli_rollback
 import configbus.publisher.daemon
-from configbus.bus import KafkaSettings, TopicNames
-from configbus.bus.memory import MemoryBus
+from configbus.bus import TopicNames
 from configbus.cli import main
-from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.errors import SchemaError, UnknownNameError
 from configbus.events import (
     Cause,
@@ -35,12 +32,13 @@ from configbus.events import (
 )
 from configbus.ops import stream_history
 from configbus.ops.rollback import release, rollback
-from configbus.publisher import Change, Daemon, PublisherSettings, PublishReport
+from configbus.publisher import Change, Daemon, PublishReport
 from configbus.publisher.daemon import publish_once
 from configbus.publisher.state import WRITER_KEY, StreamHead, open_signed
 from configbus.tree import EnvironmentTree
 
 from .helpers import eventually
+from .test_publisher import World as PublisherWorld
 
 SAMPLE_TREE = Path(__file__).resolve().parents[2] / "environments"
 AURORA = ("aurora-records", "prod")
@@ -50,48 +48,22 @@ HELIX_PROD = "tenants/helix-audio/prod.yml"
 MAX_SIZE = "database.postgresql.connection_pool.max_size"
 
 
-class World:
-    """A copy of the sample tree, a key, topics, and one MemoryBus standing in for Kafka."""
+class World(PublisherWorld):
+    """The publisher's world, with a trust file and the default state topic (the CLI
+    names no other)."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path / "environments"
-        shutil.copytree(SAMPLE_TREE, self.root)
-        self.kid = "unit"
-        self.key_path, _ = generate_keypair(self.kid, tmp_path / "keys")
-        self.key = SigningKey.load(self.key_path, self.kid)
-        self.trust = TrustStore.of(self.key.public)
+        super().__init__(tmp_path)
         self.trust_path = tmp_path / "trust.yml"
         self.trust_path.write_text(self.trust.dump(), encoding="utf-8")
         self.topics = TopicNames(prefix="t.", audit="audit", acks="acks")  # state: t._state
-        self.bus = MemoryBus()
 
-    def settings(self, **changes: Any) -> PublisherSettings:
-        options: dict[str, Any] = {
-            "root": self.root,
-            "kafka": KafkaSettings("unused:9092"),
-            "signing_key": self.key_path,
-            "kid": self.kid,
-            "topics": self.topics,
-            "reconcile_interval": 60.0,
-            "heartbeat_interval": 0.2,
-            "step_ms": 5,
-            "shutdown_grace": 2.0,
-            "actor": "unit-test",
-        }
-        return PublisherSettings(**{**options, **changes})
-
-    def daemon(self, **changes: Any) -> Daemon:
-        return Daemon(self.settings(**changes), bus=self.bus)
-
-    def events(self, stream: tuple[str, str]) -> list[VerifiedEvent]:
+    def snapshots(self, stream: tuple[str, str]) -> list[VerifiedEvent]:
         """The stream's verified events on its tenant topic, in offset order."""
         tenant, env = stream
         records = self.bus.records(self.topics.tenant_topic(tenant))
         events = [open_envelope(r.value or b"", self.trust) for r in records]
         return [e for e in events if e.body.env == env]
-
-    def versions(self, stream: tuple[str, str]) -> list[int]:
-        return [e.body.version for e in self.events(stream)]
 
     def head(self, stream: tuple[str, str]) -> StreamHead:
         """The stream's last head on the state topic."""
@@ -176,12 +148,12 @@ async def test_a_rollback_publishes_the_old_content_as_a_new_version_of_kind_rol
     world: World,
 ) -> None:
     await three_versions(world)
-    v1 = world.events(AURORA)[0]
+    v1 = world.snapshots(AURORA)[0]
     report = await world.rollback(1)
     assert report.summary() == "rolled back aurora-records/prod to v1's content as v4"
     assert (report.version, report.current, report.held) == (4, 3, True)
 
-    event = world.events(AURORA)[-1]
+    event = world.snapshots(AURORA)[-1]
     body = event.body
     assert (body.version, body.kind, body.config_hash) == (
         4,
@@ -198,7 +170,7 @@ async def test_a_rollback_publishes_the_old_content_as_a_new_version_of_kind_rol
     # The head holds the stream at what the tree resolves it to now (v3's content).
     head = world.head(AURORA)
     assert (head.version, head.config_hash) == (4, v1.body.config_hash)
-    assert head.hold == world.tree_hash(AURORA) == world.events(AURORA)[2].body.config_hash
+    assert head.hold == world.tree_hash(AURORA) == world.snapshots(AURORA)[2].body.config_hash
     assert world.head(HELIX).hold == ""
 
     history = await stream_history(world.bus, world.topics, *AURORA, world.trust)
@@ -259,7 +231,7 @@ async def test_a_tree_change_to_the_stream_ends_the_hold(world: World) -> None:
         world.edit(AURORA_PROD, "max_size: 300", "max_size: 320")
         await eventually(lambda: daemon.publisher.states[AURORA].version == 5, "aurora v5")
         assert daemon.publisher.states[AURORA].hold == ""
-    event = world.events(AURORA)[-1]
+    event = world.snapshots(AURORA)[-1]
     assert (event.body.kind, event.body.config_hash) == (
         EventKind.SNAPSHOT,
         world.tree_hash(AURORA),
@@ -313,7 +285,9 @@ async def test_a_rollback_that_fails_todays_schema_is_refused_unless_forced(
 
     report = await world.rollback(2, force=True)
     assert report.version == 5 and [p.key for p in report.problems] == [MAX_SIZE]
-    assert world.events(AURORA)[-1].body.config_hash == world.events(AURORA)[1].body.config_hash
+    assert (
+        world.snapshots(AURORA)[-1].body.config_hash == world.snapshots(AURORA)[1].body.config_hash
+    )
     assert (await world.rollback(1)).version == 6  # v1 (250) passes
 
 
@@ -369,7 +343,9 @@ async def test_an_override_of_the_same_version_number_does_not_stand_in_for_it(
     await world.publish()
     report = await world.rollback(2)
     assert report.version == 4
-    assert world.events(AURORA)[-1].body.config_hash == world.events(AURORA)[1].body.config_hash
+    assert (
+        world.snapshots(AURORA)[-1].body.config_hash == world.snapshots(AURORA)[1].body.config_hash
+    )
 
 
 # -- release ------------------------------------------------------------------------
@@ -380,7 +356,7 @@ async def test_release_publishes_the_trees_state_and_ends_the_hold(world: World)
     await world.rollback(1)
     released = await world.release()
     assert released.summary() == "released aurora-records/prod: published the tree's state as v5"
-    event = world.events(AURORA)[-1]
+    event = world.snapshots(AURORA)[-1]
     assert (event.body.version, event.body.kind) == (5, EventKind.SNAPSHOT)
     assert event.body.config_hash == world.tree_hash(AURORA)
     assert (event.body.cause.actor, event.body.cause.reason) == ("bob", "done")
