@@ -830,3 +830,52 @@ async def test_an_override_the_validators_refuse_never_stops_an_instance_startin
     async with subscriber:
         assert (subscriber.version, subscriber.config.get("pool")) == (1, 10)
         assert subscriber.rejected == {"refused": 1}
+
+
+# -- through the host agent ---------------------------------------------------------
+
+
+async def test_the_agent_passes_overrides_on_and_serves_them_from_its_cache_without_kafka(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    from configbus.agent import Agent, AgentSettings
+    from configbus.bus import KafkaSettings
+
+    await fleet.publish(1, {"pool": 10})
+    settings = AgentSettings(
+        socket=tmp_path / "agent.sock",
+        kafka=KafkaSettings("unused:9092"),
+        trust=fleet.trust,
+        topics=TOPICS,
+        cache_dir=tmp_path / "agent-cache",
+    )
+
+    def behind(agent: Agent, instance: str) -> ConfigSubscriber:
+        options: dict[str, Any] = {"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks}
+        built = SubscriberSettings.build(
+            TENANT,
+            ENV,
+            environ={},
+            agent=str(agent.settings.socket),
+            trust=fleet.trust,
+            instance_id=instance,
+            start_timeout=5,
+            **options,
+        )
+        return ConfigSubscriber(TENANT, ENV, settings=built)
+
+    async with Agent(settings, bus=fleet.bus) as agent, behind(agent, "i-1") as first:
+        await fleet.override({"pool": 99})
+        await first.wait_for(lambda s: s.config.get("pool") == 99, timeout=5)
+        await fleet.raw_override(fleet.bob, {"pool": 1}, version=5)  # out of bob's scope
+        await eventually(lambda: first.rejected, "the forged override refused")
+        assert first.config.get("pool") == 99
+    assert (tmp_path / "agent-cache" / f"{TENANT}.{ENV}.override").exists()
+
+    fleet.bus.down = True  # a restarted agent, and no Kafka
+    async with Agent(settings, bus=fleet.bus) as agent, behind(agent, "i-2") as fresh:
+        assert (fresh.version, fresh.snapshot.override_version, fresh.config.get("pool")) == (
+            1,
+            1,
+            99,
+        )
