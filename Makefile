@@ -20,6 +20,7 @@ help:
 	@echo "make services-up    start the local Kafka broker and Redis (deploy/local)"
 	@echo "make services-down  stop them"
 	@echo "make bench          run every benchmark (long: e2e.py alone ~10 min), results in benchmarks/results/"
+	@echo "                    (override.py: emergency overrides end to end, ~6 min, into override.json)"
 	@echo "make bench-quick    a reduced set (a few minutes), results in benchmarks/results/quick/"
 	@echo "make bench-micro    hot-path micro-benchmarks, quick (~15 s); fails on a >50% slower median"
 
@@ -99,6 +100,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/subscribe.py
 	$(MICRO) --benchmark-json=benchmarks/results/micro.json
 	$(BIN)/python benchmarks/e2e.py --rounds 3 --profile benchmarks/results/profile
+	$(BIN)/python benchmarks/override.py --edits 30 --warmup 3 --rounds 2
 	$(BIN)/python benchmarks/report.py
 
 bench-quick: $(BENCH_STAMP)
@@ -109,6 +111,8 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/subscribe.py --repeat 100 --no-memory --out $(QUICK)
 	$(MICRO) --benchmark-max-time=0.1 --benchmark-json=$(QUICK)/micro.json
 	$(BIN)/python benchmarks/e2e.py --quick --out $(QUICK)
+	$(BIN)/python benchmarks/override.py --n 1,10 --edits 10 --warmup 2 --idle 1 --warm-kafka 8 \
+		--startup-runs 3 --out $(QUICK)
 	cp README.md $(QUICK)/README.top.md
 	$(BIN)/python benchmarks/report.py --results $(QUICK) \
 		--bench-readme $(QUICK)/README.md --readme $(QUICK)/README.top.md

@@ -4,14 +4,17 @@ transactions, watchfiles) and what a team would use instead (Redis, etcd), in on
 
     python benchmarks/e2e.py [--n 1,10,100] [--edits 50] [--warmup 5] [--processes 4]
                              [--rounds 1] [--systems ...] [--tracing sdk|off]
-                             [--warm-kafka 20] [--profile DIR] [--out DIR] [--quick]
+                             [--warm-kafka 20] [--calm PCT] [--profile DIR] [--out DIR]
+                             [--quick]
 
 What is timed, per edit: from t0 (the writer's clock just before it writes) to the
 moment the last of N subscribers has the new value (`time.time_ns()` in the subscriber;
 every process runs on this machine, so clocks agree). The N subscribers are spread over
 `--processes` worker processes, one event loop (uvloop) each (benchmarks/fleet.py).
 Each edit waits until all N arrived (or `--deadline` passed: a timeout) and 100-150 ms,
-then the next edit; the first `--warmup` edits of every fleet are left out. Before
+then the next edit (with `--calm PCT`, not before processes outside the benchmark use
+under PCT % of one core, on a shared machine; the waits dilute the CPU figures and are
+recorded beside them); the first `--warmup` edits of every fleet are left out. Before
 anything is measured, the broker runs `--warm-kafka` seconds of transactions (a fresh
 JVM is slow until its JIT has compiled the hot paths). `--rounds R` repeats every
 (N, system) fleet R times, interleaved, each round starting with another system.
@@ -19,7 +22,9 @@ JVM is slow until its JIT has compiled the hot paths). `--rounds R` repeats ever
 Each system's module in benchmarks/systems/ says exactly what it measures: configbus
 (configbus_direct), configbus_agent, kafka_floor, kafka_floor_no_txn, redis_pubsub,
 etcd_watch, watch_floor. A system that cannot run here (no agent in this configbus, no
-etcd-server) is recorded as skipped, with the reason.
+etcd-server) is recorded as skipped, with the reason. The emergency-override systems
+(configbus_override, configbus_override_cli) run only when named; override.py runs them
+into override.json.
 
 Also per fleet: where configbus's time goes (stages that add up to the end-to-end time:
 see configbus_direct), the time to start N subscribers, and CPU: of the subscriber
@@ -44,6 +49,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +112,8 @@ class Round:
     start_s: float = 0.0
     cpu: dict[str, Any] = field(default_factory=dict)
     rss_mib: list[float] = field(default_factory=list)
+    calm_wait_s: float = 0.0  # --calm: seconds waited for a calm machine
+    calm_gave_up: int = 0  # --calm: edits made after waiting --calm-wait in vain
 
 
 class Driver:
@@ -150,12 +158,20 @@ class Driver:
                     result.last.append(max(times))
                     result.first.append(min(times))
                     deliveries.append(Delivery(edit, t0, entries))
+                pause_from = CpuSample.take(groups) if args.calm else None
                 await asyncio.sleep(0.1 + random.random() * 0.05)
+                if pause_from is not None:
+                    waited, calm = await self.calm(groups, pause_from)
+                    result.calm_wait_s += waited
+                    result.calm_gave_up += not calm
             edits_to = CpuSample.take(groups)
             for name, profiler in profilers.items():
                 self.profiles[name] = profiler.stop()
             profilers = {}
             result.cpu = cpu_of(idle_from, idle_to, edits_to, (args.warmup + args.edits) * n)
+            if args.calm:
+                result.cpu["calm_wait_s"] = round(result.calm_wait_s, 1)
+                result.cpu["calm_gave_up"] = result.calm_gave_up  # edits after a full wait
             result.rss_mib = [rss_mib(pid) for pid in fleet.pids]
         finally:
             for profiler in profilers.values():
@@ -164,7 +180,26 @@ class Driver:
         result.stages = await system.stages(deliveries)
         s = Summary.of(result.last)
         say(f"    p50 {s.p50_ms} ms, p99 {s.p99_ms} ms; start {result.start_s} s")
+        if result.calm_wait_s >= 1:
+            say(
+                f"    waited {result.calm_wait_s:.0f} s in all for a calm machine "
+                f"({result.calm_gave_up} edit(s) after --calm-wait regardless)"
+            )
         return result
+
+    async def calm(self, groups: dict[str, list[int]], since: CpuSample) -> tuple[float, bool]:
+        """`--calm PCT`: wait until the processes outside the benchmark ("others") have
+        used under PCT % of one core since `since`, or in a later quarter of a second, for
+        at most `--calm-wait` seconds: the seconds waited beyond `since`'s window, and
+        whether it came calm."""
+        began = time.monotonic()
+        while True:
+            now = CpuSample.take(groups)
+            others = since.seconds_until(now)["others"] / max(now.at - since.at, 1e-3) * 100
+            if others < self.args.calm or now.at - began >= self.args.calm_wait:
+                return now.at - began, others < self.args.calm
+            since = now
+            await asyncio.sleep(0.25)
 
     def profilers(self, system: System, n: int, round_: int, fleet: Fleet) -> dict[str, Profiler]:
         folder = self.args.profile
@@ -302,15 +337,16 @@ def record_bytes(document: dict[str, Any], scratch: Path) -> int:
     return len(seal(body, SigningKey.load(private, "size")))
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(description: str, systems: Sequence[str]) -> argparse.ArgumentParser:
+    """The options of an end-to-end run, `systems` by default (override.py shares them)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
     parser.add_argument("--edits", type=int, default=50, help="measured edits per N and round")
     parser.add_argument("--warmup", type=int, default=5, help="edits left out per fleet")
     parser.add_argument("--processes", type=int, default=4, help="worker processes per fleet")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything, interleaved")
     parser.add_argument(
-        "--systems", type=lambda s: s.split(","), default=list(SYSTEMS), help=",".join(SYSTEMS)
+        "--systems", type=lambda s: s.split(","), default=list(systems), help=",".join(systems)
     )
     parser.add_argument("--tracing", choices=("sdk", "off"), default="sdk")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -318,19 +354,36 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle", type=float, default=3.0, help="idle seconds measured")
     parser.add_argument("--start-timeout", type=float, default=180.0)
     parser.add_argument("--warm-kafka", type=float, default=20.0, help="seconds of transactions")
+    parser.add_argument(
+        "--calm",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="before each edit, wait until processes outside the benchmark use under PCT %% "
+        "of one core (a shared machine; 0: never wait)",
+    )
+    parser.add_argument("--calm-wait", type=float, default=30.0, help="seconds, at most per edit")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
     parser.add_argument("--quick", action="store_true", help="N=1,10; 20 edits; 1 s idle; 8 s warm")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def parse(
+    argv: list[str] | None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    parser = parser or options(__doc__.splitlines()[0], SYSTEMS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.edits, args.idle, args.warm_kafka = [1, 10], 20, 1.0, 8.0
-    if unknown := set(args.systems) - set(SYSTEMS):
+    if unknown := set(args.systems) - {*SYSTEMS, *registry()}:
         parser.error(f"unknown systems: {sorted(unknown)}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], RunInfo, dict[str, Any]]:
+    """Run `args.systems` against fresh servers: the results by system, the run's info
+    and the parameters to record (override.py shares this)."""
     began = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="configbus-e2e-") as scratch_dir,
@@ -360,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             systems["etcd_watch"] = {"skipped": why}
     warm = systems.pop("warm_kafka_transactions", 0)
-    profile = systems.pop("profile", None)
     parameters = {
         **{k: v for k, v in vars(args).items() if k not in ("out", "profile", "systems")},
         "systems": args.systems,
@@ -373,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         "edited_key": KEY,
         "took_s": round(time.monotonic() - began, 1),
     }
+    return systems, info, parameters
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    systems, info, parameters = measure(args)
+    profile = systems.pop("profile", None)
     ratio = {
         name: {n: r for n in map(str, args.n) if (r := overhead_ratio(systems, n, name))}
         for name in ("configbus", "configbus_agent")

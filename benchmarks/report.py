@@ -3,8 +3,8 @@ Performance section.
 
     python benchmarks/report.py [--results DIR] [--bench-readme FILE] [--readme FILE]
 
-Reads whichever of e2e, publish, resolve, resolution_peers, subscribe and micro.json
-exist (missing parts show as "not measured") and writes the README's tables, two PNGs
+Reads whichever of e2e, override, publish, resolve, resolution_peers, subscribe and
+micro.json exist (missing parts show as "not measured") and writes the README's tables, two PNGs
 in the results folder (end-to-end p50/p99 against N; where configbus's time goes), and
 the text between the top-level README's ``## Performance`` heading and the next one.
 Output depends only on the JSON files: rerunning on the same results gives the same
@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCES = {  # result -> the script or command that writes it
     "e2e": "e2e.py",
+    "override": "override.py",
     "publish": "publish.py",
     "resolve": "resolve.py",
     "resolution_peers": "resolution_peers.py",
@@ -38,6 +39,16 @@ LABELS = {
     "redis_pubsub": "Redis pub/sub + GET",
     "etcd_watch": "etcd watch",
     "watch_floor": "watchfiles floor",
+}
+OVERRIDE_LABELS = {
+    "configbus_override": "override, library call (command start-up excluded)",
+    "configbus_override_cli": "override, `configbus override set` (start-up included)",
+}
+OVERRIDE_STAGES = {  # configbus_override.py says where each one ends
+    "write": "write",
+    "kafka": "sign + Kafka",
+    "verify": "verify + apply",
+    "callback": "callback",
 }
 STAGES = {  # where configbus's time goes; configbus_direct.py says where each one ends
     "detect": "detect",
@@ -221,6 +232,87 @@ def e2e_section(e2e: Any, drawn: dict[str, str]) -> list[str]:
     return [*lines, "", *e2e_cpu(e2e)]
 
 
+# -- emergency overrides ------------------------------------------------------------------
+def override_section(override: Any) -> list[str]:
+    params = dig(override, "parameters") or {}
+    latency = dig(override, "latency") or {}
+    compared = dig(override, "file_edit") or {}
+    ns = sorted({int(n) for by_n in latency.values() for n in by_n})
+    labels = {**OVERRIDE_LABELS, "configbus": "file edit, configbus direct Kafka (this run)"}
+    rows = [
+        [text] + [pair(dig(latency, name, str(n)), "p50_ms", "p90_ms") for n in ns]
+        for name, text in labels.items()
+        if name in latency
+    ]
+    if compared.get("latency"):
+        where = f"{compared.get('source')}, commit `{(compared.get('commit') or '?')[:12]}`"
+        rows.append(
+            [f"file edit, configbus direct Kafka ({where})"]
+            + [pair(dig(compared, "latency", str(n)), "p50_ms", "p90_ms") for n in ns]
+        )
+    keys = ("n", "edits", "warmup", "rounds", "processes", "tracing", "calm")
+    lines = [
+        "From an operator's override to the last of N subscribers having run its callback: "
+        "one key overridden with a fresh 10-minute TTL per edit, signed with an operator "
+        "key and written straight to Kafka; the daemon is not running "
+        "(`systems/configbus_override.py`). For comparison, configbus's file edits (direct "
+        "Kafka: save → the daemon → every subscriber) from the e2e run named.",
+        "",
+        "Parameters: " + ", ".join(f"{k} `{json.dumps(params.get(k))}`" for k in keys) + ".",
+        "",
+        *table(["end to end, ms, p50 / p90"] + [f"N={n}" for n in ns], rows),
+    ]
+    stage_rows = []
+    for name, text in OVERRIDE_LABELS.items():
+        for n, entry in sorted(fleets(override).get(name, {}).items()):
+            stages = entry.get("stages") or {}
+            if not stages:
+                continue
+            total = sum(dig(stages, s, "mean_ms") or 0 for s in OVERRIDE_STAGES)
+            stage_rows.append(
+                [text, str(n)]
+                + [pair(stages.get(s), "p50_ms", "p99_ms") for s in OVERRIDE_STAGES]
+                + [pair(stages.get("returned"), "p50_ms", "p99_ms")]
+                + [f"{num(total)} / {num(entry.get('mean_ms'))}"]
+            )
+    if stage_rows:
+        lines += [
+            "",
+            "Where the time goes, for the subscriber whose callback came last (ms, p50 / p99), "
+            "from its ack of the override: write, t0 → issued_at (the command's start-up; the "
+            "transactional producer's start, reading the set in effect); sign + Kafka, → the "
+            "subscriber received it; verify + apply, → applied_at; callback, → the callback "
+            "ran. “returned” is when `write_overrides` returned or the command exited, after "
+            "t0: it overlaps the stages, which add up to the mean end to end.",
+            "",
+            *table(
+                ["mode", "N", *OVERRIDE_STAGES.values(), "returned", "sum of means / mean"],
+                stage_rows,
+            ),
+        ]
+    started = dig(override, "cli_startup_ms") or {}
+    if started:
+        runs = params.get("startup_runs")
+        lines += [
+            "",
+            f"The command's start-up alone, without Kafka (wall ms, p50 / p99 of {runs} runs): "
+            f"`python -c pass` {pair(started.get('python_pass'))}; `configbus override set "
+            f"--help` {pair(started.get('override_set_help'))} with its bytecode cached, as "
+            f"timed above, and {pair(started.get('override_set_help_compiling'))} with every "
+            "module compiled from source (no .pyc: PYTHONDONTWRITEBYTECODE on a fresh "
+            "checkout).",
+        ]
+    found = dict(started.get("imports_ms") or {})
+    if total := found.pop("total", None):
+        top = ", ".join(f"{name} {num(ms)}" for name, ms in list(found.items())[:7])
+        lines += [
+            "",
+            f"Its imports (`-X importtime`, each module's own time, median ms): {num(total)} in "
+            f"all; by top-level package: {top}.",
+        ]
+    return lines
+
+
 # -- the other benchmarks -----------------------------------------------------------------
 def publish_section(publish: Any) -> list[str]:
     latency = dig(publish, "latency_one_stream") or {}
@@ -399,9 +491,10 @@ Layout: `harness.py` (the edited stream, percentiles, typed results with the com
 machine and versions), `services.py` (Kafka and Redis through deploy/local, etcd through
 `etcd.sh`, on free ports), `fleet.py` (N subscribers in worker processes; CPU from /proc),
 `systems/` (one module per system measured end to end), `e2e.py` (the driver),
-`micro.py` (pytest-benchmark), `resolve.py`, `resolution_peers.py`, `publish.py`,
-`subscribe.py`, and this report. Every script runs alone from the repository root and
-takes `--out DIR`; its docstring says what it measures."""
+`override.py` (emergency overrides, through the same driver), `micro.py`
+(pytest-benchmark), `resolve.py`, `resolution_peers.py`, `publish.py`, `subscribe.py`, and
+this report. Every script runs alone from the repository root and takes `--out DIR`; its
+docstring says what it measures."""
 
 NOISE = [
     "- One small virtual machine, loopback only: Kafka, Redis, etcd, the daemon, the "
@@ -430,6 +523,10 @@ def bench_readme(results: dict[str, Any], drawn: dict[str, str]) -> str:
         "## End to end",
         "",
         *part("e2e", e2e_section(results["e2e"], drawn)),
+        "",
+        "## Emergency overrides",
+        "",
+        *part("override", override_section(results["override"])),
         "",
         "## Publishing",
         "",

@@ -79,6 +79,7 @@ class System:
 def registry() -> dict[str, type[System]]:
     from systems.configbus_agent import ConfigbusAgent
     from systems.configbus_direct import ConfigbusDirect
+    from systems.configbus_override import ConfigbusOverride, ConfigbusOverrideCli
     from systems.etcd_watch import EtcdWatch
     from systems.kafka_floor import KafkaFloor, KafkaFloorNoTransactions
     from systems.redis_pubsub import RedisPubSub
@@ -86,6 +87,8 @@ def registry() -> dict[str, type[System]]:
     kinds: list[type[System]] = [
         ConfigbusDirect,
         ConfigbusAgent,
+        ConfigbusOverride,
+        ConfigbusOverrideCli,
         KafkaFloor,
         KafkaFloorNoTransactions,
         RedisPubSub,
