@@ -197,10 +197,12 @@ def _nested(path: Path, value: Value) -> Value:
 
 
 def check_logged(event: VerifiedEvent, logged_ms: int) -> None:
-    """An override must reach its topic about when it says it was issued. Tenant topics
-    stamp each record with the time the broker appended it (``LogAppendTime``), so a
-    record signed ahead of time and written later, or replayed, is refused; `logged_ms`
-    0 (a record from a disk cache, checked when it first arrived) is not checked."""
+    """An override must reach its topic about when it says it was issued: its Kafka
+    timestamp (`logged_ms`, set by the producer that wrote it) within a minute of its
+    `issued_at`. An old record written again by an ordinary producer is refused as
+    replayed; a writer that sets record timestamps itself is stopped only by who may
+    write the topic. 0 (a record from a disk cache, checked when it first arrived) is
+    not checked."""
     if logged_ms <= 0:
         return
     drift_ms = event.body.issued_at // 10**6 - logged_ms

@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
 
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
@@ -59,7 +58,6 @@ Stream = tuple[str, str]  # (tenant, env)
 # headers (content-type, traceparent). Generous, so "fits" means fits.
 RECORD_OVERHEAD = 512
 STORE_TIMEOUT_S = 2.0  # a Redis that does not answer delays store changes, not file edits
-APPEND_TIME: Final = {"message.timestamp.type": "LogAppendTime"}  # for tenant topics
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,12 +528,7 @@ class Publisher:
         wanted = {self.topics.tenant_topic(t) for t in tenants} | shared
         missing = wanted - self._known_topics
         if missing:
-            tenant_topics = {t for t in missing if self.topics.tenant_of(t) is not None}
-            # The broker stamps each record with its append time: subscribers refuse an
-            # override signed ahead of the time it reached the log, or replayed later.
-            await self.admin.ensure_topics(tenant_topics, compact=True, configs=APPEND_TIME)
-            shared = missing - tenant_topics - {self.topics.audit}
-            await self.admin.ensure_topics(shared, compact=True)
+            await self.admin.ensure_topics(missing - {self.topics.audit}, compact=True)
             if self.topics.audit in missing:
                 await self.admin.ensure_topics([self.topics.audit], compact=False)
             await self.producer.track_topics(missing)

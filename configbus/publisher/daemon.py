@@ -180,6 +180,7 @@ class Daemon:
         self._stop_watching = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._warming: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()  # one transaction at a time: publications, beats
         self._broken = False  # a publication failed: reconnect before the next
         self._reported: dict[Stream, str] = {}  # config hash last reported to the store
@@ -201,9 +202,10 @@ class Daemon:
         for stream, change in (await self._changes_at_start(self.index.streams, start)).items():
             self._dirty.add([stream], change)
         self._worker = self._spawn("publish", self._work)
+        # Once, in the background: the git authors of the tree's files (see Authors).
+        self._warming = asyncio.create_task(self.authors.warm(), name="warm-authors")
         self._tasks = [
             self._spawn("watch-files", self._watch_files),
-            self._spawn("warm-authors", self.authors.warm),
             self._spawn("reconcile", self._reconcile_loop),
             self._spawn("heartbeat", self._heartbeat_loop),
             self._spawn("overrides", self.overrides.run),
@@ -419,6 +421,7 @@ class Daemon:
         """Stop watching, let the worker finish within the grace period, resign as the
         writer, disconnect. Safe to call twice, and after a cancelled start."""
         self._stop_watching.set()
+        await finish(self._warming, "publisher warm-authors")
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -785,20 +785,6 @@ async def test_an_override_that_reaches_the_log_long_after_it_was_signed_is_refu
     assert running.config.get("pool") == 10
 
 
-async def test_the_daemon_makes_tenant_topics_stamp_records_with_their_append_time(
-    tmp_path: Path,
-) -> None:
-    world, _, _, trust_file = await _daemon_world(tmp_path)
-
-    async with world.daemon(trust=trust_file) as daemon:
-        await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
-
-    topic = world.bus._topics[world.topics.tenant_topic("aurora-records")]
-    assert topic.configs.get("message.timestamp.type") == "LogAppendTime"
-    state = world.bus._topics[world.topics.state]
-    assert "message.timestamp.type" not in state.configs
-
-
 async def test_a_snapshot_refused_only_with_the_overrides_on_top_applies_without_them(
     fleet: Fleet, running: ConfigSubscriber
 ) -> None:
