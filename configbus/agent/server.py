@@ -368,9 +368,10 @@ class Agent:
         try:
             if not await reader.start():
                 raise BusError(f"topic {topic} does not exist")
-            for channel in CHANNELS:  # the snapshot first: overrides go on top of it
-                records = await reader.recent(stream.key(channel), limit=BOOTSTRAP_RECORDS)
-                for record in sorted(records, key=lambda r: -claimed_version(r.value)):
+            keys = tuple(stream.key(channel) for channel in CHANNELS)
+            found = await reader.recent_keys(keys, limit=BOOTSTRAP_RECORDS)  # one read back
+            for channel, key in zip(CHANNELS, keys, strict=True):  # the snapshot first
+                for record in sorted(found[key], key=lambda r: -claimed_version(r.value)):
                     if claimed_version(record.value) <= stream.versions.get(channel, 0):
                         break
                     event = self._verify(stream, record, channel)

@@ -74,6 +74,14 @@ class ReaderAPI(Protocol):
     async def recent(
         self, key: bytes, *, limit: int = 64, chunk: int = 64, max_bytes: int = 32 * 1024 * 1024
     ) -> list[Record]: ...
+    async def recent_keys(
+        self,
+        keys: Sequence[bytes],
+        *,
+        limit: int = 64,
+        chunk: int = 64,
+        max_bytes: int = 32 * 1024 * 1024,
+    ) -> dict[bytes, list[Record]]: ...
     async def poll(self, timeout_ms: int = 1000) -> list[Record]: ...
 
 

@@ -568,29 +568,44 @@ class PartitionReader:
         backwards from the end in growing chunks), and no further back once `max_bytes`
         of them are held: whatever the topic holds, memory stays bounded. Leaves the
         reader positioned at the end the topic had, ready to follow."""
+        found = await self.recent_keys((key,), limit=limit, chunk=chunk, max_bytes=max_bytes)
+        return found[key]
+
+    async def recent_keys(
+        self,
+        keys: Sequence[bytes],
+        *,
+        limit: int = 64,
+        chunk: int = 64,
+        max_bytes: int = RECENT_MAX_BYTES,
+    ) -> dict[bytes, list[Record]]:
+        """`recent` for several keys in one backward read (a second read back costs a
+        fetch wait): it goes back until the first key has `limit` records, the topic
+        begins or `max_bytes` are held; the other keys get what lies on the way."""
         consumer, tp = self._consumer, self._tp
-        found: list[Record] = []
+        found: dict[bytes, list[Record]] = {key: [] for key in keys}
         held = 0
         try:
             begin = (await consumer.beginning_offsets([tp]))[tp]
             end = (await consumer.end_offsets([tp]))[tp]
             upper = end
-            while upper > begin and len(found) < limit and held < max_bytes:
+            while upper > begin and len(found[keys[0]]) < limit and held < max_bytes:
                 lower = max(begin, upper - chunk)
                 consumer.seek(tp, lower)
-                window: list[Record] = []
+                window: dict[bytes, list[Record]] = {key: [] for key in keys}
                 while await consumer.position(tp) < upper:
                     batch = await consumer.getmany(tp, timeout_ms=1000)
                     for message in batch.get(tp, ()):
-                        if message.offset < upper and message.key == key:
-                            window.append(_record(message))
-                found = window + found
-                held += sum(len(record.value or b"") for record in window)
+                        if message.offset < upper and message.key in window:
+                            window[message.key].append(_record(message))
+                for key, records in window.items():
+                    found[key] = records + found[key]
+                    held += sum(len(record.value or b"") for record in records)
                 upper, chunk = lower, chunk * 4
             consumer.seek(tp, end)
         except KafkaError as exc:
             raise _bus_error(exc, f"reading {self.topic}") from exc
-        return found[-limit:]
+        return {key: records[-limit:] for key, records in found.items()}
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         """The records that arrived since the last call (waits up to `timeout_ms`).

@@ -457,18 +457,31 @@ class MemoryReader:
         """As `PartitionReader.recent`: up to `limit` of the last committed records with
         `key`, oldest first, read back in growing chunks until `max_bytes` are held;
         then positioned at the end."""
+        found = await self.recent_keys((key,), limit=limit, chunk=chunk, max_bytes=max_bytes)
+        return found[key]
+
+    async def recent_keys(
+        self,
+        keys: Sequence[bytes],
+        *,
+        limit: int = 64,
+        chunk: int = 64,
+        max_bytes: int = 32 * 1024 * 1024,
+    ) -> dict[bytes, list[Record]]:
+        """As `PartitionReader.recent_keys`."""
         cursor = self._live()
         cursor.position = 0
         records = cursor.fetch(self.bus._topics)
-        found: list[Record] = []
+        found: dict[bytes, list[Record]] = {key: [] for key in keys}
         held, upper = 0, len(records)
-        while upper > 0 and len(found) < limit and held < max_bytes:
+        while upper > 0 and len(found[keys[0]]) < limit and held < max_bytes:
             lower = max(0, upper - chunk)
-            window = [r for r in records[lower:upper] if r.key == key]
-            found = window + found
-            held += sum(len(r.value or b"") for r in window)
+            for key in keys:
+                window = [r for r in records[lower:upper] if r.key == key]
+                found[key] = window + found[key]
+                held += sum(len(r.value or b"") for r in window)
             upper, chunk = lower, chunk * 4
-        return found[-limit:]
+        return {key: rows[-limit:] for key, rows in found.items()}
 
     async def poll(self, timeout_ms: int = 1000) -> list[Record]:
         return await self.bus._poll(lambda: self._live().fetch(self.bus._topics), timeout_ms)

@@ -452,8 +452,7 @@ class ConfigSubscriber:
             try:
                 if not await reader.start():
                     raise BusError(f"topic {topic} does not exist yet")
-                for key in self._keys:  # the snapshot first: overrides go on top of it
-                    await self._bootstrap(reader, key)
+                await self._bootstrap(reader)
             except BusError as exc:
                 self._last_bus_error = f"Kafka: {exc}"
                 raise
@@ -471,19 +470,21 @@ class ConfigSubscriber:
             with contextlib.suppress(Exception):
                 await reader.stop()
 
-    async def _bootstrap(self, reader: ReaderAPI, key: bytes) -> None:
-        """Apply the highest version among the stream's recent records that verifies:
-        candidates are tried from the highest version they claim down, and the first
-        that verifies (or is no newer than what runs) ends the search."""
-        records = await reader.recent(key, limit=BOOTSTRAP_RECORDS)
+    async def _bootstrap(self, reader: ReaderAPI) -> None:
+        """Per channel, the snapshot first (overrides go on top of it), apply the highest
+        version among the stream's recent records that verifies: candidates are tried
+        from the highest version they claim down, and the first that verifies (or is no
+        newer than what runs) ends the search. One read back for both channels."""
+        found = await reader.recent_keys(tuple(self._keys), limit=BOOTSTRAP_RECORDS)
         first = self._bootstrapped is not None and not self._bootstrapped.is_set()
-        claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
-        running = self._running_version(self._keys[key])
-        for claimed, record in claims:
-            if running > 0 and claimed <= running:
-                return  # nothing newer than what runs (the cache, or a previous connection)
-            if await self._handle(record, startup=first):
-                return
+        for key, records in found.items():
+            claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
+            running = self._running_version(self._keys[key])
+            for claimed, record in claims:
+                if running > 0 and claimed <= running:
+                    break  # nothing newer than what runs (the cache, or a previous connection)
+                if await self._handle(record, startup=first):
+                    break
 
     def _running_version(self, channel: str) -> int:
         return self.version if channel == SNAPSHOT_CHANNEL else self._current.override_version

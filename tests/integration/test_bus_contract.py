@@ -271,6 +271,30 @@ async def test_recent_reads_back_no_further_than_its_byte_budget(
         await reader.stop()
 
 
+async def test_recent_keys_reads_several_keys_back_in_one_pass_led_by_the_first(
+    bus: Bus, topic: Callable[..., Awaitable[str]], producer: MakeProducer
+) -> None:
+    name = await topic()
+    plain = await producer()
+    await plain.send_and_wait(name, b"old-b", key=b"b")  # before the first key's last 2
+    for number in range(4):
+        await plain.send_and_wait(name, b"a%d" % number, key=b"a")
+    await plain.send_and_wait(name, b"new-b", key=b"b")
+    reader = bus.reader(name)
+    assert await reader.start()
+    try:
+        found = await reader.recent_keys((b"a", b"b", b"c"), limit=2, chunk=1)
+        # Back far enough for two of "a"; "b" gets what lay on the way; "c" nothing.
+        assert [r.value for r in found[b"a"]] == [b"a2", b"a3"]
+        assert [r.value for r in found[b"b"]] == [b"new-b"]
+        assert found[b"c"] == []
+        everything = await reader.recent_keys((b"b", b"a"), limit=10, chunk=2)
+        assert [r.value for r in everything[b"b"]] == [b"old-b", b"new-b"]
+        assert len(everything[b"a"]) == 4
+    finally:
+        await reader.stop()
+
+
 async def test_one_topics_reader_follows_many_topics_each_from_where_it_was_added(
     bus: Bus, topic: Callable[..., Awaitable[str]], producer: MakeProducer
 ) -> None:
