@@ -5,6 +5,7 @@ acknowledge the refusal of) an override from a key out of scope or over its max_
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -249,6 +250,14 @@ async def test_override_clear_ends_it_at_once_and_list_shows_what_is_in_effect(
     assert len(lines) == 2
     assert lines[0].startswith(f"{TENANT}/{ENV} application.workers = 12  until ")
     assert "by alice: INC-1  [v1]" in lines[0]
+    every = await configbus(
+        capsys, "override", "list", "--json", "--trust", setup.trust_path, *topic_options(setup)
+    )
+    listed_json = json.loads(every.stdout)
+    assert {(e["tenant"], e["key"], e["value"], e["actor"]) for e in listed_json} == {
+        (TENANT, FLAG, True, "alice"),
+        (TENANT, "application.workers", 12, "alice"),
+    }
 
     cleared = await configbus(
         capsys,
