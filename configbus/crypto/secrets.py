@@ -1,0 +1,295 @@
+"""Secret values: AES-256-GCM envelope encryption.
+
+A secret's value is encrypted with a *data key*, one per (tenant, environment); the
+data key is wrapped by the tenant's *key-encryption key* (KEK), which comes from a
+`KeyProvider`: a key file or environment variables here, a KMS, Vault transit or an
+HSM behind the same two calls. The additional authenticated data binds tenant,
+environment, name and secret version, so a ciphertext moved to another stream, name or
+version does not open; neither does one changed by a single bit.
+
+A sealed secret is one line of text, safe to commit and to carry in a config::
+
+    cbsec1.<version>.<kek id>.<wrapped data key>.<nonce>.<ciphertext>
+
+(base64url without padding for the binary parts). Errors name the secret, never its
+value, and no repr shows a key or a plaintext.
+
+    provider = LocalKeyProvider.from_file("keks.yml")
+    sealed = seal_secret(provider, "acme", "prod", "database/password", 1, b"s3cret")
+    text = sealed.encode()                      # what the tree or the store holds
+    value = open_secret(provider, "acme", "prod", "database/password", SealedSecret.decode(text))
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets as _random
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+import yaml
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from configbus.errors import ConfigBusError, KeyringError
+
+__all__ = [
+    "KeyProvider",
+    "LocalKeyProvider",
+    "SealedSecret",
+    "SecretError",
+    "open_secret",
+    "rewrap",
+    "seal_secret",
+]
+
+PREFIX: Final = "cbsec1"
+KEY_BYTES: Final = 32  # AES-256
+NONCE_BYTES: Final = 12
+_KEK_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_B64: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class SecretError(ConfigBusError):
+    """A secret could not be sealed or opened. The message names the secret (tenant,
+    environment, name), never its value."""
+
+
+class KeyProvider(Protocol):
+    """A tenant's key-encryption keys. `wrap` encrypts a data key with the tenant's
+    current KEK and says which one; `unwrap` decrypts one wrapped by any KEK it still
+    holds. `context` is additional authenticated data the wrapping must bind (a KMS's
+    encryption context, Vault transit's `context`, an AEAD's associated data)."""
+
+    def wrap(self, tenant: str, data_key: bytes, context: bytes) -> tuple[str, bytes]: ...
+
+    def unwrap(self, tenant: str, kek_id: str, wrapped: bytes, context: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Kek:
+    kek_id: str
+    key: bytes = field(repr=False)
+
+
+class LocalKeyProvider:
+    """KEKs held by this process: from a key file (mode 0600 or stricter)::
+
+        tenants:
+          acme:
+            current: acme-2026-12
+            keys:
+              acme-2026-12: <32 bytes, base64>
+              acme-2026-06: <32 bytes, base64>      # kept to open older data keys
+
+    or from ``CONFIGBUS_KEK_<TENANT>`` variables (tenant upper-cased, ``-`` as ``_``),
+    each ``<kek id>:<32 bytes, base64>``. A service gets only its own tenant's KEKs, so
+    it cannot open another tenant's secrets."""
+
+    def __init__(self, keks: Mapping[str, tuple[str, Mapping[str, bytes]]]) -> None:
+        self._current: dict[str, _Kek] = {}
+        self._all: dict[tuple[str, str], _Kek] = {}
+        for tenant, (current, keys) in keks.items():
+            for kek_id, key in keys.items():
+                _check_kek(tenant, kek_id, key)
+                self._all[(tenant, kek_id)] = _Kek(kek_id, bytes(key))
+            if (tenant, current) not in self._all:
+                raise KeyringError(f"tenant {tenant!r}: current KEK {current!r} is not listed")
+            self._current[tenant] = self._all[(tenant, current)]
+
+    def __repr__(self) -> str:
+        return f"LocalKeyProvider(tenants={sorted(self._current)})"
+
+    @property
+    def tenants(self) -> list[str]:
+        return sorted(self._current)
+
+    def wrap(self, tenant: str, data_key: bytes, context: bytes) -> tuple[str, bytes]:
+        kek = self._current.get(tenant)
+        if kek is None:
+            raise SecretError(f"no key-encryption key for tenant {tenant!r}")
+        nonce = _random.token_bytes(NONCE_BYTES)
+        return kek.kek_id, nonce + AESGCM(kek.key).encrypt(nonce, data_key, context)
+
+    def unwrap(self, tenant: str, kek_id: str, wrapped: bytes, context: bytes) -> bytes:
+        kek = self._all.get((tenant, kek_id))
+        if kek is None:
+            raise SecretError(f"tenant {tenant!r} has no key-encryption key {kek_id!r} here")
+        try:
+            return AESGCM(kek.key).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], context)
+        except (InvalidTag, ValueError):
+            raise SecretError(
+                f"the data key does not open with {tenant}'s key {kek_id!r}"
+            ) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LocalKeyProvider:
+        """Read a key file; refused when others may read it. Raises `KeyringError`
+        naming the file and tenant (never a key)."""
+        where = Path(path)
+        try:
+            mode = where.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise KeyringError(f"{where}: readable by others; chmod 600 it")
+            document = yaml.safe_load(where.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise KeyringError(f"{where}: cannot read the key file: {exc.strerror}") from None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise KeyringError(f"{where}: not a YAML key file") from None
+        tenants = document.get("tenants") if isinstance(document, dict) else None
+        if not isinstance(tenants, dict) or set(document) != {"tenants"}:
+            raise KeyringError(f"{where}: a key file is a mapping with only 'tenants'")
+        keks: dict[str, tuple[str, dict[str, bytes]]] = {}
+        for tenant, entry in tenants.items():
+            label = f"{where}: tenant {tenant!r}"
+            if not isinstance(entry, dict) or set(entry) != {"current", "keys"}:
+                raise KeyringError(f"{label}: needs exactly 'current' and 'keys'")
+            keys = entry["keys"]
+            if not isinstance(keys, dict) or not keys:
+                raise KeyringError(f"{label}: 'keys' must map key ids to base64 keys")
+            keks[str(tenant)] = (
+                str(entry["current"]),
+                {str(k): _decode_key(f"{label}, key {k!r}", v) for k, v in keys.items()},
+            )
+        try:
+            return cls(keks)
+        except KeyringError as exc:
+            raise KeyringError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LocalKeyProvider:
+        """The KEKs in ``CONFIGBUS_KEK_<TENANT>`` variables, one current key each."""
+        found: dict[str, tuple[str, dict[str, bytes]]] = {}
+        for name, value in (os.environ if environ is None else environ).items():
+            if not name.startswith("CONFIGBUS_KEK_") or not value:
+                continue
+            tenant = name.removeprefix("CONFIGBUS_KEK_").lower().replace("_", "-")
+            kek_id, sep, text = value.partition(":")
+            if not sep:
+                raise KeyringError(f"{name}: expected <kek id>:<base64 key>")
+            found[tenant] = (kek_id, {kek_id: _decode_key(name, text)})
+        return cls(found)
+
+
+def _decode_key(label: str, text: object) -> bytes:
+    if not isinstance(text, str):
+        raise KeyringError(f"{label}: not a base64 string")
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise KeyringError(f"{label}: not valid base64") from None
+    if len(key) != KEY_BYTES:
+        raise KeyringError(f"{label}: a key is {KEY_BYTES} bytes, this is {len(key)}")
+    return key
+
+
+def _check_kek(tenant: str, kek_id: str, key: bytes) -> None:
+    if not _KEK_ID.fullmatch(kek_id):
+        raise KeyringError(f"tenant {tenant!r}: malformed key id {kek_id!r}")
+    if len(key) != KEY_BYTES:
+        raise KeyringError(f"tenant {tenant!r}, key {kek_id!r}: not {KEY_BYTES} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedSecret:
+    """One secret value, encrypted. Its repr shows the version and KEK id only."""
+
+    version: int
+    kek_id: str
+    wrapped_key: bytes = field(repr=False)
+    nonce: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+
+    def encode(self) -> str:
+        parts = (self.wrapped_key, self.nonce, self.ciphertext)
+        return ".".join((PREFIX, str(self.version), self.kek_id, *map(_b64, parts)))
+
+    @classmethod
+    def decode(cls, text: str, *, what: str = "the secret") -> SealedSecret:
+        """Parse `encode`'s text; `SecretError` naming `what` when it is not one."""
+        parts = text.split(".") if isinstance(text, str) else []
+        if len(parts) != 6 or parts[0] != PREFIX:
+            raise SecretError(f"{what}: not a sealed secret ({PREFIX}.VERSION.KEK...)")
+        _, version, kek_id, *encoded = parts
+        if not version.isdigit() or not _KEK_ID.fullmatch(kek_id):
+            raise SecretError(f"{what}: malformed sealed secret")
+        try:
+            wrapped, nonce, ciphertext = (_unb64(part) for part in encoded)
+        except ValueError:
+            raise SecretError(f"{what}: malformed sealed secret") from None
+        if len(nonce) != NONCE_BYTES:
+            raise SecretError(f"{what}: malformed sealed secret")
+        return cls(int(version), kek_id, wrapped, nonce, ciphertext)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not _B64.fullmatch(text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _data_key_context(tenant: str, env: str) -> bytes:
+    return b"\x00".join((b"configbus-data-key", tenant.encode(), env.encode()))
+
+
+def _value_context(tenant: str, env: str, name: str, version: int) -> bytes:
+    fields = (b"configbus-secret", tenant.encode(), env.encode(), name.encode())
+    return b"\x00".join((*fields, str(version).encode()))
+
+
+def seal_secret(
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    name: str,
+    version: int,
+    value: bytes,
+    *,
+    data_key: bytes | None = None,
+) -> SealedSecret:
+    """`value` encrypted for (tenant, env, name, version). `data_key`: the stream's
+    data key when the caller holds it (a new one is made otherwise)."""
+    key = data_key if data_key is not None else AESGCM.generate_key(bit_length=256)
+    kek_id, wrapped = provider.wrap(tenant, key, _data_key_context(tenant, env))
+    nonce = _random.token_bytes(NONCE_BYTES)
+    ciphertext = AESGCM(key).encrypt(nonce, value, _value_context(tenant, env, name, version))
+    return SealedSecret(version, kek_id, wrapped, nonce, ciphertext)
+
+
+def open_secret(
+    provider: KeyProvider, tenant: str, env: str, name: str, sealed: SealedSecret
+) -> bytes:
+    """The plaintext of `sealed`, which must have been sealed for exactly this tenant,
+    environment and name (its version is bound too). `SecretError` names the secret
+    when it does not open: another stream's or name's, tampered with, or a KEK this
+    provider does not hold."""
+    what = f"secret {name!r} of {tenant}/{env} (v{sealed.version})"
+    try:
+        key = provider.unwrap(
+            tenant, sealed.kek_id, sealed.wrapped_key, _data_key_context(tenant, env)
+        )
+    except SecretError as exc:
+        raise SecretError(f"{what}: {exc}") from None
+    context = _value_context(tenant, env, name, sealed.version)
+    try:
+        return AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, context)
+    except (InvalidTag, ValueError):
+        raise SecretError(f"{what}: does not open (moved, or tampered with)") from None
+
+
+def rewrap(provider: KeyProvider, tenant: str, env: str, sealed: SealedSecret) -> SealedSecret:
+    """`sealed` with its data key wrapped again by the tenant's current KEK (KEK
+    rotation): the value and its ciphertext stay as they are."""
+    context = _data_key_context(tenant, env)
+    key = provider.unwrap(tenant, sealed.kek_id, sealed.wrapped_key, context)
+    kek_id, wrapped = provider.wrap(tenant, key, context)
+    return SealedSecret(sealed.version, kek_id, wrapped, sealed.nonce, sealed.ciphertext)
