@@ -4,6 +4,9 @@ The public surface is what this module exports; everything else is internal and 
 change without notice.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from configbus.errors import (
     ActiveWriterError,
     BusError,
@@ -15,20 +18,47 @@ from configbus.errors import (
     Problem,
     RefusedError,
     SchemaError,
+    SecretError,
     SettingsError,
     TreeError,
     UnknownNameError,
     VerificationError,
 )
-from configbus.subscriber import ConfigSubscriber, Snapshot, SyncSubscriber
-from configbus.tree import (
-    EnvironmentConfigManager,
-    EnvironmentTree,
-    EnvironmentType,
-    ResolvedConfig,
-    SecretRef,
-    get_environment_config,
-)
+
+if TYPE_CHECKING:
+    from configbus.subscriber import ConfigSubscriber, Snapshot, SyncSubscriber
+    from configbus.tree import (
+        EnvironmentConfigManager,
+        EnvironmentTree,
+        EnvironmentType,
+        ResolvedConfig,
+        SecretRef,
+        get_environment_config,
+    )
+
+# Imported on first use: `import configbus` (and so every `configbus` command) does not
+# pay for the SDK's and the tree's dependencies until they are asked for.
+_LAZY = {
+    "ConfigSubscriber": "configbus.subscriber",
+    "Snapshot": "configbus.subscriber",
+    "SyncSubscriber": "configbus.subscriber",
+    "EnvironmentConfigManager": "configbus.tree",
+    "EnvironmentTree": "configbus.tree",
+    "EnvironmentType": "configbus.tree",
+    "ResolvedConfig": "configbus.tree",
+    "SecretRef": "configbus.tree",
+    "get_environment_config": "configbus.tree",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'configbus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
@@ -48,6 +78,7 @@ __all__ = [
     "RefusedError",
     "ResolvedConfig",
     "SchemaError",
+    "SecretError",
     "SecretRef",
     "SettingsError",
     "Snapshot",

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Coroutine
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import yaml
 
@@ -23,16 +23,18 @@ from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
 from configbus.events import VerifiedEvent, open_envelope, shown
 from configbus.logs import configure
-from configbus.ops import RolloutReport, rollout_status
 from configbus.ops.overrides import parse_overrides
 from configbus.options import pick
-from configbus.publisher import PublisherSettings, publish_once, run
-from configbus.store import TenantStore, nest
 from configbus.telemetry import configure_from_env
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import parse_key
 from configbus.tree.values import Path, Value, format_path, freeze, redacted, walk
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from configbus.ops import RolloutReport
+    from configbus.publisher import PublisherSettings
+    from configbus.store import TenantStore
 
 __all__ = ["register", "store_layers"]
 
@@ -184,6 +186,8 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
 
 # -- publisher ------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> PublisherSettings:
+    from configbus.publisher import PublisherSettings
+
     return PublisherSettings.build(
         root=args.root,
         bootstrap_servers=args.bootstrap_servers,
@@ -206,6 +210,8 @@ def _daemon(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     configure(json_lines=True, level=args.log_level)
     configure_from_env()
+    from configbus.publisher import run
+
     return run_async(run(settings))
 
 
@@ -234,6 +240,8 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _publish_once(args: argparse.Namespace, out: TextIO) -> int:
+    from configbus.publisher import publish_once
+
     settings = _settings(args)
     configure(json_lines=False, level="WARNING" if args.log_level == "INFO" else args.log_level)
     if args.deadline <= 0:
@@ -366,6 +374,8 @@ def _overrides_line(event: VerifiedEvent) -> str:
 
 # -- rollout ------------------------------------------------------------------------
 def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
+    from configbus.ops import rollout_status
+
     kafka, topics = _kafka(args)
     _tenant_topic(topics, args.tenant)
     trust = _trust(args)
@@ -423,6 +433,8 @@ def store_layers(redis: str | None, tenant: str | None, env: str) -> list[Layer]
         return []
 
     async def read() -> Layer | None:
+        from configbus.store import TenantStore
+
         async with TenantStore(url) as store:
             return await store.layer(tenant, env)
 
@@ -431,6 +443,8 @@ def store_layers(redis: str | None, tenant: str | None, env: str) -> list[Layer]
 
 
 def _store(args: argparse.Namespace) -> TenantStore:
+    from configbus.store import TenantStore
+
     url = pick(args.redis, "CONFIGBUS_REDIS_URL", "", str)
     if not url:
         raise SettingsError("give --redis or set CONFIGBUS_REDIS_URL")
@@ -505,6 +519,8 @@ def _checked(
 ) -> str:
     """The config hash the stream will have with `values` in its store; raises
     `TreeError` (nothing is written) when that config would be refused."""
+    from configbus.store import nest
+
     layer = Layer(LayerKind.STORE, tenant, f"redis:{store.store_key(tenant, env)}", nest(values))
     config = tree.resolve(env, tenant, runtime=[layer] if values else ())
     problems = tree.problems(config)

@@ -13,7 +13,6 @@ from typing import Any, TextIO
 
 from configbus.errors import SettingsError
 from configbus.logs import configure
-from configbus.ops.rollback import release, rollback
 
 __all__ = ["register"]
 
@@ -49,6 +48,7 @@ def register(commands: Any, publisher: argparse.ArgumentParser) -> None:
 
 def _rollback(args: argparse.Namespace, out: TextIO) -> int:
     from configbus.cli_bus import _settings, run_async
+    from configbus.ops.rollback import release, rollback
 
     releasing = args.words[0] == "release" and len(args.words) == 3
     if len(args.words) != (3 if releasing else 2):

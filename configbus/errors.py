@@ -6,6 +6,7 @@
     │   ├── UnknownNameError        an environment, tenant or override that does not exist
     │   └── SchemaError             a resolved config breaks the JSON Schema
     ├── KeyringError                a signing key, public key or trust file is unusable
+    ├── SecretError                 a secret value does not seal or open (names no value)
     ├── LimitError                  a config, event or value is larger than configbus allows
     ├── VerificationError           an event failed verification; `reason` says why
     ├── NoConfigError               a subscriber found no config to start on (retriable)
@@ -40,6 +41,7 @@ __all__ = [
     "Problem",
     "RefusedError",
     "SchemaError",
+    "SecretError",
     "SettingsError",
     "TreeError",
     "UnknownNameError",
@@ -116,6 +118,11 @@ def _one_line(problem: Problem) -> str:
 
 class KeyringError(ConfigBusError):
     """A signing key, public key or trust file is missing, unreadable or malformed."""
+
+
+class SecretError(ConfigBusError):
+    """A secret could not be sealed or opened. The message names the secret (tenant,
+    environment, name), never its value."""
 
 
 class LimitError(ConfigBusError):

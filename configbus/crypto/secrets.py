@@ -36,7 +36,7 @@ import yaml
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from configbus.errors import ConfigBusError, KeyringError
+from configbus.errors import KeyringError, SecretError
 
 __all__ = [
     "KeyProvider",
@@ -53,11 +53,6 @@ KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12
 _KEK_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _B64: Final = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class SecretError(ConfigBusError):
-    """A secret could not be sealed or opened. The message names the secret (tenant,
-    environment, name), never its value."""
 
 
 class KeyProvider(Protocol):

@@ -7,6 +7,8 @@ import importlib.metadata
 import pkgutil
 import re
 
+import pytest
+
 import configbus
 
 PUBLIC = [
@@ -25,6 +27,7 @@ PUBLIC = [
     "RefusedError",
     "ResolvedConfig",
     "SchemaError",
+    "SecretError",
     "SecretRef",
     "SettingsError",
     "Snapshot",
@@ -101,3 +104,22 @@ def test_the_errors_form_one_tree_and_the_docstring_draws_all_of_it() -> None:
 
 def test_the_version_is_the_installed_distributions() -> None:
     assert configbus.__version__ == importlib.metadata.version("configbus")
+
+
+def test_the_command_line_loads_neither_the_sdk_nor_redis_until_a_command_needs_them() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, configbus.cli; "
+        "print(sorted(m for m in ('redis', 'configbus.subscriber', 'configbus.publisher') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    assert loaded == "[]"
+    assert configbus.ConfigSubscriber.__name__ == "ConfigSubscriber"  # still there, on use
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        configbus.Nope  # noqa: B018
