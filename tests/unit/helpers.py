@@ -87,3 +87,38 @@ async def eventually(predicate: Callable[[], T], what: str, timeout: float = 10.
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.01)
     return result
+
+
+class OnMemoryBus:
+    """A stream on a MemoryBus, for subscriber tests: subclasses set `bus`, `trust`,
+    `tenant`, `env` and `topics`."""
+
+    bus: Any
+    trust: Any
+    tenant: str
+    env: str
+    topics: Any
+
+    def subscriber(self, **options: Any) -> Any:
+        """A subscriber of the stream on the bus (instance i-1), `options` on top."""
+        from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+
+        defaults = {"topic_prefix": self.topics.prefix, "acks_topic": self.topics.acks}
+        settings = SubscriberSettings.build(
+            self.tenant,
+            self.env,
+            environ={},
+            bootstrap_servers="unused:9092",
+            trust=self.trust,
+            **(defaults | {"instance_id": "i-1"} | options),
+        )
+        return ConfigSubscriber(self.tenant, self.env, settings=settings, bus=self.bus)
+
+    def acks(self) -> list[Any]:
+        """Every ack on the acks topic, in order."""
+        import msgspec
+
+        from configbus.events import Ack
+
+        records = self.bus.records(self.topics.acks)
+        return [msgspec.msgpack.decode(r.value or b"", type=Ack) for r in records]

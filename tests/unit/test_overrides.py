@@ -20,7 +20,6 @@ from configbus.bus.memory import MemoryBus
 from configbus.crypto import OPERATOR, SigningKey, TrustedKey, TrustStore, generate_keypair
 from configbus.errors import ConfigBusError, KeyringError, VerificationError
 from configbus.events import (
-    Ack,
     Cause,
     EventKind,
     build_body,
@@ -39,7 +38,7 @@ from configbus.ops.overrides import (
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
 from configbus.tree.values import FrozenDict, SecretRef
 
-from .helpers import eventually
+from .helpers import OnMemoryBus, eventually
 
 TENANT, ENV = "acme", "prod"
 TOPICS = TopicNames(prefix="t.", audit="audit", acks="acks", state="state")
@@ -74,9 +73,11 @@ def override_value(
     return seal(body, key)
 
 
-class Fleet:
+class Fleet(OnMemoryBus):
     """A tenant topic on a MemoryBus with a snapshot, the publisher's key, and operator
     keys: one for this tenant (max_ttl 1h), one for another tenant only."""
+
+    tenant, env, topics = TENANT, ENV, TOPICS
 
     def __init__(self, tmp_path: Path) -> None:
         def key(kid: str) -> SigningKey:
@@ -170,21 +171,6 @@ class Fleet:
         value = override_value(key, entries, issued_at=now, version=version)
         async with self.bus.producer() as producer:
             await producer.send_and_wait(TOPIC, value, key=b"prod/override")
-
-    def subscriber(self, **options: Any) -> ConfigSubscriber:
-        settings = SubscriberSettings.build(
-            TENANT,
-            ENV,
-            environ={},
-            bootstrap_servers="unused:9092",
-            trust=self.trust,
-            **{"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks, "instance_id": "i-1"}
-            | options,
-        )
-        return ConfigSubscriber(TENANT, ENV, settings=settings, bus=self.bus)
-
-    def acks(self) -> list[Ack]:
-        return [msgspec.msgpack.decode(r.value or b"", type=Ack) for r in self.bus.records("acks")]
 
 
 @pytest.fixture

@@ -21,19 +21,21 @@ from configbus.crypto.trust import TrustedKey
 from configbus.errors import NoConfigError, VerificationError
 from configbus.events import Ack, Cause, EventBody, build_body, now_ns, open_envelope, seal
 from configbus.limits import LimitError, Limits
-from configbus.subscriber import ConfigSubscriber, SubscriberSettings
+from configbus.subscriber import ConfigSubscriber
 from configbus.tree.resolved import ResolvedConfig
 
-from .helpers import eventually
+from .helpers import OnMemoryBus, eventually
 
 TENANT, ENV = "acme", "prod"
 TOPICS = TopicNames(prefix="t.", audit="audit", acks="acks", state="state")
 TOPIC = TOPICS.tenant_topic(TENANT)
 
 
-class Stream:
+class Stream(OnMemoryBus):
     """One tenant topic on a MemoryBus, a publisher key, and a second key the trust file
     does not know."""
+
+    tenant, env, topics = TENANT, ENV, TOPICS
 
     def __init__(self, tmp_path: Path) -> None:
         self.key = SigningKey.load(generate_keypair("pub", tmp_path / "keys")[0], "pub")
@@ -61,21 +63,6 @@ class Stream:
     async def put(self, value: bytes, *, key: bytes = ENV.encode()) -> None:
         async with self.bus.producer() as producer:
             await producer.send_and_wait(TOPIC, value, key=key)
-
-    def subscriber(self, **options: Any) -> ConfigSubscriber:
-        settings = SubscriberSettings.build(
-            TENANT,
-            ENV,
-            environ={},
-            bootstrap_servers="unused:9092",
-            trust=self.trust,
-            **{"topic_prefix": TOPICS.prefix, "acks_topic": TOPICS.acks, "instance_id": "i-1"}
-            | options,
-        )
-        return ConfigSubscriber(TENANT, ENV, settings=settings, bus=self.bus)
-
-    def acks(self) -> list[Ack]:
-        return [msgspec.msgpack.decode(r.value or b"", type=Ack) for r in self.bus.records("acks")]
 
 
 @pytest.fixture
