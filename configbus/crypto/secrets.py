@@ -18,6 +18,30 @@ value, and no repr shows a key or a plaintext.
     sealed = seal_secret(provider, "acme", "prod", "database/password", 1, b"s3cret")
     text = sealed.encode()                      # what the tree or the store holds
     value = open_secret(provider, "acme", "prod", "database/password", SealedSecret.decode(text))
+
+A KMS behind `KeyProvider` (a worked example: AWS KMS with boto3, one KMS key per
+tenant; the context goes in as the encryption context, which KMS binds like AEAD data)::
+
+    class KmsKeyProvider:
+        def __init__(self, kms, key_ids: dict[str, str]) -> None:
+            self.kms, self.key_ids = kms, key_ids          # tenant -> KMS key ARN
+
+        def wrap(self, tenant, data_key, context):
+            answer = self.kms.encrypt(
+                KeyId=self.key_ids[tenant], Plaintext=data_key,
+                EncryptionContext={"configbus": context.hex()},
+            )
+            return "kms", answer["CiphertextBlob"]           # KMS names its key itself
+
+        def unwrap(self, tenant, kek_id, wrapped, context):
+            answer = self.kms.decrypt(
+                KeyId=self.key_ids[tenant], CiphertextBlob=wrapped,
+                EncryptionContext={"configbus": context.hex()},
+            )
+            return answer["Plaintext"]
+
+Vault transit is the same shape (`encrypt`/`decrypt` on ``transit/keys/<tenant>`` with
+``context`` = the bytes above, base64); an HSM unwraps with its key handle.
 """
 
 from __future__ import annotations
