@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import sys
 import time
 from collections.abc import Coroutine
@@ -197,17 +198,33 @@ def _path(key: str) -> str:
 
 
 def _assignment(text: str) -> tuple[str, Any]:
-    """KEY=VALUE, the value read as YAML (a scalar, or a flow list or mapping)."""
+    """KEY=VALUE, the value typed as YAML 1.2 types scalars: ``true``, ``false``,
+    ``null``, numbers; anything else is text (``no``, ``on``, ``0755`` and ``1:30`` stay
+    as typed, where YAML 1.1 would turn them into false, true, 493 and 90), unless
+    quoted or a flow list or mapping (``[a, b]``, ``{k: v}``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise UnknownNameError(f"{text!r}: expected KEY=VALUE")
     try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        value = _typed(raw)
+    except (yaml.YAMLError, ValueError):
         raise UnknownNameError(f"{key}: the value is not valid YAML") from None  # not echoed
     if not _json_like(value):
         raise UnknownNameError(f"{key}: the value must be plain data (YAML scalars, lists, maps)")
     return _path(key), value
+
+
+def _typed(raw: str) -> Any:
+    text = raw.strip()
+    if text[:1] in ("[", "{", "'", '"'):
+        return yaml.safe_load(text)  # a flow collection or a quoted string
+    try:
+        value = json.loads(text)  # true, false, null and numbers, as YAML 1.2's core schema
+    except ValueError:
+        return raw  # text, as typed
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value if value is None or isinstance(value, bool | int | float) else raw
 
 
 def _json_like(value: Any) -> bool:

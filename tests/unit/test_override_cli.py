@@ -173,3 +173,36 @@ def test_keys_generate_for_an_operator_asks_for_its_scope_and_max_ttl(
     assert code == 0
     entry = TrustStore.load(tmp_path / "t.yml").get("bob")
     assert entry is not None and (entry.role, entry.max_ttl) == (OPERATOR, 5400)
+
+
+@pytest.mark.parametrize(
+    ("typed", "value"),
+    [
+        ("no", "no"),  # YAML 1.1 would make these false, true, 493 and 90
+        ("on", "on"),
+        ("0755", "0755"),
+        ("1:30", "1:30"),
+        ("true", True),
+        ("null", None),
+        ("12", 12),
+        ("0.5", 0.5),
+        ('"12"', "12"),
+        ("'yes'", "yes"),
+        ("[a, 2]", ["a", 2]),
+        ("", ""),
+    ],
+)
+def test_override_values_are_typed_as_yaml_1_2_types_scalars(typed: str, value: object) -> None:
+    from configbus.cli_override import _assignment
+
+    assert _assignment(f"feature.mode={typed}") == ("feature.mode", value)
+
+
+def test_a_value_that_is_not_a_finite_number_is_refused(
+    capsys: pytest.CaptureFixture[str], keys: tuple[Path, Path, Path]
+) -> None:
+    trust, alice, _ = keys
+
+    code, err = run(capsys, *set_(trust, alice, "a=Infinity", "--ttl", "5m", "--reason", "x"))
+
+    assert code == 2 and "a: the value is not valid YAML" in err
