@@ -288,6 +288,7 @@ def override_transactional_id(topics: TopicNames, tenant: str, env: str) -> str:
 class _Current:
     state: OverrideState | None  # the latest record that verifies
     skipped: tuple[str, ...] = ()  # newer records that do not, and why
+    topic_exists: bool = True
 
 
 async def read_overrides(
@@ -315,7 +316,7 @@ async def _read(
     reader = bus.reader(topic)
     try:
         if not await reader.start():
-            return _Current(None)
+            return _Current(None, topic_exists=False)
         records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
     finally:
         await reader.stop()
@@ -435,7 +436,8 @@ async def _write_once(
     if len(value) > limits.event_bytes:
         raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
     _check_own(value, trust, tenant, env, limits, entries, key)
-    if not await _topic_exists(bus, topic := topics.tenant_topic(tenant)):
+    topic = topics.tenant_topic(tenant)
+    if not current.topic_exists:  # learned by the read above: no second round trip
         raise ConfigBusError(
             f"{topic} does not exist: nothing was ever published for tenant {tenant}"
         )
@@ -493,14 +495,6 @@ def _check_own(
         raise ConfigBusError(
             f"{tenant}/{env}: subscribers would refuse this override set ({exc}); nothing written"
         ) from None
-
-
-async def _topic_exists(bus: Bus, topic: str) -> bool:
-    reader = bus.reader(topic)
-    try:
-        return await reader.start()
-    finally:
-        await reader.stop()
 
 
 def paths_of(entries: Iterable[OverrideEntry]) -> str:
