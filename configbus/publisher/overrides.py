@@ -58,6 +58,7 @@ class OverrideKeeper:
         self.is_writer = is_writer
         self.states: dict[Stream, OverrideState] = {}
         self.expiries_published = 0
+        self.rounds = 0  # polls done: each looks for expiries due
         self._untrusted: set[Stream] = set()  # logged once each
         self._retry_at: dict[Stream, float] = {}  # after a failed expiry: when to try again
 
@@ -79,6 +80,7 @@ class OverrideKeeper:
                 for record in await reader.poll(self._poll_ms()):
                     self._received(record)
                 await self._publish_expiries()
+                self.rounds += 1
         finally:
             with contextlib.suppress(Exception):
                 await reader.stop()

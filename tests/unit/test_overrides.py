@@ -557,8 +557,9 @@ async def test_a_daemon_started_after_an_override_expired_publishes_the_expiry(
     world, alice, trust, trust_file = await _daemon_world(tmp_path)
     async with world.daemon(trust=trust_file) as daemon:
         await eventually(lambda: ("aurora-records", "prod") in daemon.publisher.states, "v1")
+    expires = now_ns() + SECOND // 20
     await _short_override(world, alice, trust, ttl=0.05)  # set and expired while it is down
-    await asyncio.sleep(0.1)  # let it run out: the point of the test is a past expiry
+    await eventually(lambda: now_ns() > expires, "the override to run out")
 
     async with world.daemon(trust=trust_file) as daemon:
         await eventually(lambda: daemon.overrides.expiries_published == 1, "the expiry")
@@ -573,7 +574,11 @@ async def test_a_standby_daemon_does_not_publish_expiries(tmp_path: Path) -> Non
         daemon.active.clear()  # as when another writer took over
         await _short_override(world, alice, trust, ttl=0.05)
         await eventually(lambda: daemon.overrides.states, "the override learned")
-        await asyncio.sleep(0.3)  # several polls past the expiry: nothing may be published
+        expired = now_ns() + SECOND // 20
+        await eventually(lambda: now_ns() > expired, "the override to run out")
+        polls = daemon.overrides.rounds
+        # Several polls past the expiry, each of which would have published it.
+        await eventually(lambda: daemon.overrides.rounds >= polls + 3, "three more polls")
 
         assert daemon.overrides.expiries_published == 0
         daemon.active.set()
@@ -851,3 +856,15 @@ async def test_the_agent_passes_overrides_on_and_serves_them_from_its_cache_with
             1,
             99,
         )
+
+
+async def test_overriding_a_tenant_that_never_published_says_so_and_writes_nothing(
+    fleet: Fleet,
+) -> None:
+    fleet.bus = MemoryBus()  # no tenant topic at all
+    fleet.bus.create_topic(TOPICS.audit, compact=False)
+
+    with pytest.raises(ConfigBusError, match=r"t\.acme does not exist: nothing was ever"):
+        await fleet.override({"pool": 1})
+
+    assert fleet.bus.records(TOPICS.audit) == []
