@@ -38,6 +38,7 @@ from configbus.ops.overrides import (
     read_overrides,
     write_overrides,
 )
+from configbus.ops.rollout import has_stopped
 from configbus.options import format_duration, parse_duration, pick
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.layer import Layer
@@ -326,6 +327,8 @@ async def _acks(
     prefix = f"{tenant}/{env}/".encode()
     known: set[str] = set()
     answers: dict[str, Ack] = {}
+    last: dict[str, Ack] = {}
+    stopped: dict[str, Ack] = {}
     async for record in bus.read_to_end([topics.acks]):
         if not (record.key or b"").startswith(prefix) or record.value is None:
             continue
@@ -334,9 +337,18 @@ async def _acks(
         except msgspec.DecodeError:
             continue
         known.add(ack.instance)
+        if ack.status == "stopped":
+            stopped[ack.instance] = ack
+        elif ack.instance not in last or _heard(ack) >= _heard(last[ack.instance]):
+            last[ack.instance] = ack
         if ack.channel == OVERRIDE_CHANNEL and ack.version == version:
             answers[ack.instance] = ack
+    known -= {i for i, stop in stopped.items() if has_stopped(stop, last.get(i))}
     return known, answers
+
+
+def _heard(ack: Ack) -> int:
+    return ack.received_at or ack.applied_at
 
 
 # -- list -------------------------------------------------------------------------------

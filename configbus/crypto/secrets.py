@@ -51,7 +51,7 @@ import os
 import re
 import secrets as _random
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -67,6 +67,8 @@ __all__ = [
     "LocalKeyProvider",
     "SealedSecret",
     "SecretError",
+    "SecretReader",
+    "data_key_of",
     "open_secret",
     "rewrap",
     "seal_secret",
@@ -77,6 +79,7 @@ KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12
 _KEK_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _B64: Final = re.compile(r"[A-Za-z0-9_-]+")
+_DATA_KEYS_KEPT: Final = 256  # unwrapped data keys a reader keeps (one per stream and KEK)
 
 
 class KeyProvider(Protocol):
@@ -285,24 +288,82 @@ def seal_secret(
 
 
 def open_secret(
-    provider: KeyProvider, tenant: str, env: str, name: str, sealed: SealedSecret
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    name: str,
+    sealed: SealedSecret,
+    *,
+    data_keys: dict[tuple[str, bytes], bytes] | None = None,
 ) -> bytes:
     """The plaintext of `sealed`, which must have been sealed for exactly this tenant,
     environment and name (its version is bound too). `SecretError` names the secret
     when it does not open: another stream's or name's, tampered with, or a KEK this
     provider does not hold."""
     what = f"secret {name!r} of {tenant}/{env} (v{sealed.version})"
-    try:
-        key = provider.unwrap(
-            tenant, sealed.kek_id, sealed.wrapped_key, _data_key_context(tenant, env)
-        )
-    except SecretError as exc:
-        raise SecretError(f"{what}: {exc}") from None
+    known = (sealed.kek_id, sealed.wrapped_key)
+    key = data_keys.get(known) if data_keys is not None else None
+    if key is None:
+        try:
+            key = provider.unwrap(
+                tenant, sealed.kek_id, sealed.wrapped_key, _data_key_context(tenant, env)
+            )
+        except SecretError as exc:
+            raise SecretError(f"{what}: {exc}") from None
+        if data_keys is not None:
+            if len(data_keys) >= _DATA_KEYS_KEPT:
+                data_keys.pop(next(iter(data_keys)))
+            data_keys[known] = key
     context = _value_context(tenant, env, name, sealed.version)
     try:
         return AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, context)
     except (InvalidTag, ValueError):
         raise SecretError(f"{what}: does not open (moved, or tampered with)") from None
+
+
+class SecretReader:
+    """Opens one stream's sealed secrets on access, with a `KeyProvider` that holds the
+    tenant's key-encryption keys. Keeps the data keys it unwrapped (an unwrap may be a
+    KMS call), never a plaintext. Shared by the configs a subscriber applies."""
+
+    def __init__(self, provider: KeyProvider, tenant: str, env: str) -> None:
+        self.provider, self.tenant, self.env = provider, tenant, env
+        self._data_keys: dict[tuple[str, bytes], bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"SecretReader({self.tenant}/{self.env})"
+
+    def open(self, name: str, sealed: Sequence[str], version: int | None = None) -> bytes:
+        """The plaintext of secret `name`: its newest version in `sealed`, or `version`.
+        `SecretError` names the secret (never a value) when it has no such version or
+        does not open."""
+        where = f"secret {name!r} of {self.tenant}/{self.env}"
+        if not sealed:
+            raise SecretError(
+                f"{where} has no value: set one with "
+                f"`configbus secret set {self.tenant} {self.env} {name}`"
+            )
+        texts = [SealedSecret.decode(text, what=where) for text in sealed]
+        chosen = (
+            texts[0]
+            if version is None
+            else next((item for item in texts if item.version == version), None)
+        )
+        if chosen is None:
+            live = ", ".join(f"v{item.version}" for item in texts)
+            raise SecretError(f"{where} has no version {version} (live: {live})")
+        return open_secret(
+            self.provider, self.tenant, self.env, name, chosen, data_keys=self._data_keys
+        )
+
+
+def data_key_of(provider: KeyProvider, tenant: str, env: str, sealed: SealedSecret) -> bytes:
+    """The data key `sealed` was sealed with (to seal more values of the stream with it)."""
+    context = _data_key_context(tenant, env)
+    try:
+        return provider.unwrap(tenant, sealed.kek_id, sealed.wrapped_key, context)
+    except SecretError as exc:
+        raise SecretError(f"{tenant}/{env}: the stream's data key: {exc}") from None
 
 
 def rewrap(provider: KeyProvider, tenant: str, env: str, sealed: SealedSecret) -> SealedSecret:

@@ -8,7 +8,8 @@ last rejected ack of each instance survive).
 
 An instance behind the target whose last acknowledgement is older than `instance_ttl`
 is counted as gone, not as a straggler: acknowledgements are all there is to know an
-instance by until instances send heartbeats.
+instance by until instances send heartbeats. An instance that stopped cleanly says so
+(an ack of status ``stopped``) and leaves the fleet at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from configbus.crypto import TrustStore
 from configbus.errors import UnknownNameError, VerificationError
 from configbus.events import Ack, open_envelope
 
-__all__ = ["InstanceStatus", "RolloutReport", "rollout_status"]
+__all__ = ["InstanceStatus", "RolloutReport", "has_stopped", "rollout_status"]
 
 _ack_decoder = msgspec.msgpack.Decoder(Ack)
 
@@ -132,6 +133,14 @@ class RolloutReport:
         return "\n".join(lines)
 
 
+def has_stopped(stop: Ack | None, *answers: Ack | None) -> bool:
+    """Whether an instance's `stopped` ack is newer than every answer it gave: it left
+    the fleet on purpose (a restart under the same id answers again, and counts)."""
+    if stop is None:
+        return False
+    return all(a is None or (a.received_at or a.applied_at) <= stop.applied_at for a in answers)
+
+
 async def latest_version(
     kafka: KafkaSettings, topics: TopicNames, tenant: str, env: str, trust: TrustStore
 ) -> int:
@@ -177,6 +186,7 @@ async def rollout_status(
     prefix = f"{tenant}/{env}/".encode()
     applied: dict[str, Ack] = {}
     rejected: dict[str, Ack] = {}
+    stopped: dict[str, Ack] = {}
     async for record in read_to_end(kafka, [topics.acks]):
         if not record.key or not record.key.startswith(prefix) or record.value is None:
             continue
@@ -186,7 +196,7 @@ async def rollout_status(
             continue
         if ack.channel != SNAPSHOT_CHANNEL:
             continue  # an override's ack: its versions are the override channel's
-        seen = applied if ack.status == "applied" else rejected
+        seen = {"applied": applied, "stopped": stopped}.get(ack.status, rejected)
         known = seen.get(ack.instance)
         if known is None or ack.version >= known.version:
             seen[ack.instance] = ack
@@ -194,6 +204,8 @@ async def rollout_status(
     horizon = time.time_ns() - int(instance_ttl * 1e9)
     for instance in sorted(applied.keys() | rejected.keys()):
         good, bad = applied.get(instance), rejected.get(instance)
+        if has_stopped(stopped.get(instance), good, bad):
+            continue  # stopped on purpose after its last answer: not part of the fleet
         latency = None
         if good is not None and good.detected_at and good.applied_at and not good.startup:
             latency = (good.applied_at - good.detected_at) / 1e6

@@ -5,6 +5,8 @@ the tenant's file layer and publishes. Redis holds:
 
     <prefix>store:<tenant>:<env>    HASH   field: the key path as a JSON array
                                            value: the value as JSON
+                                           field $secret:<name>: a sealed secret's
+                                           record as JSON (see configbus.tree.sealed)
     <prefix>event:<tenant>:<env>    STRING the latest signed event (record value bytes)
     <prefix>status                  HASH   field: <tenant>/<env>; value: JSON of what
                                            became of the stream's last publication
@@ -39,10 +41,11 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from configbus.errors import BusError, LimitError, SettingsError
+from configbus.errors import BusError, LimitError, SettingsError, TreeError
 from configbus.limits import DEFAULT_LIMITS
 from configbus.redact import without_credentials
 from configbus.tree.layer import Layer, LayerKind
+from configbus.tree.sealed import SecretRecord, parse_record, record_document
 from configbus.tree.values import FrozenDict, Path, Value, format_path, freeze, freeze_json, thaw
 
 __all__ = ["DEFAULT_PREFIX", "TenantStore"]
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "configbus:"
 META_FIELD: Final = "$meta"  # who wrote last and why; never a key path (those are JSON arrays)
+SECRET_FIELD: Final = "$secret:"  # + a secret's name: its sealed record
 # Keyspace notification classes that report every change of a hash: hash commands,
 # generic ones (DEL, RENAME, ...), expiry and eviction ("A" stands for all of them).
 _EVERY_CHANGE: Final = frozenset("hgxe")
@@ -130,14 +134,7 @@ class TenantStore:
     # -- values --------------------------------------------------------------------
     async def values(self, tenant: str, env: str) -> dict[Path, Value]:
         """Every value set for the stream, by key path."""
-        key = self.store_key(tenant, env)
-        try:
-            raw = await self.redis.hgetall(key)
-        except ResponseError as exc:  # the key holds something else than a hash
-            raise LimitError(f"{key}: {_not_a_hash(exc)}") from None
-        except RedisError as exc:
-            raise BusError(f"redis: {exc}") from exc
-        return _values(raw, key)
+        return _values(await self._hash(tenant, env), self.store_key(tenant, env))
 
     async def meta(self, tenant: str, env: str) -> dict[str, Any]:
         """Who last wrote the stream's store, and why: actor, reason, at (ns)."""
@@ -167,8 +164,53 @@ class TenantStore:
 
     async def layer(self, tenant: str, env: str) -> Layer | None:
         """The stream's store as a layer (kind STORE), or None when nothing is set."""
-        values = await self.values(tenant, env)
-        return self._layer(tenant, env, values) if values else None
+        raw = await self._hash(tenant, env)
+        key = self.store_key(tenant, env)
+        values, records = _values(raw, key), _records(raw, key)
+        return self._layer(tenant, env, values, records) if values or records else None
+
+    async def secrets(self, tenant: str, env: str) -> dict[str, SecretRecord]:
+        """The stream's sealed secrets in the store, by name."""
+        return _records(await self._hash(tenant, env), self.store_key(tenant, env))
+
+    async def put_secrets(
+        self,
+        tenant: str,
+        env: str,
+        records: Sequence[SecretRecord],
+        *,
+        removed: Sequence[str] = (),
+        actor: str = "",
+        reason: str = "",
+    ) -> None:
+        """Write sealed secret records (and remove `removed` names) with who and why,
+        in one transaction."""
+        key = self.store_key(tenant, env)
+        mapping: dict[str | bytes, str | bytes] = {
+            SECRET_FIELD + record.name: json.dumps(record_document(record), separators=(",", ":"))
+            for record in records
+        }
+        mapping[META_FIELD] = json.dumps({"actor": actor, "reason": reason, "at": time.time_ns()})
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if removed:
+                    pipe.hdel(key, *[SECRET_FIELD + name for name in removed])
+                pipe.hset(key, mapping=mapping)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        finally:
+            self.forget((tenant, env))
+
+    async def _hash(self, tenant: str, env: str) -> Mapping[bytes | str, bytes | str]:
+        key = self.store_key(tenant, env)
+        try:
+            raw: Mapping[bytes | str, bytes | str] = await self.redis.hgetall(key)
+        except ResponseError as exc:  # the key holds something else than a hash
+            raise LimitError(f"{key}: {_not_a_hash(exc)}") from None
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        return raw
 
     async def layers(
         self,
@@ -216,24 +258,32 @@ class TenantStore:
                     if isinstance(raw, Exception):
                         raise BusError(f"redis: {raw}")
                     values = _values(raw, key)
+                    records = _records(raw, key)
                 except LimitError as exc:
                     if problems is None:
                         raise
                     problems[(tenant, env)] = str(exc)
                     continue
-                layer = self._layer(tenant, env, values) if values else None
+                layer = self._layer(tenant, env, values, records) if values or records else None
                 if layer is not None:
                     found[(tenant, env)] = layer
                 if keep:
                     self._cache[(tenant, env)] = layer
         return found
 
-    def _layer(self, tenant: str, env: str, values: Mapping[Path, Value]) -> Layer:
+    def _layer(
+        self,
+        tenant: str,
+        env: str,
+        values: Mapping[Path, Value],
+        records: Mapping[str, SecretRecord] | None = None,
+    ) -> Layer:
         return Layer(
             LayerKind.STORE,
             tenant,
             f"redis:{self.store_key(tenant, env)}",
             nest(values),
+            sealed={name: record.versions for name, record in (records or {}).items()},
         )
 
     async def set(
@@ -458,7 +508,7 @@ def _values(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[Path,
     ours that breaks the limits (too large, nested too deep) raises `LimitError`."""
     values: dict[Path, Value] = {}
     for name, value in raw.items():
-        if name in (META_FIELD, META_FIELD.encode()):
+        if name in (META_FIELD, META_FIELD.encode()) or _is_secret_field(name):
             continue
         shown = (name.decode(errors="replace") if isinstance(name, bytes) else name)[:100]
         if len(value) > DEFAULT_LIMITS.config_bytes:
@@ -474,6 +524,35 @@ def _values(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[Path,
             continue
         values[path] = freeze_json(decoded, what=f"{key}: field {shown}")
     return values
+
+
+def _is_secret_field(name: bytes | str) -> bool:
+    return (name.decode(errors="replace") if isinstance(name, bytes) else name).startswith(
+        SECRET_FIELD
+    )
+
+
+def _records(raw: Mapping[bytes | str, bytes | str], key: str) -> dict[str, SecretRecord]:
+    """The sealed secrets of a store hash, by name. One that is not a record of ours
+    raises `LimitError` naming the key and field (never its content)."""
+    records: dict[str, SecretRecord] = {}
+    for field_name, value in raw.items():
+        if not _is_secret_field(field_name):
+            continue
+        text = field_name.decode(errors="replace") if isinstance(field_name, bytes) else field_name
+        name = text[len(SECRET_FIELD) :]
+        where = f"redis:{key}"
+        if len(value) > DEFAULT_LIMITS.config_bytes:
+            limit = DEFAULT_LIMITS.config_bytes
+            raise LimitError(f"{where}: field {text[:100]}: over {limit} bytes")
+        document = _json_object(value)
+        try:
+            if document is None:
+                raise LimitError(f"{where}: field {text[:100]}: not a JSON record")
+            records[name] = parse_record(name, document, where)
+        except TreeError as exc:
+            raise LimitError(str(exc.problems[0])) from None
+    return records
 
 
 def _path(field: bytes | str) -> Path:

@@ -51,7 +51,7 @@ from opentelemetry.trace import StatusCode
 from configbus.agent.protocol import Hello
 from configbus.bus import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, KafkaBus, Record, TopicNames
 from configbus.bus.base import ReaderAPI
-from configbus.crypto import PUBLISHER
+from configbus.crypto import PUBLISHER, SecretReader
 from configbus.errors import (
     BusError,
     ConfigBusError,
@@ -160,6 +160,8 @@ class ConfigSubscriber:
         kafka = self.settings.kafka
         self._bus: Bus | None = bus or (KafkaBus(kafka) if kafka is not None else None)
         self._bus_is_own = bus is None  # then subscribers of one cluster share an ack producer
+        keys = self.settings.secret_keys
+        self._secrets = SecretReader(keys, self.tenant, self.env) if keys is not None else None
         self._current = Snapshot(_EMPTY, 0, None)
         self._base = _EMPTY  # the snapshot channel's config, before overrides
         self._pending: OverrideState | None = None  # an override set before any snapshot
@@ -334,6 +336,10 @@ class ConfigSubscriber:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
         await finish(task, f"{self.tenant}/{self.env} follow")
+        if self.version:  # gone on purpose: nobody waits for this instance's answers
+            now = time.time_ns()
+            current = self._current
+            self._ack(current.event, "stopped", "", now, now, current.trace_id)
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -636,7 +642,7 @@ class ConfigSubscriber:
         if not isinstance(data, dict):
             raise VerificationError("malformed", "config is not a JSON object")
         override = self._current.override or self._pending
-        base = ResolvedConfig(data, env=self.env, tenant=self.tenant)
+        base = ResolvedConfig(data, env=self.env, tenant=self.tenant, secrets=self._secrets)
         try:
             new, entries = self._composed(base, override)
             self._validate(new)
@@ -691,7 +697,8 @@ class ConfigSubscriber:
         if not entries:
             return base, ()
         data = compose(base.data, override.active_values(now))
-        return ResolvedConfig(data, env=self.env, tenant=self.tenant), entries
+        config = ResolvedConfig(data, env=self.env, tenant=self.tenant, secrets=self._secrets)
+        return config, entries
 
     def _validate(self, config: ResolvedConfig) -> None:
         for validator in self._validators:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypedDict, Unpack
 
 from configbus.bus import KafkaSettings, TopicNames
-from configbus.crypto import TrustStore
+from configbus.crypto import KeyProvider, LocalKeyProvider, TrustStore
 from configbus.errors import SettingsError
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.options import pick
@@ -39,6 +39,9 @@ class SubscriberOptions(TypedDict, total=False):
     start_timeout: float  # CONFIGBUS_START_TIMEOUT, default 30 s
     offline_grace: float  # CONFIGBUS_OFFLINE_GRACE, default 5 s
     send_acks: bool  # default True
+    # CONFIGBUS_SECRET_KEYS: a key file of the tenant's key-encryption keys; without
+    # one, CONFIGBUS_KEK_<TENANT> variables; without those, secrets cannot be read.
+    secret_keys: KeyProvider | str | os.PathLike[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class SubscriberSettings:
     send_acks: bool = True
     limits: Limits = DEFAULT_LIMITS  # what a record may hold (configbus.limits)
     agent: Path | None = None  # the host agent's socket: records come through it
+    secret_keys: KeyProvider | None = None  # opens the stream's sealed secrets
 
     def __post_init__(self) -> None:
         if self.kafka is None and self.agent is None:
@@ -88,6 +92,7 @@ class SubscriberSettings:
         start_timeout = options.get("start_timeout")
         offline_grace = options.get("offline_grace")
         send_acks = options.get("send_acks")
+        secret_keys = options.get("secret_keys")
 
         def get(value: object, name: str, default: object, convert: object = str) -> object:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)  # type: ignore[arg-type]
@@ -100,6 +105,12 @@ class SubscriberSettings:
         if not isinstance(trusted, TrustStore):
             trusted = TrustStore.load(str(trusted))
         cache = get(cache_dir, "CACHE_DIR", None)
+        keys = secret_keys if _is_provider(secret_keys) else get(secret_keys, "SECRET_KEYS", None)
+        if keys is not None and not _is_provider(keys):
+            keys = LocalKeyProvider.from_file(str(keys))
+        elif keys is None:
+            from_env = LocalKeyProvider.from_env(environ)
+            keys = from_env if from_env.tenants else None
         return cls(
             tenant=tenant,
             env=env,
@@ -117,4 +128,9 @@ class SubscriberSettings:
             start_timeout=float(get(start_timeout, "START_TIMEOUT", 30.0, float)),  # type: ignore[arg-type]
             offline_grace=float(get(offline_grace, "OFFLINE_GRACE", 5.0, float)),  # type: ignore[arg-type]
             send_acks=bool(send_acks) if send_acks is not None else True,
+            secret_keys=keys,  # type: ignore[arg-type]
         )
+
+
+def _is_provider(value: object) -> bool:
+    return hasattr(value, "unwrap") and hasattr(value, "wrap")

@@ -25,6 +25,7 @@ class LayerKind(enum.StrEnum):
     ENVIRONMENT = "environment"  # <env>/<env>.yml
     OVERRIDE = "override"  # <env>/overrides/<name>.yml
     TENANT = "tenant"  # tenants/<tenant>/<env>.yml
+    SECRETS = "secrets"  # tenants/<tenant>/secrets/<env>.yml: sealed secrets, no values
     STORE = "store"  # the run-time tenant store (Redis)
     EMERGENCY = "emergency"  # operators' emergency overrides
 
@@ -69,6 +70,8 @@ class Layer:
     source: str
     data: Mapping[str, LayerValue] = field(default_factory=lambda: EMPTY)
     lines: Mapping[Path, int] = field(default_factory=dict)
+    # Sealed secrets this layer carries: name -> live versions, newest first.
+    sealed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Paths where this layer writes a plain string under a secret-named key.
     plain_secrets: tuple[Path, ...] = field(init=False, default=())
 

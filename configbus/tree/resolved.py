@@ -16,13 +16,15 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
+from configbus.errors import SecretError
 from configbus.tree.layer import MISSING, Layer, Origin, _Missing
 from configbus.tree.values import (
     DELETE,
     LayerValue,
     Path,
+    SecretRef,
     Value,
     canonical_json,
     format_path,
@@ -31,7 +33,14 @@ from configbus.tree.values import (
     walk,
 )
 
-__all__ = ["ResolvedConfig", "Step", "parse_key"]
+__all__ = ["ResolvedConfig", "SecretOpener", "Step", "parse_key"]
+
+
+class SecretOpener(Protocol):
+    """What opens a stream's sealed secrets (`configbus.crypto.SecretReader`)."""
+
+    def open(self, name: str, sealed: Sequence[str], version: int | None = None) -> bytes: ...
+
 
 _INDEX = re.compile(r"0|[1-9][0-9]*")
 
@@ -66,8 +75,10 @@ class ResolvedConfig(Mapping[str, Value]):
         env: str | None = None,
         tenant: str | None = None,
         overrides: Sequence[str] = (),
+        secrets: SecretOpener | None = None,
     ) -> None:
         setattr_ = object.__setattr__
+        setattr_(self, "secrets", secrets)
         setattr_(self, "_data", data)
         setattr_(self, "layers", tuple(layers))
         setattr_(self, "env", env)
@@ -79,6 +90,7 @@ class ResolvedConfig(Mapping[str, Value]):
     env: str | None
     tenant: str | None
     overrides: tuple[str, ...]
+    secrets: SecretOpener | None  # opens sealed secrets; None: none can be read here
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("ResolvedConfig is immutable")
@@ -148,6 +160,43 @@ class ResolvedConfig(Mapping[str, Value]):
         """A mutable copy safe to print: secrets show as ``<secret:NAME>``."""
         result: dict[str, Any] = redacted(self._data)
         return result
+
+    # -- secrets ----------------------------------------------------------------------------
+    def secret(self, key: str | Path, *, version: int | None = None) -> str:
+        """The plain text of the secret referenced at `key` (``!secret NAME`` in the
+        tree), decrypted now, on access; see `secret_bytes`."""
+        value = self.secret_bytes(key, version=version)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SecretError(
+                f"{format_path(parse_key(key))}: the secret is binary; use secret_bytes()"
+            ) from None
+
+    def secret_bytes(self, key: str | Path, *, version: int | None = None) -> bytes:
+        """The bytes of the secret referenced at `key`: its newest version, or
+        `version` while a rotation keeps an older one valid. Raises `SecretError`
+        naming the key and the secret, never a value: no reference there, no value set,
+        no key-encryption key given, or a ciphertext that does not open (tampered with,
+        or moved from another stream)."""
+        path = parse_key(key)
+        value = self._lookup(path)
+        if not isinstance(value, SecretRef):
+            raise SecretError(f"{format_path(path)}: not a secret reference (!secret NAME)")
+        if self.secrets is None:
+            raise SecretError(
+                f"{format_path(path)}: secret {value.name!r} cannot be read here: no "
+                "key-encryption key was given (secret_keys=..., CONFIGBUS_SECRET_KEYS "
+                "or CONFIGBUS_KEK_<TENANT>)"
+            )
+        return self.secrets.open(value.name, value.sealed, version)
+
+    def secret_version(self, key: str | Path) -> int:
+        """The newest version of the secret referenced at `key` (0 when none is set)."""
+        value = self._lookup(parse_key(key))
+        if not isinstance(value, SecretRef):
+            raise SecretError(f"{key}: not a secret reference (!secret NAME)")
+        return value.versions[0] if value.sealed else 0
 
     # -- provenance ---------------------------------------------------------------------
     def origin(self, key: str | Path) -> Origin | None:

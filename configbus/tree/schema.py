@@ -18,7 +18,7 @@ from configbus.errors import Problem, TreeError
 from configbus.redact import without_credentials
 from configbus.tree.layer import LayerKind
 from configbus.tree.resolved import ResolvedConfig
-from configbus.tree.values import SECRET_KEY, Path, format_path, looks_secret
+from configbus.tree.values import SEALED_KEY, Path, format_path, looks_secret, secret_ref
 
 __all__ = ["SchemaValidator"]
 
@@ -71,6 +71,8 @@ class SchemaValidator:
             if isinstance(config.get(path), str)  # not replaced by a reference above
         }
         instance = msgspec.json.decode(config.canonical_json)
+        if b'"$sealed"' in config.canonical_json:
+            _unsealed(instance)  # a schema describes references, not what travels beside them
         if not plain and self._validator.is_valid(instance):
             return []
         found = [
@@ -107,12 +109,25 @@ def _explain(config: ResolvedConfig, error: Any, path: Path) -> Iterator[Problem
         yield _problem(config, path, without_credentials(error.message))
 
 
+def _unsealed(instance: Any) -> None:
+    """Drop the sealed versions from every secret reference of decoded JSON, in place."""
+    if isinstance(instance, dict):
+        if secret_ref(instance) is not None:
+            instance.pop(SEALED_KEY, None)
+            return
+        for value in instance.values():
+            _unsealed(value)
+    elif isinstance(instance, list):
+        for item in instance:
+            _unsealed(item)
+
+
 def _holds_secret(instance: Any) -> bool:
     """Whether JSON data holds a value (not a reference, switch or null) under a
     secret-named key: messages that would print such data must not."""
     if isinstance(instance, dict):
         for key, value in instance.items():
-            reference = isinstance(value, dict) and set(value) == {SECRET_KEY}
+            reference = isinstance(value, dict) and secret_ref(value) is not None
             plain = value is not None and not isinstance(value, bool) and not reference
             if (looks_secret(key) and plain) or _holds_secret(value):
                 return True

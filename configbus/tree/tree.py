@@ -35,7 +35,9 @@ from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.merge import MergeCache
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.schema import SchemaValidator
+from configbus.tree.sealed import SECRETS_DIR, parse_records
 from configbus.tree.values import Path as KeyPath
+from configbus.tree.values import attach_sealed
 from configbus.tree.yamlfile import ParsedFile, parse_yaml
 
 __all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
@@ -269,6 +271,7 @@ class EnvironmentTree:
             stack += self._file_layers(path, LayerKind.OVERRIDE, name)
         if spec is not None:
             stack += self._tenant_layer(spec, env)
+            stack += self._secrets_layer(spec, env)
         return stack
 
     def _tenant_layer(self, spec: TenantSpec, env: str) -> list[Layer]:
@@ -289,6 +292,23 @@ class EnvironmentTree:
             raise TreeError([Problem(path, None, None, message)])
         return layers
 
+    def _secrets_layer(self, spec: TenantSpec, env: str) -> list[Layer]:
+        """The tenant's sealed secrets for `env` (``secrets/<env>.yml``), if any."""
+        directory = os.path.join(self._tenants_dir, spec.id, SECRETS_DIR)
+        path = os.path.join(directory, f"{env}.yml")
+        if f"{env}.yml" not in self._listings.names(directory):
+            return []
+        parsed = self._files.get(path)
+        key = (path, LayerKind.SECRETS, spec.id)
+        cached = self._layers.get(key)
+        if cached is not None and cached[0] is parsed:
+            return [cached[1]]
+        records = parse_records(parsed.data, path, parsed.lines)
+        sealed = {name: record.versions for name, record in records.items()}
+        layer = Layer(LayerKind.SECRETS, spec.id, path, sealed=sealed)
+        self._layers[key] = (parsed, layer)
+        return [layer]
+
     def resolve(
         self,
         env: str,
@@ -303,9 +323,11 @@ class EnvironmentTree:
         stack += runtime
         names = tuple(layer.name for layer in stack if layer.kind is LayerKind.OVERRIDE)
         env = next(layer.name for layer in stack if layer.kind is LayerKind.ENVIRONMENT)
-        return ResolvedConfig(
-            self._merges.merge(stack), stack, env=env, tenant=tenant, overrides=names
-        )
+        data = self._merges.merge(stack)
+        sealed = {name: texts for layer in stack for name, texts in layer.sealed.items()}
+        if sealed:
+            data = attach_sealed(data, sealed)
+        return ResolvedConfig(data, stack, env=env, tenant=tenant, overrides=names)
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
         """Every schema violation and plain-text secret in `config`."""

@@ -27,6 +27,7 @@ from configbus.limits import DEFAULT_LIMITS, Limits
 __all__ = [
     "DELETE",
     "EMPTY",
+    "SEALED_KEY",
     "SECRET_KEY",
     "SECRET_NAME",
     "FrozenDict",
@@ -34,6 +35,7 @@ __all__ = [
     "Path",
     "SecretRef",
     "Value",
+    "attach_sealed",
     "canonical_json",
     "config_hash",
     "format_path",
@@ -42,12 +44,15 @@ __all__ = [
     "looks_secret",
     "plain_secret_paths",
     "redacted",
+    "sealed_version",
+    "secret_ref",
     "thaw",
     "view_json",
     "walk",
 ]
 
 SECRET_KEY: Final = "$secret"
+SEALED_KEY: Final = "$sealed"
 SECRET_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_./-]*")
 # Key names that must hold a secret reference, never a plain value.
 _SECRET_KEY_NAME: Final = re.compile(
@@ -57,13 +62,18 @@ _SECRET_KEY_NAME: Final = re.compile(
 
 @final
 class SecretRef:
-    """A reference to a secret by name (``!secret NAME`` in YAML). Never a value."""
+    """A reference to a secret by name (``!secret NAME`` in YAML). Never a plain value:
+    `sealed` holds the secret's live versions as sealed text (newest first), attached
+    when the stream is resolved with its sealed secrets; see `configbus.crypto.secrets`.
+    Its repr shows the name and the versions, never the sealed text."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "sealed")
     name: str
+    sealed: tuple[str, ...]
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, sealed: tuple[str, ...] = ()) -> None:
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "sealed", tuple(sealed))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("SecretRef is immutable")
@@ -72,16 +82,79 @@ class SecretRef:
         raise AttributeError("SecretRef is immutable")
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle without __setattr__
-        return (SecretRef, (self.name,))
+        return (SecretRef, (self.name, self.sealed))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretRef) and other.name == self.name
+        return isinstance(other, SecretRef) and (other.name, other.sealed) == (
+            self.name,
+            self.sealed,
+        )
 
     def __hash__(self) -> int:
-        return hash((SecretRef, self.name))
+        return hash((SecretRef, self.name, self.sealed))
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The versions of `sealed`, newest first (0 for text that names none)."""
+        return tuple(sealed_version(text) for text in self.sealed)
 
     def __repr__(self) -> str:
-        return f"SecretRef({self.name!r})"
+        if not self.sealed:
+            return f"SecretRef({self.name!r})"
+        return f"SecretRef({self.name!r}, versions={list(self.versions)})"
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"$secret": NAME}``, with ``"$sealed": [...]`` when versions are attached."""
+        if self.sealed:
+            return {SECRET_KEY: self.name, SEALED_KEY: list(self.sealed)}
+        return {SECRET_KEY: self.name}
+
+    def shown(self) -> str:
+        """``<secret:NAME>`` (``<secret:NAME v3>`` with versions attached): safe to print."""
+        if not self.sealed:
+            return f"<secret:{self.name}>"
+        return f"<secret:{self.name} v{self.versions[0]}>"
+
+
+def attach_sealed(data: Mapping[str, Value], sealed: Mapping[str, tuple[str, ...]]) -> Any:
+    """`data` with every reference to a name of `sealed` carrying its versions; the
+    branches without such a reference are shared, not copied."""
+
+    def attach(value: Any) -> Any:
+        if isinstance(value, SecretRef):
+            texts = sealed.get(value.name)
+            return value if texts is None or texts == value.sealed else SecretRef(value.name, texts)
+        if isinstance(value, dict):
+            changed = {key: attach(child) for key, child in value.items()}
+            if all(changed[key] is child for key, child in value.items()):
+                return value
+            return FrozenDict(changed)
+        if isinstance(value, tuple):
+            items = tuple(attach(item) for item in value)
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        return value
+
+    return attach(data)
+
+
+def sealed_version(text: str) -> int:
+    """The version a sealed text names (``cbsec1.<version>....``); 0 if it names none."""
+    parts = text.split(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
+def secret_ref(item: Mapping[str, Any]) -> SecretRef | None:
+    """`item` read as a secret reference: ``{"$secret": NAME}``, optionally with
+    ``"$sealed": [TEXT, ...]``; None when it is any other mapping."""
+    name = item.get(SECRET_KEY)
+    if type(name) is not str:
+        return None
+    if len(item) == 1:
+        return SecretRef(name)
+    sealed = item.get(SEALED_KEY)
+    if len(item) != 2 or not isinstance(sealed, list | tuple):
+        return None
+    return SecretRef(name, tuple(sealed)) if all(type(t) is str for t in sealed) else None
 
 
 class FrozenDict(dict[str, Any]):
@@ -182,8 +255,8 @@ def freeze(value: Any) -> Value:
     """Plain JSON-like data (dicts, lists) as an immutable config value.
     ``{"$secret": NAME}`` becomes a `SecretRef`."""
     if isinstance(value, Mapping):
-        if len(value) == 1 and SECRET_KEY in value and isinstance(value[SECRET_KEY], str):
-            return SecretRef(value[SECRET_KEY])
+        if SECRET_KEY in value and (ref := secret_ref(value)) is not None:
+            return ref
         return FrozenDict({str(k): freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(freeze(v) for v in value)
@@ -208,8 +281,8 @@ def freeze_json(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "con
 def _frozen(item: Any) -> Value:
     if type(item) is list:
         return tuple(_frozen(i) if type(i) in _CONTAINERS else i for i in item)
-    if len(item) == 1 and type(item.get(SECRET_KEY)) is str:
-        return SecretRef(item[SECRET_KEY])
+    if SECRET_KEY in item and (ref := secret_ref(item)) is not None:
+        return ref
     return FrozenDict({k: _frozen(i) if type(i) in _CONTAINERS else i for k, i in item.items()})
 
 
@@ -282,8 +355,8 @@ def _adopt(value: Any) -> Any:
     tuple cannot wait), secret references as `SecretRef`."""
     if type(value) is list:
         return tuple(_adopt(item) if type(item) in _CONTAINERS else item for item in value)
-    if len(value) == 1 and type(value.get(SECRET_KEY)) is str:
-        return SecretRef(value[SECRET_KEY])
+    if SECRET_KEY in value and (ref := secret_ref(value)) is not None:
+        return ref
     return _LazyDict(value)
 
 
@@ -342,7 +415,7 @@ def thaw(value: Value) -> Any:
     if isinstance(value, tuple):
         return [thaw(v) for v in value]
     if isinstance(value, SecretRef):
-        return {SECRET_KEY: value.name}
+        return value.as_json()
     return value
 
 
@@ -353,7 +426,7 @@ def redacted(value: Value) -> Any:
     if isinstance(value, tuple):
         return [redacted(v) for v in value]
     if isinstance(value, SecretRef):
-        return f"<secret:{value.name}>"
+        return value.shown()
     return value
 
 
@@ -389,7 +462,7 @@ def _plain_secrets(value: LayerValue, path: Path, found: list[Path]) -> None:
 
 def _encode_hook(obj: Any) -> Any:
     if isinstance(obj, SecretRef):
-        return {SECRET_KEY: obj.name}
+        return obj.as_json()
     raise TypeError(f"not a config value: {type(obj).__name__}")
 
 

@@ -1,0 +1,503 @@
+"""Operators' secrets: set, rotate, retire, re-key and re-wrap sealed secrets, and the
+gate that retires an old version only once every live instance runs the new one.
+
+A secret's records live in a `SecretBook`: the tree (`TreeBook`, files safe to commit)
+or the Redis tenant store (`StoreBook`). Writing a book is all an operator does; the
+daemon sees the change (a file or a store notification) and publishes every stream
+whose config references the secret, with the new version's ciphertext beside the
+reference. Nothing here holds a plaintext longer than the call that seals or opens it,
+and no error names a value.
+
+Rotation keeps the previous version live. `fleet_has` then answers "has every live
+instance of every stream that uses the secret applied a config carrying the new
+version?" from Kafka alone: the streams' verified snapshots say from which version on
+the new one travels; the acks topic says what each instance applied, and which
+instances stopped on purpose (an ack of status ``stopped``) or fell silent for longer
+than the instance TTL. Only then is the old version retired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import secrets as _random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
+from configbus.crypto import KeyProvider, TrustStore
+from configbus.crypto.secrets import (
+    SealedSecret,
+    data_key_of,
+    open_secret,
+    rewrap,
+    seal_secret,
+)
+from configbus.errors import SecretError, VerificationError
+from configbus.events import Ack, open_envelope
+from configbus.ops.rollout import has_stopped
+from configbus.store import TenantStore
+from configbus.tree.sealed import (
+    SecretRecord,
+    read_secrets_file,
+    secrets_file,
+    write_secrets_file,
+)
+from configbus.tree.values import SECRET_KEY, SecretRef, freeze_json
+
+__all__ = [
+    "FleetCheck",
+    "Holdout",
+    "SecretBook",
+    "StoreBook",
+    "TreeBook",
+    "certificate_expiry",
+    "fleet_has",
+    "generate_value",
+    "rekey",
+    "retire",
+    "rewrap_all",
+    "set_secret",
+    "wait_for_fleet",
+]
+
+Stream = tuple[str, str]
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
+_READ_BACK = 256  # snapshot records of a stream looked at for the first carrying a version
+
+
+class SecretBook(Protocol):
+    """Where a stream's sealed secrets are kept."""
+
+    @property
+    def where(self) -> str: ...
+
+    async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]: ...
+
+    async def write(
+        self,
+        tenant: str,
+        env: str,
+        records: Sequence[SecretRecord],
+        *,
+        removed: Sequence[str] = (),
+        actor: str = "",
+        reason: str = "",
+    ) -> None: ...
+
+
+class TreeBook:
+    """Sealed secrets in the tree: ``tenants/<tenant>/secrets/<env>.yml``. The actor
+    and reason go in the commit that carries the file (the daemon credits its author)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def where(self) -> str:
+        return f"the tree at {self.root}"
+
+    def path(self, tenant: str, env: str) -> Path:
+        return secrets_file(self.root, tenant, env)
+
+    async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]:
+        return read_secrets_file(self.path(tenant, env))
+
+    async def write(
+        self,
+        tenant: str,
+        env: str,
+        records: Sequence[SecretRecord],
+        *,
+        removed: Sequence[str] = (),
+        actor: str = "",
+        reason: str = "",
+    ) -> None:
+        path = self.path(tenant, env)
+        known = read_secrets_file(path)
+        for name in removed:
+            known.pop(name, None)
+        known.update({record.name: record for record in records})
+        write_secrets_file(path, f"{tenant}/{env}", known)
+
+
+class StoreBook:
+    """Sealed secrets in the Redis tenant store (a started `TenantStore`); the write
+    carries its actor and reason, which the daemon's next publication cites."""
+
+    def __init__(self, store: TenantStore) -> None:
+        self.store = store
+
+    @property
+    def where(self) -> str:
+        return repr(self.store)
+
+    async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]:
+        return await self.store.secrets(tenant, env)
+
+    async def write(
+        self,
+        tenant: str,
+        env: str,
+        records: Sequence[SecretRecord],
+        *,
+        removed: Sequence[str] = (),
+        actor: str = "",
+        reason: str = "",
+    ) -> None:
+        await self.store.put_secrets(
+            tenant, env, records, removed=removed, actor=actor, reason=reason
+        )
+
+
+# -- values ------------------------------------------------------------------------------
+def generate_value(size: int) -> bytes:
+    """A random secret of `size` random bytes, as URL-safe base64 text (no padding),
+    usable as a password or token as it is."""
+    if not 16 <= size <= 4096:
+        raise SecretError(f"--generate {size}: give 16 to 4096 bytes")
+    return base64.urlsafe_b64encode(_random.token_bytes(size)).rstrip(b"=")
+
+
+def certificate_expiry(value: bytes) -> int:
+    """A PEM certificate's (or a bundle's first certificate's) notAfter in ns; 0 when
+    `value` holds no certificate. `SecretError` when it claims one that does not parse."""
+    marker = b"-----BEGIN CERTIFICATE-----"
+    start = value.find(marker)
+    if start < 0:
+        return 0
+    try:
+        certificate = x509.load_pem_x509_certificate(value[start:])
+    except ValueError:
+        raise SecretError("the value holds a PEM certificate that does not parse") from None
+    return int(certificate.not_valid_after_utc.timestamp()) * 1_000_000_000
+
+
+def _stream_data_key(
+    provider: KeyProvider, tenant: str, env: str, records: Mapping[str, SecretRecord]
+) -> bytes | None:
+    """The stream's data key, unwrapped from its newest sealed value; None when the
+    stream has none yet (the first secret makes one)."""
+    for record in records.values():
+        return data_key_of(provider, tenant, env, SealedSecret.decode(record.versions[0]))
+    return None
+
+
+async def set_secret(
+    book: SecretBook,
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    name: str,
+    value: bytes,
+    *,
+    actor: str = "",
+    reason: str = "",
+    rotate_every: int | None = None,
+    generate: int | None = None,
+    now: int | None = None,
+) -> SecretRecord:
+    """Seal `value` as the secret's next version (1 for a new secret) with the stream's
+    data key, keep the versions before it live, and write the book. Returns the record."""
+    if not value:
+        raise SecretError(f"secret {name!r} of {tenant}/{env}: the value is empty")
+    now = now if now is not None else time.time_ns()
+    records = await book.read(tenant, env)
+    known = records.get(name)
+    version = known.version + 1 if known is not None else 1
+    data_key = _stream_data_key(provider, tenant, env, records)
+    text = seal_secret(provider, tenant, env, name, version, value, data_key=data_key).encode()
+    expiry = certificate_expiry(value)
+    if known is None:
+        record = SecretRecord(name, (text,), created=now, rotated=now)
+    else:
+        record = known.with_version(text, now)
+    record = replace(
+        record,
+        not_after=expiry,
+        rotate_every=record.rotate_every if rotate_every is None else rotate_every,
+        generate=record.generate if generate is None else generate,
+    )
+    if record.rotate_every and not record.generate:
+        raise SecretError(
+            f"secret {name!r}: rotate_every needs a generated value (--generate BYTES)"
+        )
+    await book.write(tenant, env, [record], actor=actor, reason=reason)
+    return record
+
+
+async def retire(
+    book: SecretBook, tenant: str, env: str, name: str, *, actor: str = "", reason: str = ""
+) -> tuple[int, ...]:
+    """Drop every version of the secret but the newest; returns the versions dropped."""
+    record = (await book.read(tenant, env)).get(name)
+    if record is None:
+        raise SecretError(f"{tenant}/{env} has no secret {name!r}")
+    dropped = record.live_versions[1:]
+    if dropped:
+        await book.write(tenant, env, [record.retired()], actor=actor, reason=reason)
+    return dropped
+
+
+async def rekey(
+    book: SecretBook,
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    *,
+    actor: str = "",
+    reason: str = "",
+) -> int:
+    """A new data key for the stream: every live version of every secret is opened and
+    sealed again under it, with its version unchanged. An instance that still runs the
+    old ciphertext opens it as before (its data key is wrapped in it). Returns the
+    number of values sealed again."""
+    records = await book.read(tenant, env)
+    data_key = AESGCM.generate_key(bit_length=256)
+    changed, count = [], 0
+    for name, record in records.items():
+        texts = []
+        for text in record.versions:
+            sealed = SealedSecret.decode(text, what=f"secret {name!r}")
+            value = open_secret(provider, tenant, env, name, sealed)
+            again = seal_secret(
+                provider, tenant, env, name, sealed.version, value, data_key=data_key
+            )
+            texts.append(again.encode())
+            count += 1
+        changed.append(replace(record, versions=tuple(texts)))
+    if changed:
+        await book.write(tenant, env, changed, actor=actor, reason=reason)
+    return count
+
+
+async def rewrap_all(
+    book: SecretBook,
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    *,
+    actor: str = "",
+    reason: str = "",
+) -> int:
+    """The stream's data key wrapped again by the tenant's current key-encryption key
+    (KEK rotation), in every sealed value; the ciphertexts stay as they are. Services
+    must hold the new KEK before (and may drop the old one once every instance runs
+    the re-wrapped values). Returns the number of values re-wrapped."""
+    records = await book.read(tenant, env)
+    changed, count = [], 0
+    for name, record in records.items():
+        texts = []
+        for text in record.versions:
+            sealed = SealedSecret.decode(text, what=f"secret {name!r}")
+            texts.append(rewrap(provider, tenant, env, sealed).encode())
+            count += 1
+        changed.append(replace(record, versions=tuple(texts)))
+    if changed:
+        await book.write(tenant, env, changed, actor=actor, reason=reason)
+    return count
+
+
+# -- the fleet gate ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Holdout:
+    """An instance (or a stream) that does not run the new version yet, and why."""
+
+    tenant: str
+    env: str
+    instance: str  # "" when the stream itself is not there yet
+    service: str
+    why: str
+
+    def __str__(self) -> str:
+        who = f"{self.instance} ({self.service})" if self.instance else "(the stream)"
+        return f"{self.tenant}/{self.env} {who}: {self.why}"
+
+
+@dataclass(slots=True)
+class FleetCheck:
+    """Where the fleet stands for one version of one secret."""
+
+    name: str
+    version: int
+    targets: dict[Stream, int] = field(default_factory=dict)  # stream -> first version carrying it
+    holdouts: list[Holdout] = field(default_factory=list)
+    instances: int = 0  # live instances checked
+
+    @property
+    def ready(self) -> bool:
+        return not self.holdouts
+
+
+async def fleet_has(
+    bus: Bus,
+    topics: TopicNames,
+    trust: TrustStore,
+    streams: Iterable[Stream],
+    name: str,
+    version: int,
+    *,
+    instance_ttl: float = 86400.0,
+) -> FleetCheck:
+    """Whether every live instance of every stream in `streams` that uses secret `name`
+    has applied a config carrying `version` of it (or a later one). A stream whose
+    latest snapshot does not reference the secret does not use it; one whose snapshots
+    do not carry `version` yet (the daemon has not published it) holds the rotation."""
+    check = FleetCheck(name, version)
+    wanted = sorted(set(streams))
+    for tenant, env in wanted:
+        target = await _first_carrying(bus, topics, trust, tenant, env, name, version)
+        if target is None:
+            continue  # the stream does not reference the secret
+        if target == 0:
+            check.holdouts.append(
+                Holdout(tenant, env, "", "", f"no published snapshot carries v{version} yet")
+            )
+            continue
+        check.targets[(tenant, env)] = target
+    if not check.targets:
+        return check
+    horizon = time.time_ns() - int(instance_ttl * 1e9)
+    fleet = await _fleet(bus, topics, check.targets)
+    for (tenant, env), instances in sorted(fleet.items()):
+        target = check.targets[(tenant, env)]
+        for instance, acks in sorted(instances.items()):
+            applied, rejected, stopped = (acks.get(s) for s in ("applied", "rejected", "stopped"))
+            if has_stopped(stopped, applied, rejected):
+                continue
+            heard = max((_heard(a) for a in (applied, rejected) if a is not None), default=0)
+            if heard < horizon:
+                continue  # silent past the TTL: gone
+            check.instances += 1
+            if applied is not None and applied.version >= target:
+                continue
+            service = next(a.service for a in (applied, rejected) if a is not None)
+            runs = f"runs v{applied.version}" if applied is not None else "runs nothing yet"
+            why = f"{runs}, needs v{target} or later"
+            if rejected is not None and rejected.version >= target:
+                why += f"; refused v{rejected.version}: {rejected.reason[:200]}"
+            check.holdouts.append(Holdout(tenant, env, instance, service, why))
+    return check
+
+
+def _heard(ack: Ack) -> int:
+    return ack.received_at or ack.applied_at
+
+
+async def _fleet(
+    bus: Bus, topics: TopicNames, streams: Mapping[Stream, int]
+) -> dict[Stream, dict[str, dict[str, Ack]]]:
+    """The latest snapshot-channel ack of each status, per instance, of `streams`."""
+    prefixes = {f"{t}/{e}/".encode(): (t, e) for t, e in streams}
+    found: dict[Stream, dict[str, dict[str, Ack]]] = {s: {} for s in streams}
+    async for record in bus.read_to_end([topics.acks]):
+        key = record.key or b""
+        stream = next((s for p, s in prefixes.items() if key.startswith(p)), None)
+        if stream is None or record.value is None:
+            continue
+        try:
+            ack = _ack_decoder.decode(record.value)
+        except msgspec.DecodeError:
+            continue
+        if ack.channel != SNAPSHOT_CHANNEL or (ack.tenant, ack.env) != stream:
+            continue
+        kept = found[stream].setdefault(ack.instance, {})
+        known = kept.get(ack.status)
+        if known is None or _heard(ack) >= _heard(known):
+            kept[ack.status] = ack
+    return found
+
+
+async def _first_carrying(
+    bus: Bus,
+    topics: TopicNames,
+    trust: TrustStore,
+    tenant: str,
+    env: str,
+    name: str,
+    version: int,
+) -> int | None:
+    """The first of the stream's latest run of verified snapshots that all carry
+    `version` (or later) of secret `name`: 0 when the latest does not carry it yet;
+    None when the latest does not reference the secret at all (or there is none)."""
+    reader = bus.reader(topics.tenant_topic(tenant))
+    try:
+        if not await reader.start():
+            return None
+        records = await reader.recent(topics.record_key(env), limit=_READ_BACK)
+    finally:
+        await reader.stop()
+    events = []
+    for record in records:
+        with contextlib.suppress(VerificationError):
+            events.append(
+                open_envelope(
+                    record.value or b"", trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL
+                )
+            )
+    events.sort(key=lambda event: event.body.version, reverse=True)
+    first = 0
+    for index, event in enumerate(events):
+        carried = _carried(event.config_json, name)
+        if carried is None and index == 0:
+            return None
+        if carried is None or carried < version:
+            break
+        first = event.body.version
+    return first
+
+
+def _carried(config_json: bytes, name: str) -> int | None:
+    """The newest version of secret `name` a config carries (0: referenced without a
+    value); None when the config does not reference it."""
+    if f'"{SECRET_KEY}":'.encode() not in config_json:
+        return None
+    found: list[int] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, SecretRef):
+            if value.name == name:
+                found.append(value.versions[0] if value.sealed else 0)
+        elif isinstance(value, dict):
+            for child in value.values():
+                visit(child)
+        elif isinstance(value, tuple):
+            for child in value:
+                visit(child)
+
+    visit(freeze_json(msgspec.json.decode(config_json)))
+    return min(found) if found else None
+
+
+async def wait_for_fleet(
+    bus: Bus,
+    topics: TopicNames,
+    trust: TrustStore,
+    streams: Iterable[Stream],
+    name: str,
+    version: int,
+    *,
+    max_wait: float,
+    poll: float = 0.5,
+    instance_ttl: float = 86400.0,
+) -> FleetCheck:
+    """`fleet_has`, asked again every `poll` seconds until it is ready or `max_wait`
+    seconds have passed; the last answer."""
+    wanted = sorted(set(streams))
+    deadline = time.monotonic() + max_wait
+    while True:
+        check = await fleet_has(
+            bus, topics, trust, wanted, name, version, instance_ttl=instance_ttl
+        )
+        if check.ready or time.monotonic() >= deadline:
+            return check
+        await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
