@@ -79,6 +79,15 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
         help="trust file (default $CONFIGBUS_TRUST): after a key rotation, the versions the "
         "previous keys published are recovered too",
     )
+    publisher.add_argument(
+        "--secret-keys",
+        metavar="FILE",
+        help="key-encryption keys, to rotate secrets by their rotate_every policy "
+        "(default $CONFIGBUS_SECRET_KEYS; without: a due rotation is only warned about)",
+    )
+    publisher.add_argument(
+        "--secret-interval", type=float, metavar="SECONDS", help="look at the secrets every (60)"
+    )
     publisher.add_argument("--log-level", default="INFO")
 
     daemon = commands.add_parser(
@@ -110,10 +119,11 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
-    from configbus import cli_ops, cli_override, cli_rollback
+    from configbus import cli_ops, cli_override, cli_rollback, cli_secret
 
     cli_ops.register(commands, kafka)
     cli_override.register(commands, kafka)
+    cli_secret.register(commands, kafka)
     cli_rollback.register(commands, publisher)
 
     tail = commands.add_parser(
@@ -203,6 +213,8 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         batch_size=args.batch_size,
         heartbeat_interval=args.heartbeat_interval,
         trust=args.trust,
+        secret_keys=args.secret_keys,
+        secret_interval=args.secret_interval,
     )
 
 

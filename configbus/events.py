@@ -155,6 +155,26 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.tenant}/{self.env}/{self.instance}/{channel}{self.status}".encode()
 
 
+class AuditNote(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator action that publishes no event (reading a secret's value), on the
+    audit topic (msgpack, key ``<tenant>/<env>/note``). Names what was acted on, never a
+    value. Times are integer nanoseconds since the epoch."""
+
+    schema: int = 1
+    action: str  # "secret_read"
+    tenant: str
+    env: str
+    subject: str  # the secret's name
+    version: int = 0
+    actor: str = ""
+    reason: str = ""
+    at: int = 0
+
+    @property
+    def key(self) -> bytes:
+        return f"{self.tenant}/{self.env}/note".encode()
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedEvent:
     """An event whose signature, scope, schema and hash have all been checked."""

@@ -43,7 +43,7 @@ from configbus.crypto.secrets import (
     seal_secret,
 )
 from configbus.errors import SecretError, VerificationError
-from configbus.events import Ack, open_envelope
+from configbus.events import Ack, AuditNote, open_envelope
 from configbus.ops.rollout import has_stopped
 from configbus.store import TenantStore
 from configbus.tree.sealed import (
@@ -60,6 +60,7 @@ __all__ = [
     "SecretBook",
     "StoreBook",
     "TreeBook",
+    "audit_read",
     "certificate_expiry",
     "fleet_has",
     "generate_value",
@@ -476,6 +477,37 @@ def _carried(config_json: bytes, name: str) -> int | None:
 
     visit(freeze_json(msgspec.json.decode(config_json)))
     return min(found) if found else None
+
+
+async def audit_read(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    name: str,
+    version: int,
+    *,
+    actor: str,
+    reason: str,
+) -> None:
+    """Write an audit note that `actor` read version `version` of secret `name`, and wait
+    for Kafka to take it: a read that cannot be audited does not happen."""
+    note = AuditNote(
+        action="secret_read",
+        tenant=tenant,
+        env=env,
+        subject=name,
+        version=version,
+        actor=actor,
+        reason=reason,
+        at=time.time_ns(),
+    )
+    producer = bus.producer()
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.audit, msgspec.msgpack.encode(note), key=note.key)
+    finally:
+        await producer.stop()
 
 
 async def wait_for_fleet(

@@ -44,7 +44,7 @@ from typing import Any
 import watchfiles
 
 from configbus.bus import Bus, KafkaBus
-from configbus.crypto import PUBLISHER, SigningKey, TrustStore
+from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
 from configbus.errors import (
     ActiveWriterError,
     BusError,
@@ -58,6 +58,7 @@ from configbus.limits import DEFAULT_LIMITS
 from configbus.publisher.authors import Authors
 from configbus.publisher.core import Change, Publisher, PublishReport
 from configbus.publisher.overrides import OverrideKeeper
+from configbus.publisher.secrets import SecretKeeper
 from configbus.publisher.settings import PublisherSettings
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
@@ -172,6 +173,17 @@ class Daemon:
             actor=settings.actor,
             is_writer=lambda: self.active.is_set(),
         )
+        self.secrets = SecretKeeper(
+            self.bus,
+            settings.topics,
+            self.trust,
+            self.tree,
+            self.store,
+            _secret_keys(settings.secret_keys),
+            actor=settings.actor,
+            is_writer=lambda: self.active.is_set(),
+            interval=settings.secret_interval,
+        )
         self.ready = asyncio.Event()  # set after the first publication round
         self.active = asyncio.Event()  # set while this daemon is the writer
         self.stopped = asyncio.Event()
@@ -209,6 +221,7 @@ class Daemon:
             self._spawn("reconcile", self._reconcile_loop),
             self._spawn("heartbeat", self._heartbeat_loop),
             self._spawn("overrides", self.overrides.run),
+            self._spawn("secrets", self.secrets.run),
         ]
         if self.store is not None:
             self._tasks.append(self._spawn("watch-store", self._watch_store, Backoff(0.1, 1.0)))
@@ -626,6 +639,15 @@ class Daemon:
             if self.store is not None:
                 self.store.forget()  # read every store again: a change may have gone unreported
             self._dirty.add(self.index.streams, self._change("reconcile", ()))
+
+
+def _secret_keys(path: Path | None) -> KeyProvider | None:
+    """The key-encryption keys the daemon rotates secrets with: the key file, else the
+    ``CONFIGBUS_KEK_<TENANT>`` variables, else none."""
+    if path is not None:
+        return LocalKeyProvider.from_file(path)
+    provider = LocalKeyProvider.from_env()
+    return provider if provider.tenants else None
 
 
 def _recovery_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:

@@ -45,6 +45,10 @@ class PublisherSettings:
     publish_timeout: float = 30.0  # a publication still waiting on Kafka then is retried
     trust: Path | None = None  # publisher keys whose events recovery believes besides ours
     actor: str = field(default_factory=lambda: f"configbus-publisher@{socket.gethostname()}")
+    # Key-encryption keys, to carry out rotate_every policies (none: the daemon warns
+    # when one is due instead); and how often the secrets are looked at.
+    secret_keys: Path | None = None
+    secret_interval: float = 60.0
 
     def __post_init__(self) -> None:
         """Refuse values no publisher can run with, wherever they came from (argument,
@@ -54,6 +58,7 @@ class PublisherSettings:
             "reconcile_interval": self.reconcile_interval,
             "heartbeat_interval": self.heartbeat_interval,
             "publish_timeout": self.publish_timeout,
+            "secret_interval": self.secret_interval,
             "replication_factor": self.kafka.replication_factor,
             "min_insync_replicas": self.kafka.min_insync_replicas,
         }
@@ -90,6 +95,8 @@ class PublisherSettings:
         heartbeat_interval: float | None = None,
         batch_size: int | None = None,
         trust: str | None = None,
+        secret_keys: str | None = None,
+        secret_interval: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
         """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
@@ -125,4 +132,6 @@ class PublisherSettings:
             heartbeat_interval=get(heartbeat_interval, "HEARTBEAT_INTERVAL", 5.0, _positive(float)),
             batch_size=get(batch_size, "BATCH_SIZE", 100, _positive(int)),
             trust=Path(found) if (found := get(trust, "TRUST", None)) else None,
+            secret_keys=Path(keys) if (keys := get(secret_keys, "SECRET_KEYS", None)) else None,
+            secret_interval=get(secret_interval, "SECRET_INTERVAL", 60.0, _positive(float)),
         )
