@@ -26,6 +26,7 @@ from configbus.errors import (
 )
 
 if TYPE_CHECKING:
+    from configbus.secrets_manager import SecretsManager
     from configbus.subscriber import ConfigSubscriber, Snapshot, SyncSubscriber
     from configbus.tree import (
         EnvironmentConfigManager,
@@ -47,6 +48,7 @@ _LAZY = {
     "EnvironmentType": "configbus.tree",
     "ResolvedConfig": "configbus.tree",
     "SecretRef": "configbus.tree",
+    "SecretsManager": "configbus.secrets_manager",
     "get_environment_config": "configbus.tree",
 }
 
@@ -80,6 +82,7 @@ __all__ = [
     "SchemaError",
     "SecretError",
     "SecretRef",
+    "SecretsManager",
     "SettingsError",
     "Snapshot",
     "SyncSubscriber",

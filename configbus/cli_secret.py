@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from configbus.errors import SettingsError, UnknownNameError
@@ -26,6 +27,7 @@ from configbus.limits import DEFAULT_LIMITS
 from configbus.options import format_duration, parse_duration, pick
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.sealed import SecretRecord
+from configbus.tree.tree import TENANT_ID
 from configbus.tree.values import SECRET_NAME
 
 __all__ = ["register"]
@@ -145,6 +147,28 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
     )
     get.add_argument("--version", type=int, metavar="N", help="an older live version")
     get.set_defaults(func=_get)
+
+    keys_ = actions.add_parser(
+        "keys", help="key-encryption keys: add one per tenant, export a service's"
+    ).add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = keys_.add_parser(
+        "add", help="a fresh KEK per tenant in a key file (created with mode 0600)"
+    )
+    add.add_argument("tenants", nargs="+", metavar="TENANT")
+    add.add_argument("--keys", required=True, metavar="FILE", help="the key file")
+    add.add_argument(
+        "--current",
+        action="store_true",
+        help="make the new KEK current (then `secret rewrap` moves every data key to it)",
+    )
+    add.set_defaults(func=_keys_add)
+    export = keys_.add_parser(
+        "export", help="a key file with one tenant's KEKs only, for its services"
+    )
+    export.add_argument("tenant", metavar="TENANT")
+    export.add_argument("--keys", required=True, metavar="FILE", help="the operators' key file")
+    export.add_argument("--out", required=True, metavar="FILE")
+    export.set_defaults(func=_keys_export)
 
     for action, helptext, function in (
         ("rekey", "seal every secret of the stream again under a new data key", _rekey),
@@ -341,7 +365,10 @@ async def _retire_now(
 
 def _said_sealed(out: TextIO, tenant: str, env: str, record: SecretRecord, where: str) -> None:
     older = record.live_versions[1:]
-    still = f"; {', '.join(f'v{v}' for v in older)} stay valid until retired" if older else ""
+    shown = ", ".join(f"v{v}" for v in older)
+    still = (
+        f"; {shown} {'stays' if len(older) == 1 else 'stay'} valid until retired" if older else ""
+    )
     expiry = f"; certificate expires {_iso(record.not_after)}" if record.not_after else ""
     print(
         f"{tenant}/{env} {record.name}: sealed v{record.version} in {where}{still}{expiry}",
@@ -355,6 +382,8 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
     url = pick(args.redis, "CONFIGBUS_REDIS_URL", "", str)
     if args.env is not None:
         args.env = tree.environment(args.env)
+    if args.tenant not in (None, ALL_TENANTS):
+        tree.tenant(args.tenant)  # an unknown tenant is a usage error, not "no secrets"
     wanted = [
         (t, e)
         for t, e in tree.streams()
@@ -476,6 +505,31 @@ def _get(args: argparse.Namespace, out: TextIO) -> int:
         stream.flush()
     else:
         out.write(value.decode("utf-8", errors="replace"))
+    return 0
+
+
+# -- key-encryption keys -----------------------------------------------------------------
+def _keys_add(args: argparse.Namespace, out: TextIO) -> int:
+    from configbus.crypto import LocalKeyProvider
+
+    path = Path(args.keys)
+    provider = LocalKeyProvider.from_file(path) if path.exists() else LocalKeyProvider({})
+    for tenant in args.tenants:
+        if not TENANT_ID.fullmatch(tenant):
+            raise UnknownNameError(f"{tenant!r} is not a tenant id")
+        provider, kek_id = provider.with_new_key(tenant, current=args.current)
+        state = "current" if provider.kek_ids(tenant)[0] == kek_id else "not current yet"
+        print(f"{tenant}: new key-encryption key {kek_id} ({state})", file=out)
+    provider.save(path)
+    print(f"wrote {path} (mode 0600)", file=out)
+    return 0
+
+
+def _keys_export(args: argparse.Namespace, out: TextIO) -> int:
+    from configbus.crypto import LocalKeyProvider
+
+    LocalKeyProvider.from_file(args.keys).only([args.tenant]).save(args.out)
+    print(f"wrote {args.out} (mode 0600): the key-encryption keys of {args.tenant}", file=out)
     return 0
 
 

@@ -9,6 +9,7 @@ to the spec.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import zlib
@@ -16,8 +17,9 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 CONTENT_TYPE = b"application/vnd.configbus.event+msgpack; v=1"  # §2.5
@@ -118,6 +120,33 @@ def decode_and_verify(
     except ValueError as exc:
         raise WireError("malformed", f"config is not JSON: {exc}") from None
     return {"kid": kid, "body": body, "config_json": config_json, "config": config}
+
+
+def open_sealed(
+    text: str, keks: Mapping[str, bytes], tenant: str, env: str, name: str
+) -> tuple[int, bytes]:
+    """§6.1: the version and plaintext of a sealed secret of secret `name` of stream
+    (tenant, env), with the tenant's KEKs (kek id -> 32 key bytes, as the key file
+    provider wraps: 12-byte nonce, then AES-256-GCM). Raises `WireError`
+    ("secret", ...) when it is not one or does not open."""
+    parts = text.split(".")
+    if len(parts) != 6 or parts[0] != "cbsec1" or not parts[1].isdigit():
+        raise WireError("secret", "not a cbsec1 sealed secret")
+    _, version, kek_id, *encoded = parts
+    wrapped, nonce, ciphertext = (
+        base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)) for p in encoded
+    )
+    if kek_id not in keks:
+        raise WireError("secret", f"no KEK {kek_id!r}")
+    context = b"\x00".join([b"configbus-data-key", tenant.encode(), env.encode()])
+    aad = b"\x00".join(
+        [b"configbus-secret", tenant.encode(), env.encode(), name.encode(), version.encode()]
+    )
+    try:
+        data_key = AESGCM(keks[kek_id]).decrypt(wrapped[:12], wrapped[12:], context)
+        return int(version), AESGCM(data_key).decrypt(nonce, ciphertext, aad)
+    except InvalidTag:
+        raise WireError("secret", "does not open") from None
 
 
 def record_stream(

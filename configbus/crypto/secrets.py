@@ -51,6 +51,8 @@ import os
 import re
 import secrets as _random
 import stat
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +150,66 @@ class LocalKeyProvider:
             raise SecretError(
                 f"the data key does not open with {tenant}'s key {kek_id!r}"
             ) from None
+
+    def with_new_key(
+        self, tenant: str, *, current: bool = False, now: float | None = None
+    ) -> tuple[LocalKeyProvider, str]:
+        """A provider with a fresh random KEK for `tenant`, and its id. It becomes the
+        tenant's current KEK when the tenant had none, or with `current`; the others
+        stay, so what they wrapped still opens."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+        kek_id = f"{tenant}-{stamp}"[:64]
+        keks = self._keks()
+        known = keks.get(tenant, ("", {}))[1]
+        if kek_id in known:
+            raise KeyringError(f"tenant {tenant!r} already has a key {kek_id!r}; wait a second")
+        keys = {**known, kek_id: AESGCM.generate_key(bit_length=256)}
+        chosen = kek_id if current or tenant not in keks else keks[tenant][0]
+        keks[tenant] = (chosen, keys)
+        return LocalKeyProvider(keks), kek_id
+
+    def kek_ids(self, tenant: str) -> list[str]:
+        """The ids of the tenant's KEKs, current first."""
+        current = self._current[tenant].kek_id if tenant in self._current else ""
+        others = sorted(k for (t, k) in self._all if t == tenant and k != current)
+        return [current, *others] if current else others
+
+    def only(self, tenants: Sequence[str]) -> LocalKeyProvider:
+        """The KEKs of `tenants` alone: what a service of those tenants gets."""
+        keks = self._keks()
+        missing = [t for t in tenants if t not in keks]
+        if missing:
+            raise KeyringError(f"no key-encryption key for tenant {missing[0]!r}")
+        return LocalKeyProvider({t: keks[t] for t in tenants})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key file (mode 0600) at once: a temporary file renamed over it."""
+        target = Path(path)
+        document = {
+            "tenants": {
+                tenant: {
+                    "current": current,
+                    "keys": {k: base64.b64encode(v).decode() for k, v in sorted(keys.items())},
+                }
+                for tenant, (current, keys) in sorted(self._keks().items())
+            }
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+        try:
+            os.fchmod(handle, 0o600)
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                yaml.safe_dump(document, out, sort_keys=False)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def _keks(self) -> dict[str, tuple[str, dict[str, bytes]]]:
+        keks: dict[str, tuple[str, dict[str, bytes]]] = {}
+        for (tenant, kek_id), kek in self._all.items():
+            keks.setdefault(tenant, (self._current[tenant].kek_id, {}))[1][kek_id] = kek.key
+        return keks
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> LocalKeyProvider:
@@ -277,11 +339,15 @@ def seal_secret(
     value: bytes,
     *,
     data_key: bytes | None = None,
+    wrapping: tuple[str, bytes] | None = None,
 ) -> SealedSecret:
     """`value` encrypted for (tenant, env, name, version). `data_key`: the stream's
     data key when the caller holds it (a new one is made otherwise)."""
     key = data_key if data_key is not None else AESGCM.generate_key(bit_length=256)
-    kek_id, wrapped = provider.wrap(tenant, key, _data_key_context(tenant, env))
+    if wrapping is not None and data_key is not None:
+        kek_id, wrapped = wrapping  # the stream's data key, as already wrapped
+    else:
+        kek_id, wrapped = provider.wrap(tenant, key, _data_key_context(tenant, env))
     nonce = _random.token_bytes(NONCE_BYTES)
     ciphertext = AESGCM(key).encrypt(nonce, value, _value_context(tenant, env, name, version))
     return SealedSecret(version, kek_id, wrapped, nonce, ciphertext)

@@ -185,12 +185,14 @@ def certificate_expiry(value: bytes) -> int:
 
 def _stream_data_key(
     provider: KeyProvider, tenant: str, env: str, records: Mapping[str, SecretRecord]
-) -> bytes | None:
-    """The stream's data key, unwrapped from its newest sealed value; None when the
-    stream has none yet (the first secret makes one)."""
+) -> tuple[bytes, tuple[str, bytes]] | tuple[None, None]:
+    """The stream's data key, unwrapped from its newest sealed value, and that value's
+    wrapping of it; None when the stream has none yet (the first secret makes one)."""
     for record in records.values():
-        return data_key_of(provider, tenant, env, SealedSecret.decode(record.versions[0]))
-    return None
+        sealed = SealedSecret.decode(record.versions[0])
+        key = data_key_of(provider, tenant, env, sealed)
+        return key, (sealed.kek_id, sealed.wrapped_key)
+    return None, None
 
 
 async def set_secret(
@@ -215,8 +217,10 @@ async def set_secret(
     records = await book.read(tenant, env)
     known = records.get(name)
     version = known.version + 1 if known is not None else 1
-    data_key = _stream_data_key(provider, tenant, env, records)
-    text = seal_secret(provider, tenant, env, name, version, value, data_key=data_key).encode()
+    data_key, wrapping = _stream_data_key(provider, tenant, env, records)
+    text = seal_secret(
+        provider, tenant, env, name, version, value, data_key=data_key, wrapping=wrapping
+    ).encode()
     expiry = certificate_expiry(value)
     if known is None:
         record = SecretRecord(name, (text,), created=now, rotated=now)
@@ -264,6 +268,7 @@ async def rekey(
     number of values sealed again."""
     records = await book.read(tenant, env)
     data_key = AESGCM.generate_key(bit_length=256)
+    wrapping: tuple[str, bytes] | None = None  # wrapped once, by the first seal
     changed, count = [], 0
     for name, record in records.items():
         texts = []
@@ -271,8 +276,16 @@ async def rekey(
             sealed = SealedSecret.decode(text, what=f"secret {name!r}")
             value = open_secret(provider, tenant, env, name, sealed)
             again = seal_secret(
-                provider, tenant, env, name, sealed.version, value, data_key=data_key
+                provider,
+                tenant,
+                env,
+                name,
+                sealed.version,
+                value,
+                data_key=data_key,
+                wrapping=wrapping,
             )
+            wrapping = (again.kek_id, again.wrapped_key)
             texts.append(again.encode())
             count += 1
         changed.append(replace(record, versions=tuple(texts)))
@@ -296,11 +309,16 @@ async def rewrap_all(
     the re-wrapped values). Returns the number of values re-wrapped."""
     records = await book.read(tenant, env)
     changed, count = [], 0
+    done: dict[tuple[str, bytes], SealedSecret] = {}  # a shared wrapping stays shared
     for name, record in records.items():
         texts = []
         for text in record.versions:
             sealed = SealedSecret.decode(text, what=f"secret {name!r}")
-            texts.append(rewrap(provider, tenant, env, sealed).encode())
+            known = (sealed.kek_id, sealed.wrapped_key)
+            if known not in done:
+                done[known] = rewrap(provider, tenant, env, sealed)
+            new = done[known]
+            texts.append(replace(sealed, kek_id=new.kek_id, wrapped_key=new.wrapped_key).encode())
             count += 1
         changed.append(replace(record, versions=tuple(texts)))
     if changed:
@@ -437,6 +455,8 @@ async def _first_carrying(
         records = await reader.recent(topics.record_key(env), limit=_READ_BACK)
     finally:
         await reader.stop()
+    if not records:
+        return None  # nothing published for the stream: no instance runs any version
     events = []
     for record in records:
         with contextlib.suppress(VerificationError):

@@ -140,13 +140,17 @@ class SecretKeeper:
         if now < record.rotated + record.rotate_every * 1_000_000_000:
             return
         if self.provider is None or not record.generate:
+            why = (
+                "the daemon has no key-encryption keys (--secret-keys)"
+                if self.provider is None
+                else "its record says no `generate` size, so only a person can rotate it"
+            )
             report.due_without_keys.append(f"{tenant}/{env} {name}")
             self._say(
                 stream,
                 f"due {name}",
                 f"secret {name} is due for rotation (rotate_every "
-                f"{format_duration(record.rotate_every)}) but the daemon has no "
-                "key-encryption keys (--secret-keys)",
+                f"{format_duration(record.rotate_every)}) but {why}",
                 logging.WARNING,
             )
             return

@@ -193,9 +193,10 @@ class ResolvedConfig(Mapping[str, Value]):
 
     def secret_version(self, key: str | Path) -> int:
         """The newest version of the secret referenced at `key` (0 when none is set)."""
-        value = self._lookup(parse_key(key))
+        path = parse_key(key)
+        value = self._lookup(path)
         if not isinstance(value, SecretRef):
-            raise SecretError(f"{key}: not a secret reference (!secret NAME)")
+            raise SecretError(f"{format_path(path)}: not a secret reference (!secret NAME)")
         return value.versions[0] if value.sealed else 0
 
     # -- provenance ---------------------------------------------------------------------

@@ -196,6 +196,9 @@ def write_secrets_file(
     text = _HEADER.format(stream=stream) + yaml.safe_dump(body, sort_keys=False, width=4096)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o644 & ~umask)  # ciphertext only: readable as the tree is
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(temporary, target)

@@ -255,7 +255,7 @@ async def test_a_ciphertext_moved_to_another_tenant_or_tampered_with_is_refused_
             with pytest.raises(SecretError) as refused:
                 theirs[0].config.secret(KEY)
             assert OTHER_NAME in str(refused.value) and plaintext not in str(refused.value)
-            assert theirs[0].config.get("database.postgresql.cluster.port") == 5432  # the rest applies
+            assert theirs[0].config.get("database.postgresql.cluster.port") == 5432  # applied
             # One byte of A's own ciphertext flipped in the store.
             text = record.versions[0]
             flipped = text[:-3] + ("A" if text[-3] != "A" else "B") + text[-2:]

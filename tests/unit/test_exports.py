@@ -29,6 +29,7 @@ PUBLIC = [
     "SchemaError",
     "SecretError",
     "SecretRef",
+    "SecretsManager",
     "SettingsError",
     "Snapshot",
     "SyncSubscriber",

@@ -10,6 +10,7 @@ document fails the tests the moment it no longer matches the code.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from configbus.bus.topics import CONTENT_TYPE, TopicNames
 from configbus.crypto import SigningKey, TrustedKey, TrustStore
+from configbus.crypto.secrets import LocalKeyProvider, seal_secret
 from configbus.errors import SettingsError, VerificationError
 from configbus.events import Cause, EventKind, build_body, open_envelope, seal
 from configbus.tree.values import Value, canonical_json, config_hash, freeze, thaw
@@ -519,3 +521,33 @@ def test_the_worked_example_shell_walk_through_runs(openssl: str, tmp_path: Path
     assert result.stderr == ""
     assert result.stdout == blocks["output"]
     assert (tmp_path / "event.bin").read_bytes() == _example()
+
+
+# -- sealed secrets (§6, §6.1) --------------------------------------------------------------
+
+
+def test_a_sealed_secret_in_an_event_opens_with_the_spec_alone() -> None:
+    """configbus seals a secret into a config; the independent decoder verifies the
+    event without any key-encryption key, then opens the value from §6.1 alone, and a
+    value relabelled to another stream, name or version does not open."""
+    kek = os.urandom(32)
+    provider = LocalKeyProvider({"acme": ("acme-k1", {"acme-k1": kek})})
+    texts = [
+        seal_secret(provider, "acme", "prod", "db/password", v, f"pw-{v}".encode()).encode()
+        for v in (2, 1)
+    ]
+    config = freeze({"db": {"password": {"$secret": "db/password", "$sealed": texts}}})
+    read = wire_decoder.decode_and_verify(_sealed(config), PUBLIC_KEYS)
+    reference = read["config"]["db"]["password"]
+    assert reference == {"$secret": "db/password", "$sealed": texts}
+    assert read["config_json"] == canonical_json(config)
+    keks = {"acme-k1": kek}
+    opened = [wire_decoder.open_sealed(t, keks, "acme", "prod", "db/password") for t in texts]
+    assert opened == [(2, b"pw-2"), (1, b"pw-1")]
+    for tenant, env, name in (("other", "prod", "db/password"), ("acme", "dev", "db/password"),
+                              ("acme", "prod", "db/other")):  # fmt: skip
+        with pytest.raises(wire_decoder.WireError, match="does not open"):
+            wire_decoder.open_sealed(texts[0], keks, tenant, env, name)
+    relabelled = texts[0].replace("cbsec1.2.", "cbsec1.3.", 1)
+    with pytest.raises(wire_decoder.WireError, match="does not open"):
+        wire_decoder.open_sealed(relabelled, keks, "acme", "prod", "db/password")
