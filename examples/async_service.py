@@ -10,7 +10,11 @@ id), for the demo to read:
      "tenant": "aurora-records", "env": "prod", "version": 2, "override_version": 0,
      "overrides": [], "latency_ms": 7.9,
      "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "changed": ["database.postgresql..."],
-     "startup": false}
+     "startup": false, "password": {"version": 1, "opened": true}}
+
+The pool's password is a sealed secret (``!secret`` in the tree): the service opens it
+on access with its tenant's key-encryption key (CONFIGBUS_SECRET_KEYS) whenever the
+pool (re)connects, and reports only which version it opened, never the value.
 
 Settings come from the environment:
 
@@ -20,6 +24,7 @@ Settings come from the environment:
     CONFIGBUS_INSTANCE_ID             this instance in acks (SDK; default host-pid)
     CONFIGBUS_SERVICE                 the service name in acks (default recommendations)
     CONFIGBUS_CACHE_DIR               optional: keep the last good config on disk (SDK)
+    CONFIGBUS_SECRET_KEYS             optional: the tenant's key-encryption keys (SDK)
     OTEL_TRACES_EXPORTER              otlp, console or none (configbus.telemetry)
     LOG_LEVEL                         default INFO; logs go to stderr
 
@@ -36,11 +41,12 @@ import signal
 import sys
 import time
 
-from configbus import ConfigSubscriber, ResolvedConfig
+from configbus import ConfigSubscriber, ResolvedConfig, SecretError
 from configbus.telemetry import configure_from_env
 
 SERVICE = os.environ.get("CONFIGBUS_SERVICE", "recommendations")
 POOL = "database.postgresql.connection_pool"
+PASSWORD = "database.postgresql.password"
 
 log = logging.getLogger(SERVICE)
 
@@ -50,10 +56,23 @@ class ConnectionPool:
 
     def __init__(self) -> None:
         self.max_size = 0
+        self.password_version = 0  # the secret version the pool connects with
+        self.opened = False
 
     async def resize(self, max_size: int) -> None:
         log.info("connection pool: max_size %d -> %d", self.max_size, max_size)
         self.max_size = max_size  # a real pool would open or retire connections here
+
+    def connect_with(self, config: ResolvedConfig) -> None:
+        """Open the password as a new connection would: decrypted now, used, dropped."""
+        try:
+            password = config.secret(PASSWORD)
+        except SecretError as exc:  # names the secret, never a value; the rest still applies
+            log.warning("connection pool: %s", exc)
+            self.opened = False
+            return
+        self.password_version = config.secret_version(PASSWORD)
+        self.opened = bool(password)  # a real pool would pass it to the driver here
 
 
 async def main() -> int:
@@ -67,6 +86,9 @@ async def main() -> int:
 
     async def resize_pool(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
         await pool.resize(new.get(f"{POOL}.max_size"))
+
+    def reconnect(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
+        pool.connect_with(new)
 
     def report(old: ResolvedConfig, new: ResolvedConfig, paths: list[str]) -> None:
         snapshot = subscriber.snapshot  # config, versions, events and overrides, as one
@@ -85,11 +107,13 @@ async def main() -> int:
             "trace_id": subscriber.trace_id,
             "changed": paths[:10],
             "startup": not started,  # the first apply happens inside start()
+            "password": {"version": pool.password_version, "opened": pool.opened},
         }
         print(json.dumps(line), flush=True)
 
     # Callbacks run in registration order after each apply, with the changed keys.
     subscriber.on_change(POOL, resize_pool)
+    subscriber.on_change(PASSWORD, reconnect)  # a rotation reaches the pool too
     subscriber.on_change("", report)
 
     stop = asyncio.Event()

@@ -14,6 +14,10 @@
    publisher starts it, every instance continues it). GET the value from the FastAPI
    app before and after.
 5. Print `configbus rollout status aurora-records prod`, read from the acks.
+5b. The database password is a sealed secret (set in step 2 with `configbus secret
+   set`): the asyncio service opens it on access with the tenant's key-encryption key.
+   `configbus secret rotate --retire-after-ack` seals a new version, waits until every
+   instance applied it, then retires the old one; the service reconnects with v2.
 6. Kill the publisher daemon (SIGKILL) and set an emergency override of the same value
    with `configbus override set`, signed by an operator key: every instance applies it
    with the daemon down. At its expiry each instance returns to the published value by
@@ -59,6 +63,8 @@ EDITED_FILE = f"tenants/{TENANT}/{ENV}.yml"
 KID = "demo-publisher"
 OPERATOR = "demo-operator"
 OVERRIDE_TTL_S = 8
+PASSWORD = "database.postgresql.password"
+SECRET = f"tenants/{TENANT}/postgres_password"  # its !secret name in the tree
 
 # Deadlines, in seconds.
 SERVICE_START_S = 600  # kafka.sh may fetch the broker jars with Maven first
@@ -249,6 +255,7 @@ class Demo:
             raise DemoError(f"the app serves {after['value']!r}, expected {new_value}")
 
         self.rollout_status(applies[0]["version"])
+        self.rotate_secret()
         self.emergency_override(url, new_value)
 
     def start_kafka_and_redis(self) -> None:
@@ -275,6 +282,19 @@ class Demo:
         self.operator_key = keys / f"{OPERATOR}.key"
         shutil.copytree(ROOT / "environments", self.root)
         self.env["CONFIGBUS_TRUST"] = str(trust)
+        # The tenant's key-encryption key (operators hold it; its services get a copy of
+        # their tenant's keys only), and the database password sealed into the tree.
+        self.keks = self.tmp / "keys" / "keks.yml"
+        service_keks = self.tmp / "keys" / f"{TENANT}-keks.yml"
+        self.configbus("secret", "keys", "add", TENANT, "--keys", str(self.keks))
+        self.configbus(
+            "secret", "keys", "export", TENANT, "--keys", str(self.keks), "--out", str(service_keks)
+        )
+        self.configbus(
+            "secret", "set", TENANT, ENV, SECRET, "--generate", "24", "--keys", str(self.keks),
+            "--root", str(self.root), "--reason", "demo: the database password",
+        )  # fmt: skip
+        self.service_env["CONFIGBUS_SECRET_KEYS"] = str(service_keks)
         self.spawn(
             "publisher daemon",
             [
@@ -355,6 +375,13 @@ class Demo:
                 f"    {service.label:<17} {service.instance:<18} {service.kind:<32}"
                 f" applied v{applied['version']}"
             )
+        password = self.services[0].applied(version) or {}
+        if password.get("password") != {"version": 1, "opened": True}:
+            raise DemoError(f"the asyncio service did not open {PASSWORD} v1: {password}")
+        say(
+            f"  {self.services[0].instance} opened {PASSWORD} (secret {SECRET} v1): sealed in "
+            f"the tree, decrypted on access"
+        )
 
     def wait_for_apply(self, version: int, what: str, deadline_s: float) -> None:
         """Until every service reported applying `version` (or later). On a timeout,
@@ -429,6 +456,30 @@ class Demo:
         wait_until("the acks of every instance", ACKS_S, acks_in)
         say(f"\n$ configbus rollout status {TENANT} {ENV}")
         say(self.configbus(*args).rstrip())
+
+    def rotate_secret(self) -> None:
+        """Rotate the database password: v2 is sealed while v1 stays valid, v1 is retired
+        once every instance applied a config carrying v2, and the pool reconnects."""
+        say(
+            f"\n$ configbus secret rotate {TENANT} {ENV} {SECRET} --generate 24 "
+            "--retire-after-ack --max-wait 30s"
+        )
+        output = self.configbus(
+            "secret", "rotate", TENANT, ENV, SECRET, "--generate", "24", "--keys",
+            str(self.keks), "--root", str(self.root), "--retire-after-ack", "--max-wait", "30s",
+            "--bootstrap-servers", self.bootstrap, "--reason", "demo: scheduled rotation",
+        )  # fmt: skip
+        for line in output.splitlines():
+            say(f"  {line.replace(str(self.root), 'environments')}")
+        service = self.services[0]
+
+        def reconnected() -> bool:
+            service.poll()
+            return any(a.get("password") == {"version": 2, "opened": True} for a in service.applies)
+
+        wait_until(f"{service.instance} to reconnect with v2", PROPAGATE_S, reconnected)
+        say(f"  {service.instance} reconnected its pool with {PASSWORD} v2; v1 is retired")
+        say("  (the values are in no log, topic, ack or cache file: only ciphertext travels)")
 
     def emergency_override(self, url: str, published: int) -> None:
         """With the daemon killed, an operator overrides the value for OVERRIDE_TTL_S
