@@ -22,13 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from configbus.errors import SettingsError, UnknownNameError
+from configbus.errors import ConfigBusError, SettingsError, UnknownNameError
 from configbus.limits import DEFAULT_LIMITS
 from configbus.options import format_duration, parse_duration, pick
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.sealed import SecretRecord
 from configbus.tree.tree import TENANT_ID
-from configbus.tree.values import SECRET_NAME
+from configbus.tree.values import SECRET_NAME, SecretRef
 
 __all__ = ["register"]
 
@@ -162,6 +162,13 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
         help="make the new KEK current (then `secret rewrap` moves every data key to it)",
     )
     add.set_defaults(func=_keys_add)
+    use = keys_.add_parser(
+        "use", help="make a tenant's KEK current (then `secret rewrap` moves data keys to it)"
+    )
+    use.add_argument("tenant", metavar="TENANT")
+    use.add_argument("kek_id", metavar="KEK")
+    use.add_argument("--keys", required=True, metavar="FILE", help="the key file")
+    use.set_defaults(func=_keys_use)
     export = keys_.add_parser(
         "export", help="a key file with one tenant's KEKs only, for its services"
     )
@@ -410,6 +417,12 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
 
     rows = _run(read())
     now = time.time_ns()
+    have = {(t, e, record.name) for t, e, _, record in rows}
+    unset = {
+        f"{t}/{e}": names
+        for t, e in wanted
+        if (names := sorted(n for n in _referenced(tree, t, e) if (t, e, n) not in have))
+    }
     if args.json:
         listed = [
             {
@@ -430,11 +443,12 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
             }
             for tenant, env, store, record in rows
         ]
-        json.dump(listed, out, indent=2)
+        json.dump({"secrets": listed, "without_value": unset}, out, indent=2)
         out.write("\n")
         return 0
     if not rows:
         print("no sealed secrets", file=out)
+        _said_unset(out, unset)
         return 0
     print(
         f"{'STREAM':<26} {'NAME':<44} {'VER':>4} {'LIVE':<8} {'STORE':<6} "
@@ -461,9 +475,41 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
             f"{store:<6} {rotated:<21} {every:<6} {expires}".rstrip(),
             file=out,
         )
+    _said_unset(out, unset)
     if warnings:
         print(f"{warnings} certificate(s) expired or expiring within 30d", file=sys.stderr)
     return 0
+
+
+def _referenced(tree: EnvironmentTree, tenant: str, env: str) -> set[str]:
+    """The secret names the stream's config (files alone) references; none when it
+    does not resolve (`validate` says why)."""
+    try:
+        config = tree.resolve(env, tenant)
+    except ConfigBusError:
+        return set()
+    names: set[str] = set()
+
+    def visit(value: object) -> None:
+        if isinstance(value, SecretRef):
+            names.add(value.name)
+        elif isinstance(value, dict):
+            for child in value.values():
+                visit(child)
+        elif isinstance(value, tuple):
+            for child in value:
+                visit(child)
+
+    visit(config.data)
+    return names
+
+
+def _said_unset(out: TextIO, unset: dict[str, list[str]]) -> None:
+    if not unset:
+        return
+    print("\nreferenced without a value (reading one raises SecretError):", file=out)
+    for stream, names in unset.items():
+        print(f"  {stream}: {', '.join(names)}", file=out)
 
 
 def _get(args: argparse.Namespace, out: TextIO) -> int:
@@ -522,6 +568,14 @@ def _keys_add(args: argparse.Namespace, out: TextIO) -> int:
         print(f"{tenant}: new key-encryption key {kek_id} ({state})", file=out)
     provider.save(path)
     print(f"wrote {path} (mode 0600)", file=out)
+    return 0
+
+
+def _keys_use(args: argparse.Namespace, out: TextIO) -> int:
+    from configbus.crypto import LocalKeyProvider
+
+    LocalKeyProvider.from_file(args.keys).using(args.tenant, args.kek_id).save(args.keys)
+    print(f"{args.tenant}: {args.kek_id} is the current key-encryption key", file=out)
     return 0
 
 

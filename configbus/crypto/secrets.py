@@ -168,6 +168,14 @@ class LocalKeyProvider:
         keks[tenant] = (chosen, keys)
         return LocalKeyProvider(keks), kek_id
 
+    def using(self, tenant: str, kek_id: str) -> LocalKeyProvider:
+        """A provider whose current KEK for `tenant` is `kek_id` (one it holds)."""
+        keks = self._keks()
+        if kek_id not in keks.get(tenant, ("", {}))[1]:
+            raise KeyringError(f"tenant {tenant!r} has no key-encryption key {kek_id!r}")
+        keks[tenant] = (kek_id, keks[tenant][1])
+        return LocalKeyProvider(keks)
+
     def kek_ids(self, tenant: str) -> list[str]:
         """The ids of the tenant's KEKs, current first."""
         current = self._current[tenant].kek_id if tenant in self._current else ""

@@ -428,7 +428,10 @@ def test_list_shows_names_versions_and_rotation_never_a_value(
     token = row(out, "aurora-records/prod", "api/token")
     assert token[2:5] == ["1", "1", "tree"]
     assert token[6] == "30d"
-    assert len(out.splitlines()) == 3
+    table, _, unset = out.partition("\n\nreferenced without a value")
+    assert len(table.splitlines()) == 3
+    assert unset.splitlines()[1].startswith("  aurora-records/prod: ")
+    assert NAME not in unset and "api/token" not in unset  # those have values
     token_value = opened(provider, root, "aurora-records", "prod", "api/token")
     for sealed in (*record(root, "aurora-records", "prod").versions, token_value.decode()):
         assert sealed not in out
@@ -442,7 +445,10 @@ def test_list_json_has_names_versions_and_rotation_never_a_value(
     code, out, _ = cli("secret", "list", "-", "prod", "--json", "--root", root)
 
     assert code == 0
-    found = {(item["tenant"], item["name"]): item for item in json.loads(out)}
+    listed = json.loads(out)
+    found = {(item["tenant"], item["name"]): item for item in listed["secrets"]}
+    unset = listed["without_value"]["aurora-records/prod"]
+    assert "redis/password" in unset and NAME not in unset
     assert set(found) == {("aurora-records", NAME), ("aurora-records", "api/token")}
     password, token = found["aurora-records", NAME], found["aurora-records", "api/token"]
     assert (password["version"], password["live_versions"]) == (2, [2, 1])
@@ -455,8 +461,20 @@ def test_list_json_has_names_versions_and_rotation_never_a_value(
     assert "cbsec1." not in out
 
 
-def test_list_without_secrets_says_so(cli: Cli, root: Path) -> None:
-    assert cli("secret", "list", "--root", root) == (0, "no sealed secrets\n", "")
+def test_list_without_secrets_says_so_and_names_the_references_without_a_value(
+    cli: Cli, root: Path
+) -> None:
+    code, out, err = cli("secret", "list", "aurora-records", "prod", "--root", root)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[:3] == [
+        "no sealed secrets",
+        "",
+        "referenced without a value (reading one raises SecretError):",
+    ]
+    stream, names = lines[3].split(": ", 1)
+    assert stream == "  aurora-records/prod"
+    assert {"redis/password", "tenants/aurora-records/postgres_password"} <= set(names.split(", "))
 
 
 def test_a_certificate_shows_its_expiry_and_a_warning_when_it_is_near(
@@ -485,7 +503,7 @@ def test_a_certificate_shows_its_expiry_and_a_warning_when_it_is_near(
 
     code, out, _ = cli("secret", "list", "nimbus-fm", "prod", "--json", "--root", root)
     assert code == 0
-    found = {item["name"]: item for item in json.loads(out)}
+    found = {item["name"]: item for item in json.loads(out)["secrets"]}
     assert found["tls/soon"]["not_after"] == iso_expiry(soon)
     assert found["tls/soon"]["expires_soon"] is True
     assert found["tls/later"]["not_after"] == iso_expiry(later)
