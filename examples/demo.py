@@ -330,7 +330,7 @@ class Demo:
         )  # fmt: skip
         wait_until("the agent to listen", PUBLISH_S, socket_path.exists, self.logs / "agent.log")
         say(f"  configbus agent on {socket_path}: the services below follow through it")
-        self.service_env = {"CONFIGBUS_AGENT": str(socket_path), "CONFIGBUS_BOOTSTRAP_SERVERS": ""}
+        self.service_env.update(CONFIGBUS_AGENT=str(socket_path), CONFIGBUS_BOOTSTRAP_SERVERS="")
 
     def daemon_published(self, tenant: str, env: str) -> int:
         """The last version the daemon's JSON log says it published for the stream."""

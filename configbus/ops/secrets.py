@@ -361,25 +361,27 @@ async def fleet_has(
     bus: Bus,
     topics: TopicNames,
     trust: TrustStore,
-    streams: Iterable[Stream],
+    streams: Iterable[Stream] | Mapping[Stream, int],
     name: str,
     version: int,
     *,
     instance_ttl: float = 86400.0,
 ) -> FleetCheck:
     """Whether every live instance of every stream in `streams` that uses secret `name`
-    has applied a config carrying `version` of it (or a later one). A stream whose
-    latest snapshot does not reference the secret does not use it; one whose snapshots
-    do not carry `version` yet (the daemon has not published it) holds the rotation."""
+    has applied a config carrying `version` of it (or a later one); `streams` may map
+    each stream to a version of its own (an environment-wide secret's versions differ
+    between tenants). A stream whose latest snapshot does not reference the secret
+    does not use it; one whose snapshots do not carry the version yet (the daemon has
+    not published it) holds the rotation."""
     check = FleetCheck(name, version)
-    wanted = sorted(set(streams))
-    for tenant, env in wanted:
-        target = await _first_carrying(bus, topics, trust, tenant, env, name, version)
+    needed = dict(streams) if isinstance(streams, Mapping) else dict.fromkeys(streams, version)
+    for (tenant, env), wanted in sorted(needed.items()):
+        target = await _first_carrying(bus, topics, trust, tenant, env, name, wanted)
         if target is None:
             continue  # the stream does not reference the secret
         if target == 0:
             check.holdouts.append(
-                Holdout(tenant, env, "", "", f"no published snapshot carries v{version} yet")
+                Holdout(tenant, env, "", "", f"no published snapshot carries v{wanted} yet")
             )
             continue
         check.targets[(tenant, env)] = target
@@ -534,7 +536,7 @@ async def wait_for_fleet(
     bus: Bus,
     topics: TopicNames,
     trust: TrustStore,
-    streams: Iterable[Stream],
+    streams: Iterable[Stream] | Mapping[Stream, int],
     name: str,
     version: int,
     *,
@@ -544,7 +546,7 @@ async def wait_for_fleet(
 ) -> FleetCheck:
     """`fleet_has`, asked again every `poll` seconds until it is ready or `max_wait`
     seconds have passed; the last answer."""
-    wanted = sorted(set(streams))
+    wanted = dict(streams) if isinstance(streams, Mapping) else dict.fromkeys(streams, version)
     deadline = time.monotonic() + max_wait
     while True:
         check = await fleet_has(

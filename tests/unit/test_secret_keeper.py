@@ -24,7 +24,7 @@ from configbus.bus import MemoryBus, TopicNames
 from configbus.crypto import LocalKeyProvider, SigningKey, TrustStore, generate_keypair
 from configbus.crypto.secrets import SecretReader
 from configbus.events import Ack, Cause, build_body, now_ns, seal
-from configbus.ops.secrets import TreeBook, set_secret
+from configbus.ops.secrets import TreeBook, fleet_has, set_secret
 from configbus.options import parse_duration
 from configbus.publisher.secrets import SecretKeeper
 from configbus.tree.sealed import SecretRecord, read_secrets_file, secrets_file
@@ -401,3 +401,29 @@ async def test_a_tenant_topic_without_a_snapshot_of_the_stream_is_a_stream_witho
     )
 
     assert report.retired == [(TENANT, ENV, NAME, (1,))], report.waiting
+
+
+async def test_each_stream_is_held_to_its_own_newest_version(
+    bus: MemoryBus,
+    tree: EnvironmentTree,
+    root: Path,
+    provider: LocalKeyProvider,
+    publisher_key: SigningKey,
+) -> None:
+    """An environment-wide secret's versions differ between tenants: asked with each
+    stream's own version, an instance on a snapshot carrying an older one holds the
+    retirement, even when another stream's version is lower."""
+    fleet = Fleet(bus, tree, publisher_key)
+    for at in (T0, T0 + DAY, T0 + 2 * DAY):
+        await rotating(root, provider, at=at)
+        await fleet.publish(6 + at // DAY - T0 // DAY)  # v6 carries 1; v7: 2,1; v8: 3,2
+    await fleet.applied(7)
+    trust = TrustStore.of(publisher_key.public)
+    stream = (TENANT, ENV)
+
+    held = await fleet_has(bus, TOPICS, trust, {stream: 3, ("aurora-records", ENV): 1}, NAME, 1)
+    loose = await fleet_has(bus, TOPICS, trust, [stream], NAME, 2)
+
+    assert held.targets == {stream: 8}
+    assert [h.instance for h in held.holdouts] == ["i-1"]
+    assert loose.targets == {stream: 7} and loose.ready  # v7 already carries v2
