@@ -452,7 +452,7 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     print(
         f"{'STREAM':<26} {'NAME':<44} {'VER':>4} {'LIVE':<8} {'STORE':<6} "
-        f"{'ROTATED':<21} {'EVERY':<6} EXPIRES",
+        f"{'CREATED':<21} {'ROTATED':<21} {'EVERY':<6} EXPIRES",
         file=out,
     )
     warnings = 0
@@ -470,9 +470,10 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
                 warnings += 1
         every = format_duration(record.rotate_every) if record.rotate_every else "-"
         rotated = _iso(record.rotated) if record.rotated else "-"
+        created = _iso(record.created) if record.created else "-"
         print(
             f"{tenant + '/' + env:<26} {record.name:<44} {record.version:>4} {live:<8} "
-            f"{store:<6} {rotated:<21} {every:<6} {expires}".rstrip(),
+            f"{store:<6} {created:<21} {rotated:<21} {every:<6} {expires}".rstrip(),
             file=out,
         )
     _said_unset(out, unset)

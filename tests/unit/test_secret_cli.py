@@ -420,14 +420,15 @@ def test_list_shows_names_versions_and_rotation_never_a_value(
     code, out, err = cli("secret", "list", "aurora-records", "prod", "--root", root)
 
     assert code == 0 and err == ""
-    assert out.split()[:8] == ["STREAM", "NAME", "VER", "LIVE", "STORE", "ROTATED", "EVERY",
-                               "EXPIRES"]  # fmt: skip
+    assert out.split()[:9] == ["STREAM", "NAME", "VER", "LIVE", "STORE", "CREATED", "ROTATED",
+                               "EVERY", "EXPIRES"]  # fmt: skip
     password = row(out, "aurora-records/prod", NAME)
     assert password[2:5] == ["2", "2,1", "tree"]
-    assert password[6] == "-"
+    assert password[5] <= password[6]  # created, then rotated (ISO times sort as text)
+    assert password[7] == "-"
     token = row(out, "aurora-records/prod", "api/token")
     assert token[2:5] == ["1", "1", "tree"]
-    assert token[6] == "30d"
+    assert token[7] == "30d"
     table, _, unset = out.partition("\n\nreferenced without a value")
     assert len(table.splitlines()) == 3
     assert unset.splitlines()[1].startswith("  aurora-records/prod: ")
