@@ -725,15 +725,18 @@ class ConfigSubscriber:
         return old
 
     def _schedule_expiry(self) -> None:
-        """Drop each override at its expiry, by this process's clock."""
+        """Drop each override at its expiry, by this process's clock. Due is the first
+        expiry among the entries composed into the current config, not among those the
+        clock still finds in effect: one that ran out since it was composed is due now,
+        where it would otherwise stay in effect with nothing left to drop it."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        override = self._current.override
-        due = override.next_expiry(now_ns()) if override is not None else None
-        if due is None or self._state == "stopped":
+        entries = self._current.overrides
+        if not entries or self._state == "stopped":
             return
         loop = asyncio.get_running_loop()
+        due = min(entry.expires_at for entry in entries)
         delay = max(0.0, (due - now_ns()) / 1e9)
         self._expiry = loop.call_later(delay, self._start_expiry)
 
@@ -747,13 +750,15 @@ class ConfigSubscriber:
         expired override in effect."""
         async with self._applying:
             await self._expire_now()
+        # Set the timer again: this may have woken early (a timer is not exact), and a
+        # timer that fired while this awaited callbacks found it busy and was let go.
+        self._schedule_expiry()
 
     async def _expire_now(self) -> None:
         current = self._current
         new, entries = self._composed(self._base, current.override)
         if entries == current.overrides:
-            self._schedule_expiry()  # woken early (a timer is not exact): wait on
-            return
+            return  # woken early: nothing expired yet
         gone = [entry.path for entry in current.overrides if entry not in entries]
         old = self._swap(
             Snapshot(

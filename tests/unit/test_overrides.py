@@ -6,6 +6,7 @@ at their expiry by the subscriber's own clock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -704,6 +705,45 @@ async def test_an_expiry_waits_for_a_slow_callback_of_the_apply_before_it(
     await eventually(lambda: len(seen) == 2, "both callbacks")
     assert seen == [99, 10]  # in the order the configs were applied
     assert running.config.get("pool") == 10
+
+
+async def test_an_expiry_that_falls_between_two_readings_of_the_clock_is_not_lost(
+    fleet: Fleet, running: ConfigSubscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fleet.override({"pool": 99})
+    (entry,) = (await running.wait_for(lambda s: bool(s.overrides), timeout=5)).overrides
+    # The timer fires a hair early (uvloop counts whole milliseconds), and each reading
+    # of the clock is 1 ns after the one before: the expiry finds the entry in effect
+    # (1 ns to go), the rescheduling right after finds it expired.
+    ticks = itertools.count(entry.expires_at - 1)
+    monkeypatch.setattr("configbus.subscriber.core.now_ns", lambda: next(ticks))
+    assert running._expiry is not None
+    running._expiry.cancel()
+    running._start_expiry()  # the timer fires
+
+    snapshot = await running.wait_for(lambda s: not s.overrides, timeout=5)
+    assert snapshot.config.get("pool") == 10
+
+
+async def test_an_expiry_due_while_the_callbacks_of_the_one_before_run_is_not_lost(
+    fleet: Fleet, running: ConfigSubscriber
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(old: Any, new: Any, paths: list[str]) -> None:
+        if paths == ["pool"]:
+            await release.wait()  # still in the first expiry when the second is due
+
+    await fleet.override({"pool": 99}, ttl=0.3)
+    await fleet.override({"features.search": False}, ttl=0.4)
+    await running.wait_for(lambda s: len(s.overrides) == 2, timeout=5)
+    running.on_change("", slow)
+    await eventually(lambda: running.config.get("pool") == 10, "the first expiry")
+    await eventually(lambda: running._expiry is None, "the second expiry's timer to fire")
+    release.set()
+
+    snapshot = await running.wait_for(lambda s: not s.overrides, timeout=5)
+    assert snapshot.config.get("features.search") is True
 
 
 @pytest.mark.parametrize(
