@@ -100,7 +100,7 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
     set_.add_argument(
         "--rotate-every",
         metavar="DURATION",
-        help="the daemon rotates it this often (needs --generate)",
+        help="the daemon rotates it this often (needs --generate and --redis)",
     )
     set_.set_defaults(func=_set)
 
@@ -188,9 +188,14 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
 # -- set and rotate -----------------------------------------------------------------------
 def _set(args: argparse.Namespace, out: TextIO) -> int:
     rotate_every = _duration(args.rotate_every, "--rotate-every") if args.rotate_every else None
+    if rotate_every and not args.redis:
+        raise UnknownNameError(
+            "--rotate-every needs --redis: the daemon rotates secrets kept in the tenant "
+            "store, which every daemon sees alike (not in its own checkout of the tree)"
+        )
     streams = _streams(args)
     name = _name(args.name)
-    value = _value(args, None)
+    values = _values(args, None, streams)
 
     async def apply() -> int:
         async with _book(args) as book:
@@ -202,7 +207,7 @@ def _set(args: argparse.Namespace, out: TextIO) -> int:
                     tenant,
                     env,
                     name,
-                    value,
+                    values[(tenant, env)],
                     actor=_actor(args),
                     reason=args.reason or f"secret {name} set",
                     rotate_every=rotate_every,
@@ -237,8 +242,8 @@ def _rotate(args: argparse.Namespace, out: TextIO) -> int:
             generate = args.generate or next(
                 (r.generate for r in known.values() if r is not None and r.generate), None
             )
-            value = _value(args, generate)
-            versions = {}
+            values = _values(args, generate, streams)
+            versions, old = {}, {}
             for tenant, env in streams:
                 record = await secrets.set_secret(
                     book,
@@ -246,16 +251,17 @@ def _rotate(args: argparse.Namespace, out: TextIO) -> int:
                     tenant,
                     env,
                     name,
-                    value,
+                    values[(tenant, env)],
                     actor=_actor(args),
                     reason=args.reason or f"secret {name} rotated",
                 )
                 versions[(tenant, env)] = record.version
+                old[(tenant, env)] = record.live_versions[1:]
                 _said_sealed(out, tenant, env, record, book.where)
             if connection is None:
                 return 0
             return await _retire_when_ready(
-                args, out, book, connection, versions, name, max_wait, ttl
+                args, out, book, connection, versions, old, name, max_wait, ttl
             )
 
     return _run(apply())
@@ -270,17 +276,16 @@ def _retire(args: argparse.Namespace, out: TextIO) -> int:
 
     async def apply() -> int:
         async with _book(args) as book:
-            versions = {}
+            versions, old = {}, {}
             for stream in streams:
                 record = (await book.read(*stream)).get(name)
                 if record is None:
                     raise UnknownNameError(f"no secret {name!r} in {stream[0]}/{stream[1]}")
-                versions[stream] = record.version
+                versions[stream], old[stream] = record.version, record.live_versions[1:]
             if connection is None:
-                await _retire_now(args, out, book, versions, name)
-                return 0
+                return await _retire_now(args, out, book, versions, old, name)
             return await _retire_when_ready(
-                args, out, book, connection, versions, name, max_wait, ttl
+                args, out, book, connection, versions, old, name, max_wait, ttl
             )
 
     return _run(apply())
@@ -292,6 +297,7 @@ async def _retire_when_ready(
     book: Any,
     connection: tuple[Any, Any, Any],
     versions: dict[tuple[str, str], int],
+    old: dict[tuple[str, str], tuple[int, ...]],
     name: str,
     max_wait: int,
     ttl: int,
@@ -327,7 +333,7 @@ async def _retire_when_ready(
         f"{name} v{version}",
         file=out,
     )
-    return await _retire_now(args, out, book, versions, name)
+    return await _retire_now(args, out, book, versions, old, name)
 
 
 async def _retire_now(
@@ -335,39 +341,45 @@ async def _retire_now(
     out: TextIO,
     book: Any,
     versions: dict[tuple[str, str], int],
+    old: dict[tuple[str, str], tuple[int, ...]],
     name: str,
 ) -> int:
-    retired: set[int] = set()
-    for tenant, env in sorted(versions):
+    """Retire each stream's versions older than the one the fleet was checked for, then
+    run the retire command once per stream that had older versions (also when the
+    daemon retired them meanwhile: the command is what revokes them)."""
+    for (tenant, env), version in sorted(versions.items()):
         dropped = await _secrets().retire(
             book,
             tenant,
             env,
             name,
+            through=version,
             actor=_actor(args),
             reason=args.reason or f"secret {name}: old versions retired",
         )
-        retired |= set(dropped)
-        shown = ", ".join(f"v{v}" for v in dropped) or "nothing (one version only)"
+        shown = ", ".join(f"v{v}" for v in dropped) or "nothing (no older version live)"
         print(f"{tenant}/{env} {name}: retired {shown}", file=out)
     command = getattr(args, "retire_command", None)
-    if not command or not retired:
-        return 0
-    variables = dict(os.environ)
-    variables.update(
-        CONFIGBUS_SECRET=name,
-        CONFIGBUS_TENANTS=",".join(sorted({t for t, _ in versions})),
-        CONFIGBUS_ENV=",".join(sorted({e for _, e in versions})),
-        CONFIGBUS_RETIRED_VERSIONS=",".join(str(v) for v in sorted(retired)),
-        CONFIGBUS_VERSION=str(max(versions.values())),
-    )
-    process = await asyncio.create_subprocess_shell(command, env=variables)
-    code = await process.wait()
-    if code != 0:
-        print(f"the retire command failed (exit {code})", file=sys.stderr)
-        return 1
-    print("retire command done", file=out)
-    return 0
+    failed = 0
+    for (tenant, env), retired in sorted(old.items()):
+        if not command or not retired:
+            continue
+        variables = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGBUS_")}
+        variables.update(  # names and numbers only: never a value, never a key
+            CONFIGBUS_SECRET=name,
+            CONFIGBUS_TENANT=tenant,
+            CONFIGBUS_ENV=env,
+            CONFIGBUS_RETIRED_VERSIONS=",".join(str(v) for v in sorted(retired)),
+            CONFIGBUS_VERSION=str(versions[(tenant, env)]),
+        )
+        process = await asyncio.create_subprocess_shell(command, env=variables)
+        code = await process.wait()
+        if code != 0:
+            failed += 1
+            print(f"{tenant}/{env}: the retire command failed (exit {code})", file=sys.stderr)
+        else:
+            print(f"{tenant}/{env}: retire command done", file=out)
+    return 1 if failed else 0
 
 
 def _said_sealed(out: TextIO, tenant: str, env: str, record: SecretRecord, where: str) -> None:
@@ -438,6 +450,7 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
                 if record.rotate_every
                 else None,
                 "not_after": _iso(record.not_after) if record.not_after else None,
+                "kek_ids": sorted({text.split(".")[2] for text in record.versions}),
                 "expires_soon": bool(record.not_after)
                 and record.not_after - now < EXPIRY_WARNING_S * 1e9,
             }
@@ -656,6 +669,17 @@ def _name(name: str) -> str:
             f"{name!r}: a secret name is lowercase letters, digits and _ . / - (no '..')"
         )
     return name
+
+
+def _values(
+    args: argparse.Namespace, generate: int | None, streams: list[tuple[str, str]]
+) -> dict[tuple[str, str], bytes]:
+    """The value of each stream: generated values differ per stream (one tenant's
+    service never holds another's), a given value is the same for all."""
+    if args.generate or (generate and not args.from_file):
+        return {stream: _value(args, generate) for stream in streams}
+    value = _value(args, generate)
+    return dict.fromkeys(streams, value)
 
 
 def _value(args: argparse.Namespace, generate: int | None) -> bytes:

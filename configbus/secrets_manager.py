@@ -73,7 +73,11 @@ class SecretsManager:
     def config(self) -> ResolvedConfig:
         """The stream's config whose secrets `get_secret` opens."""
         if self.subscriber is not None:
-            return self.subscriber.config
+            config = self.subscriber.config
+            if self.keys is None or self.keys is self.subscriber.settings.secret_keys:
+                return config
+            given = SecretReader(self.keys, self.tenant, self.env)  # the keys given here
+            return ResolvedConfig(config.data, env=self.env, tenant=self.tenant, secrets=given)
         assert self.tree is not None
         resolved = self.tree.resolve(self.env, self.tenant)
         reader = SecretReader(self.keys, self.tenant, self.env) if self.keys else None

@@ -81,6 +81,7 @@ KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12
 _KEK_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _B64: Final = re.compile(r"[A-Za-z0-9_-]+")
+_VERSION: Final = re.compile(r"[1-9][0-9]{0,18}")  # ASCII digits, below 2**63
 _DATA_KEYS_KEPT: Final = 256  # unwrapped data keys a reader keeps (one per stream and KEK)
 
 
@@ -158,7 +159,7 @@ class LocalKeyProvider:
         tenant's current KEK when the tenant had none, or with `current`; the others
         stay, so what they wrapped still opens."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-        kek_id = f"{tenant}-{stamp}"[:64]
+        kek_id = f"{tenant[: 63 - len(stamp)]}-{stamp}"  # the stamp keeps ids apart
         keks = self._keks()
         known = keks.get(tenant, ("", {}))[1]
         if kek_id in known:
@@ -226,8 +227,10 @@ class LocalKeyProvider:
         where = Path(path)
         try:
             mode = where.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise KeyringError(f"{where}: readable by others; chmod 600 it")
+            if mode & stat.S_IRWXO:
+                raise KeyringError(f"{where}: readable by others; chmod 600 it (or 640)")
+            if mode & (stat.S_IWGRP | stat.S_IXGRP):
+                raise KeyringError(f"{where}: writable by its group; chmod 600 it (or 640)")
             document = yaml.safe_load(where.read_text(encoding="utf-8"))
         except OSError as exc:
             raise KeyringError(f"{where}: cannot read the key file: {exc.strerror}") from None
@@ -308,7 +311,7 @@ class SealedSecret:
         if len(parts) != 6 or parts[0] != PREFIX:
             raise SecretError(f"{what}: not a sealed secret ({PREFIX}.VERSION.KEK...)")
         _, version, kek_id, *encoded = parts
-        if not version.isdigit() or not _KEK_ID.fullmatch(kek_id):
+        if not _VERSION.fullmatch(version) or not _KEK_ID.fullmatch(kek_id):
             raise SecretError(f"{what}: malformed sealed secret")
         try:
             wrapped, nonce, ciphertext = (_unb64(part) for part in encoded)
@@ -384,6 +387,10 @@ def open_secret(
             )
         except SecretError as exc:
             raise SecretError(f"{what}: {exc}") from None
+        except Exception as exc:  # a KMS's own error: named by its class, no payload
+            raise SecretError(
+                f"{what}: the key provider failed to unwrap its data key ({exc.__class__.__name__})"
+            ) from exc
         if data_keys is not None:
             if len(data_keys) >= _DATA_KEYS_KEPT:
                 data_keys.pop(next(iter(data_keys)))

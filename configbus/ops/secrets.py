@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import os
 import secrets as _random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.exceptions import RedisError
 
 from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import KeyProvider, TrustStore
@@ -42,9 +45,8 @@ from configbus.crypto.secrets import (
     rewrap,
     seal_secret,
 )
-from configbus.errors import SecretError, VerificationError
-from configbus.events import Ack, AuditNote, open_envelope
-from configbus.ops.rollout import has_stopped
+from configbus.errors import BusError, SecretError, VerificationError
+from configbus.events import Ack, AuditNote, open_envelope, shown
 from configbus.store import TenantStore
 from configbus.tree.sealed import (
     SecretRecord,
@@ -52,7 +54,7 @@ from configbus.tree.sealed import (
     secrets_file,
     write_secrets_file,
 )
-from configbus.tree.values import SECRET_KEY, SecretRef, freeze_json
+from configbus.tree.values import SECRET_KEY, SecretRef, freeze_json, sealed_version
 
 __all__ = [
     "FleetCheck",
@@ -82,6 +84,17 @@ class SecretBook(Protocol):
     @property
     def where(self) -> str: ...
 
+    @property
+    def shared(self) -> bool:
+        """Whether every daemon sees the same records (the store), not a checkout of
+        its own (the tree): only then may a daemon write them on its own."""
+        ...
+
+    def locked(self, tenant: str, env: str) -> AbstractAsyncContextManager[None]:
+        """Held around a read-change-write of the stream's records: two writers (an
+        operator and the daemon's policy) never number two values alike."""
+        ...
+
     async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]: ...
 
     async def write(
@@ -107,8 +120,25 @@ class TreeBook:
     def where(self) -> str:
         return f"the tree at {self.root}"
 
+    @property
+    def shared(self) -> bool:
+        return False
+
     def path(self, tenant: str, env: str) -> Path:
         return secrets_file(self.root, tenant, env)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, tenant: str, env: str) -> AsyncIterator[None]:
+        """An exclusive lock on the stream's secrets folder (flock, so it ends with the
+        process that held it)."""
+        folder = self.path(tenant, env).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # closing drops the lock
 
     async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]:
         return read_secrets_file(self.path(tenant, env))
@@ -141,6 +171,27 @@ class StoreBook:
     @property
     def where(self) -> str:
         return repr(self.store)
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    @contextlib.asynccontextmanager
+    async def locked(self, tenant: str, env: str) -> AsyncIterator[None]:
+        """A Redis lock per stream, given up after 30 s if its holder died."""
+        name = f"{self.store.prefix}secrets-lock:{tenant}:{env}"
+        lock = self.store.redis.lock(name, timeout=30, blocking_timeout=30)
+        try:
+            acquired = await lock.acquire()
+        except RedisError as exc:
+            raise BusError(f"redis: {exc}") from exc
+        if not acquired:
+            raise SecretError(f"{tenant}/{env}: another secret write holds the lock; retry")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError):
+                await lock.release()
 
     async def read(self, tenant: str, env: str) -> dict[str, SecretRecord]:
         return await self.store.secrets(tenant, env)
@@ -214,6 +265,24 @@ async def set_secret(
     if not value:
         raise SecretError(f"secret {name!r} of {tenant}/{env}: the value is empty")
     now = now if now is not None else time.time_ns()
+    async with book.locked(tenant, env):
+        return await _set(book, provider, tenant, env, name, value, actor, reason,
+                          rotate_every, generate, now)  # fmt: skip
+
+
+async def _set(
+    book: SecretBook,
+    provider: KeyProvider,
+    tenant: str,
+    env: str,
+    name: str,
+    value: bytes,
+    actor: str,
+    reason: str,
+    rotate_every: int | None,
+    generate: int | None,
+    now: int,
+) -> SecretRecord:
     records = await book.read(tenant, env)
     known = records.get(name)
     version = known.version + 1 if known is not None else 1
@@ -241,16 +310,30 @@ async def set_secret(
 
 
 async def retire(
-    book: SecretBook, tenant: str, env: str, name: str, *, actor: str = "", reason: str = ""
+    book: SecretBook,
+    tenant: str,
+    env: str,
+    name: str,
+    *,
+    through: int | None = None,
+    actor: str = "",
+    reason: str = "",
 ) -> tuple[int, ...]:
-    """Drop every version of the secret but the newest; returns the versions dropped."""
-    record = (await book.read(tenant, env)).get(name)
-    if record is None:
-        raise SecretError(f"{tenant}/{env} has no secret {name!r}")
-    dropped = record.live_versions[1:]
-    if dropped:
-        await book.write(tenant, env, [record.retired()], actor=actor, reason=reason)
-    return dropped
+    """Drop the versions of the secret older than `through` (the version the fleet was
+    checked for; default the newest); returns the versions dropped. A version written
+    since the check, and the one checked, stay."""
+    async with book.locked(tenant, env):
+        record = (await book.read(tenant, env)).get(name)
+        if record is None:
+            raise SecretError(f"{tenant}/{env} has no secret {name!r}")
+        keep = record.version if through is None else through
+        kept = tuple(t for t in record.versions if sealed_version(t) >= keep)
+        dropped = tuple(v for v in record.live_versions if v < keep)
+        if dropped and kept:
+            await book.write(
+                tenant, env, [replace(record, versions=kept)], actor=actor, reason=reason
+            )
+        return dropped if kept else ()
 
 
 async def rekey(
@@ -266,32 +349,33 @@ async def rekey(
     sealed again under it, with its version unchanged. An instance that still runs the
     old ciphertext opens it as before (its data key is wrapped in it). Returns the
     number of values sealed again."""
-    records = await book.read(tenant, env)
-    data_key = AESGCM.generate_key(bit_length=256)
-    wrapping: tuple[str, bytes] | None = None  # wrapped once, by the first seal
-    changed, count = [], 0
-    for name, record in records.items():
-        texts = []
-        for text in record.versions:
-            sealed = SealedSecret.decode(text, what=f"secret {name!r}")
-            value = open_secret(provider, tenant, env, name, sealed)
-            again = seal_secret(
-                provider,
-                tenant,
-                env,
-                name,
-                sealed.version,
-                value,
-                data_key=data_key,
-                wrapping=wrapping,
-            )
-            wrapping = (again.kek_id, again.wrapped_key)
-            texts.append(again.encode())
-            count += 1
-        changed.append(replace(record, versions=tuple(texts)))
-    if changed:
-        await book.write(tenant, env, changed, actor=actor, reason=reason)
-    return count
+    async with book.locked(tenant, env):
+        records = await book.read(tenant, env)
+        data_key = AESGCM.generate_key(bit_length=256)
+        wrapping: tuple[str, bytes] | None = None  # wrapped once, by the first seal
+        changed, count = [], 0
+        for name, record in records.items():
+            texts = []
+            for text in record.versions:
+                sealed = SealedSecret.decode(text, what=f"secret {name!r}")
+                value = open_secret(provider, tenant, env, name, sealed)
+                again = seal_secret(
+                    provider,
+                    tenant,
+                    env,
+                    name,
+                    sealed.version,
+                    value,
+                    data_key=data_key,
+                    wrapping=wrapping,
+                )
+                wrapping = (again.kek_id, again.wrapped_key)
+                texts.append(again.encode())
+                count += 1
+            changed.append(replace(record, versions=tuple(texts)))
+        if changed:
+            await book.write(tenant, env, changed, actor=actor, reason=reason)
+        return count
 
 
 async def rewrap_all(
@@ -307,23 +391,26 @@ async def rewrap_all(
     (KEK rotation), in every sealed value; the ciphertexts stay as they are. Services
     must hold the new KEK before (and may drop the old one once every instance runs
     the re-wrapped values). Returns the number of values re-wrapped."""
-    records = await book.read(tenant, env)
-    changed, count = [], 0
-    done: dict[tuple[str, bytes], SealedSecret] = {}  # a shared wrapping stays shared
-    for name, record in records.items():
-        texts = []
-        for text in record.versions:
-            sealed = SealedSecret.decode(text, what=f"secret {name!r}")
-            known = (sealed.kek_id, sealed.wrapped_key)
-            if known not in done:
-                done[known] = rewrap(provider, tenant, env, sealed)
-            new = done[known]
-            texts.append(replace(sealed, kek_id=new.kek_id, wrapped_key=new.wrapped_key).encode())
-            count += 1
-        changed.append(replace(record, versions=tuple(texts)))
-    if changed:
-        await book.write(tenant, env, changed, actor=actor, reason=reason)
-    return count
+    async with book.locked(tenant, env):
+        records = await book.read(tenant, env)
+        changed, count = [], 0
+        done: dict[tuple[str, bytes], SealedSecret] = {}  # a shared wrapping stays shared
+        for name, record in records.items():
+            texts = []
+            for text in record.versions:
+                sealed = SealedSecret.decode(text, what=f"secret {name!r}")
+                known = (sealed.kek_id, sealed.wrapped_key)
+                if known not in done:
+                    done[known] = rewrap(provider, tenant, env, sealed)
+                new = done[known]
+                texts.append(
+                    replace(sealed, kek_id=new.kek_id, wrapped_key=new.wrapped_key).encode()
+                )
+                count += 1
+            changed.append(replace(record, versions=tuple(texts)))
+        if changed:
+            await book.write(tenant, env, changed, actor=actor, reason=reason)
+        return count
 
 
 # -- the fleet gate ------------------------------------------------------------------------
@@ -387,39 +474,73 @@ async def fleet_has(
         check.targets[(tenant, env)] = target
     if not check.targets:
         return check
+    if not await _exists(bus, topics.acks):  # a misspelt topic must not read as no fleet
+        check.holdouts.append(
+            Holdout("", "", "", "", f"the acks topic {topics.acks!r} does not exist")
+        )
+        return check
     horizon = time.time_ns() - int(instance_ttl * 1e9)
     fleet = await _fleet(bus, topics, check.targets)
     for (tenant, env), instances in sorted(fleet.items()):
         target = check.targets[(tenant, env)]
         for instance, acks in sorted(instances.items()):
             applied, rejected, stopped = (acks.get(s) for s in ("applied", "rejected", "stopped"))
-            if has_stopped(stopped, applied, rejected):
-                continue
-            heard = max((_heard(a) for a in (applied, rejected) if a is not None), default=0)
+            if stopped is not None and all(
+                answer is None or answer.offset < stopped.offset for answer in (applied, rejected)
+            ):
+                continue  # its last word was that it stopped
+            heard = max((a.heard for a in (applied, rejected) if a is not None), default=0)
             if heard < horizon:
                 continue  # silent past the TTL: gone
             check.instances += 1
             if applied is not None and applied.version >= target:
                 continue
-            service = next(a.service for a in (applied, rejected) if a is not None)
+            service = next(a.ack.service for a in (applied, rejected) if a is not None)
             runs = f"runs v{applied.version}" if applied is not None else "runs nothing yet"
             why = f"{runs}, needs v{target} or later"
             if rejected is not None and rejected.version >= target:
-                why += f"; refused v{rejected.version}: {rejected.reason[:200]}"
-            check.holdouts.append(Holdout(tenant, env, instance, service, why))
+                why += f"; refused v{rejected.version}: {rejected.ack.reason}"
+            check.holdouts.append(
+                Holdout(tenant, env, shown(instance, quote=False), shown(service, quote=False),
+                        shown(why, 300, quote=False))
+            )  # fmt: skip
     return check
 
 
-def _heard(ack: Ack) -> int:
-    return ack.received_at or ack.applied_at
+@dataclass(frozen=True, slots=True)
+class _Said:
+    """An instance's last ack of one status, and where it stands on the acks topic."""
+
+    ack: Ack
+    offset: int
+    timestamp_ms: int
+
+    @property
+    def version(self) -> int:
+        return self.ack.version
+
+    @property
+    def heard(self) -> int:
+        """When it was said, in ns: the record's timestamp, not what the ack claims
+        (an unsigned ack could claim any time)."""
+        return self.timestamp_ms * 1_000_000
+
+
+async def _exists(bus: Bus, topic: str) -> bool:
+    reader = bus.reader(topic)
+    try:
+        return await reader.start()
+    finally:
+        await reader.stop()
 
 
 async def _fleet(
     bus: Bus, topics: TopicNames, streams: Mapping[Stream, int]
-) -> dict[Stream, dict[str, dict[str, Ack]]]:
-    """The latest snapshot-channel ack of each status, per instance, of `streams`."""
+) -> dict[Stream, dict[str, dict[str, _Said]]]:
+    """The last snapshot-channel ack of each status, per instance, of `streams`: the
+    last on the topic (one partition, so in the order written), whatever time it claims."""
     prefixes = {f"{t}/{e}/".encode(): (t, e) for t, e in streams}
-    found: dict[Stream, dict[str, dict[str, Ack]]] = {s: {} for s in streams}
+    found: dict[Stream, dict[str, dict[str, _Said]]] = {s: {} for s in streams}
     async for record in bus.read_to_end([topics.acks]):
         key = record.key or b""
         stream = next((s for p, s in prefixes.items() if key.startswith(p)), None)
@@ -431,10 +552,8 @@ async def _fleet(
             continue
         if ack.channel != SNAPSHOT_CHANNEL or (ack.tenant, ack.env) != stream:
             continue
-        kept = found[stream].setdefault(ack.instance, {})
-        known = kept.get(ack.status)
-        if known is None or _heard(ack) >= _heard(known):
-            kept[ack.status] = ack
+        said = _Said(ack, record.offset, record.timestamp_ms)
+        found[stream].setdefault(ack.instance, {})[ack.status] = said  # later wins
     return found
 
 
@@ -447,18 +566,21 @@ async def _first_carrying(
     name: str,
     version: int,
 ) -> int | None:
-    """The first of the stream's latest run of verified snapshots that all carry
-    `version` (or later) of secret `name`: 0 when the latest does not carry it yet;
-    None when the latest does not reference the secret at all (or there is none)."""
+    """The first of the stream's latest run of verified snapshots in which every one
+    either carries `version` (or later) of secret `name` or does not use it at all: an
+    instance on a snapshot before it may still read an older version. 0 when the
+    latest does not carry it yet, or nothing was published for the stream (a wrong
+    topic prefix must hold a retirement, not allow it); None when no snapshot read
+    back references the secret."""
     reader = bus.reader(topics.tenant_topic(tenant))
     try:
-        if not await reader.start():
-            return None
-        records = await reader.recent(topics.record_key(env), limit=_READ_BACK)
+        records = (
+            await reader.recent(topics.record_key(env), limit=_READ_BACK)
+            if (await reader.start())
+            else []
+        )
     finally:
         await reader.stop()
-    if not records:
-        return None  # nothing published for the stream: no instance runs any version
     events = []
     for record in records:
         with contextlib.suppress(VerificationError):
@@ -467,15 +589,19 @@ async def _first_carrying(
                     record.value or b"", trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL
                 )
             )
+    if not events:
+        return 0
     events.sort(key=lambda event: event.body.version, reverse=True)
-    first = 0
-    for index, event in enumerate(events):
+    first, used = 0, False
+    for event in events:
         carried = _carried(event.config_json, name)
-        if carried is None and index == 0:
-            return None
-        if carried is None or carried < version:
-            break
+        if carried is not None and carried < version:
+            break  # this one (and those before it) read an older version
+        used = used or carried is not None
         first = event.body.version
+    else:
+        if not used:
+            return None  # no snapshot read back uses the secret
     return first
 
 

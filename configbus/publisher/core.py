@@ -48,6 +48,8 @@ from configbus.telemetry import failed_counter, headers_with_context, published_
 from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.diff import changed_paths
 from configbus.tree.layer import Layer
+from configbus.tree.sealed import read_secrets_file, secrets_file
+from configbus.tree.values import attach_sealed
 
 __all__ = ["Change", "PublishReport", "Publisher", "StreamState"]
 
@@ -333,6 +335,7 @@ class Publisher:
             hold = "" if self.tree.problems(resolved) else resolved.hash
         except (TreeError, LimitError):  # refused until it changes: nothing to hold
             hold = ""
+        config = self._with_secrets_now(stream, config, layer)
         self._check_size(config)
         prepared = self._sealed(stream, config, change, kind=EventKind.ROLLBACK, hold=hold)
         await self._ensure_topics([tenant])
@@ -341,6 +344,25 @@ class Publisher:
         for failed in report.failed:
             report.pending.pop(failed, None)
         return report
+
+    def _with_secrets_now(
+        self, stream: Stream, config: ResolvedConfig, store_layer: Layer | None
+    ) -> ResolvedConfig:
+        """`config` (an earlier version's) with the secrets' versions of today: a
+        rollback never brings back a version retired (and maybe revoked) since, nor a
+        data key wrapped by a key-encryption key dropped since. Raises `TreeError`
+        when the stream's secrets file does not read."""
+        tenant, env = stream
+        sealed = {
+            name: record.versions
+            for name, record in read_secrets_file(secrets_file(self.tree.root, tenant, env)).items()
+        }
+        if store_layer is not None:
+            sealed.update(store_layer.sealed)
+        data = attach_sealed(config.data, sealed)
+        if data is config.data:
+            return config
+        return ResolvedConfig(data, config.layers, env=env, tenant=tenant)
 
     async def _fits(self, item: _Prepared, report: PublishReport) -> bool:
         """Whether the event can ever be sent: refused here when it is over our limit or

@@ -2,7 +2,9 @@
 the new version, and warnings before a certificate expires.
 
 Every `interval` seconds, while this daemon is the writer, each stream's secrets (in the
-tree and in the tenant store) are looked at:
+tree and in the tenant store) are looked at. Only secrets kept in the tenant store,
+which every daemon sees alike, are written: a rotation written into this daemon's own
+checkout of the tree would be lost, or undone, when another daemon takes over.
 
 - a secret with ``rotate_every`` whose last rotation is that old gets a new generated
   version, sealed with the key-encryption keys the daemon was given, exactly as
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -66,6 +68,7 @@ class SecretRound:
     retired: list[tuple[str, str, str, tuple[int, ...]]] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # retirements held up, and by whom
     due_without_keys: list[str] = field(default_factory=list)
+    not_shared: list[str] = field(default_factory=list)  # policies on tree-held secrets
     expiring: list[str] = field(default_factory=list)
     failed: dict[Stream, str] = field(default_factory=dict)
 
@@ -86,9 +89,13 @@ class SecretKeeper:
         is_writer: Callable[[], bool],
         interval: float = 60.0,
         instance_ttl: float = 86400.0,
+        books: Sequence[SecretBook] | None = None,
     ) -> None:
         self.bus, self.topics, self.trust = bus, topics, trust
         self.tree, self.store, self.provider = tree, store, provider
+        self.books: list[SecretBook] = list(books) if books is not None else [TreeBook(tree.root)]
+        if books is None and store is not None:
+            self.books.append(StoreBook(store))
         self.actor = actor
         self.is_writer = is_writer
         self.interval = interval
@@ -105,11 +112,8 @@ class SecretKeeper:
     async def round(self, now: int | None = None) -> SecretRound:
         """Look at every stream's secrets once."""
         report = SecretRound()
-        books: list[SecretBook] = [TreeBook(self.tree.root)]
-        if self.store is not None:
-            books.append(StoreBook(self.store))
         for stream in list(self.tree.streams()):
-            for book in books:
+            for book in self.books:
                 try:
                     records = await book.read(*stream)
                     for record in records.values():
@@ -117,6 +121,12 @@ class SecretKeeper:
                 except (ConfigBusError, OSError) as exc:
                     report.failed[stream] = str(exc)
                     self._say(stream, "failed", f"its secrets: {exc}", logging.ERROR)
+                except Exception as exc:  # one stream's surprise is that stream's alone
+                    report.failed[stream] = f"{exc.__class__.__name__}: {exc}"
+                    log.exception(
+                        "%s/%s: looking at its secrets failed", *stream,
+                        extra={"tenant": stream[0], "env": stream[1]},
+                    )  # fmt: skip
         self.rounds += 1
         return report
 
@@ -133,6 +143,19 @@ class SecretKeeper:
                 report.expiring.append(f"{tenant}/{env} {name}: {when}")
                 self._say(stream, f"expiry {name}", f"certificate {name} {when}", logging.WARNING)
         if not record.rotate_every:
+            return
+        if not book.shared:
+            report.not_shared.append(f"{tenant}/{env} {name}")
+            self._say(
+                stream,
+                f"not shared {name}",
+                f"secret {name} has rotate_every but is kept in the tree: the daemon rotates "
+                "and retires only secrets kept in the tenant store (a write into its own "
+                "checkout would be lost, or undone, when another daemon takes over); move "
+                "it there (`configbus secret set --redis`) or rotate it with "
+                "`configbus secret rotate`",
+                logging.WARNING,
+            )
             return
         if len(record.versions) > 1:
             await self._retire_when_ready(book, stream, record, report)
@@ -206,6 +229,7 @@ class SecretKeeper:
             tenant,
             env,
             record.name,
+            through=record.version,
             actor=self.actor,
             reason=f"every live instance runs v{record.version}",
         )

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import yaml
 
-from configbus.errors import Problem, TreeError
+from configbus.errors import Problem, SecretError, TreeError
 from configbus.options import format_duration, parse_duration
 from configbus.tree.values import SECRET_NAME, sealed_version
 
@@ -56,6 +56,7 @@ SECRETS_DIR: Final = "secrets"
 SEALED_TEXT: Final = re.compile(
     r"cbsec1\.[1-9][0-9]{0,18}\.[a-z0-9][a-z0-9_-]{0,63}(\.[A-Za-z0-9_-]+){3}"
 )
+_LATEST: Final = int(datetime(9999, 1, 1, tzinfo=UTC).timestamp())  # times written back
 MAX_VERSIONS: Final = 16  # live versions of one secret (a rotation keeps the old one)
 _FIELDS: Final = frozenset(
     {"versions", "created", "rotated", "rotate_every", "generate", "not_after"}
@@ -89,9 +90,14 @@ class SecretRecord:
         return tuple(sealed_version(text) for text in self.versions)
 
     def with_version(self, text: str, now: int) -> SecretRecord:
-        """This record with `text` as its newest version; the others stay valid."""
-        kept = self.versions[: MAX_VERSIONS - 1]
-        return replace(self, versions=(text, *kept), rotated=now)
+        """This record with `text` as its newest version; the others stay valid (never
+        dropped here: only a retirement, gated on the fleet, drops a version)."""
+        if len(self.versions) >= MAX_VERSIONS:
+            raise SecretError(
+                f"secret {self.name!r} has {len(self.versions)} live versions: retire old "
+                "ones (`configbus secret retire`) before adding another"
+            )
+        return replace(self, versions=(text, *self.versions), rotated=now)
 
     def retired(self, keep: int = 1) -> SecretRecord:
         """This record with only its `keep` newest versions."""
@@ -225,7 +231,10 @@ def _time(value: Any) -> int:
         raise ValueError(f"{value!r} is not a time (2026-12-07T06:00:00Z)")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp()) * 1_000_000_000
+    seconds = int(moment.timestamp())
+    if not 0 <= seconds < _LATEST:
+        raise ValueError(f"{value!r} is not a time between 1970 and 9999")
+    return seconds * 1_000_000_000
 
 
 def _duration(value: Any) -> int:

@@ -327,7 +327,12 @@ class EnvironmentTree:
         sealed = {name: texts for layer in stack for name, texts in layer.sealed.items()}
         if sealed:
             data = attach_sealed(data, sealed)
-        return ResolvedConfig(data, stack, env=env, tenant=tenant, overrides=names)
+        config = ResolvedConfig(data, stack, env=env, tenant=tenant, overrides=names)
+        if not sealed and b'"$sealed"' in config.canonical_json:  # written by hand: dropped
+            config = ResolvedConfig(
+                attach_sealed(data, {}), stack, env=env, tenant=tenant, overrides=names
+            )
+        return config
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
         """Every schema violation and plain-text secret in `config`."""

@@ -117,13 +117,15 @@ class SecretRef:
 
 
 def attach_sealed(data: Mapping[str, Value], sealed: Mapping[str, tuple[str, ...]]) -> Any:
-    """`data` with every reference to a name of `sealed` carrying its versions; the
-    branches without such a reference are shared, not copied."""
+    """`data` with every reference carrying the versions `sealed` has for its name, and
+    none when it has none: sealed text comes from the secrets' records alone, never
+    from a value written by hand (or an old config published again). The branches
+    without a reference are shared, not copied."""
 
     def attach(value: Any) -> Any:
         if isinstance(value, SecretRef):
-            texts = sealed.get(value.name)
-            return value if texts is None or texts == value.sealed else SecretRef(value.name, texts)
+            texts = sealed.get(value.name, ())
+            return value if texts == value.sealed else SecretRef(value.name, texts)
         if isinstance(value, dict):
             changed = {key: attach(child) for key, child in value.items()}
             if all(changed[key] is child for key, child in value.items()):
@@ -137,10 +139,13 @@ def attach_sealed(data: Mapping[str, Value], sealed: Mapping[str, tuple[str, ...
     return attach(data)
 
 
+_VERSION: Final = re.compile(r"[1-9][0-9]{0,18}")  # ASCII digits, below 2**63
+
+
 def sealed_version(text: str) -> int:
     """The version a sealed text names (``cbsec1.<version>....``); 0 if it names none."""
     parts = text.split(".", 2)
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+    return int(parts[1]) if len(parts) == 3 and _VERSION.fullmatch(parts[1]) else 0
 
 
 def secret_ref(item: Mapping[str, Any]) -> SecretRef | None:

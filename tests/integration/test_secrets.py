@@ -29,6 +29,7 @@ from configbus.publisher import Daemon
 from configbus.store import TenantStore
 from configbus.subscriber import ConfigSubscriber
 from configbus.tree.resolved import ResolvedConfig
+from configbus.tree.sealed import secrets_file
 
 TENANT, OTHER, ENV = "aurora-records", "helix-audio", "prod"
 KEY = "database.postgresql.password"
@@ -424,12 +425,13 @@ async def test_the_daemon_rotates_by_policy_and_retires_once_the_fleet_has_it(
     daemon: Daemon,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A secret with rotate_every: the daemon seals a new generated version when due,
-    keeps the old one until both running instances apply it, then retires it."""
+    """A secret with rotate_every, kept in the tenant store: the daemon seals a new
+    generated version when due, keeps the old one until both running instances apply
+    it, then retires it."""
     keyfile = operator_keys(tmp_path, keys)
     code, _, err = await call_main(
         capsys, "secret", "set", TENANT, ENV, NAME, "--root", setup.root, "--keys", keyfile,
-        "--generate", "24", "--rotate-every", "3s",
+        "--generate", "24", "--rotate-every", "3s", "--redis", setup.redis_url or "",
     )  # fmt: skip
     assert code == 0, err
     fleet = await subscribers(setup, tmp_path, service_keys(tmp_path, keys, TENANT), 2)
@@ -438,16 +440,18 @@ async def test_the_daemon_rotates_by_policy_and_retires_once_the_fleet_has_it(
         first = fleet[0].config.secret(KEY)
         await wait_for_secret_version(fleet, KEY, 2, timeout=60)
         assert fleet[0].config.secret(KEY) != first
-        book = TreeBook(setup.root)
+        async with TenantStore(setup.redis_url or "") as store:
+            book = StoreBook(store)
 
-        async def retired() -> bool:
-            return (await book.read(TENANT, ENV))[NAME].live_versions[-1] >= 2
+            async def retired() -> bool:
+                return (await book.read(TENANT, ENV))[NAME].live_versions[-1] >= 2
 
-        deadline = asyncio.get_running_loop().time() + 60
-        while not await retired():
-            assert asyncio.get_running_loop().time() < deadline, "v1 never retired"
-            await asyncio.sleep(0.2)
+            deadline = asyncio.get_running_loop().time() + 60
+            while not await retired():
+                assert asyncio.get_running_loop().time() < deadline, "v1 never retired"
+                await asyncio.sleep(0.2)
         assert daemon.secrets.rounds > 0
+        assert not secrets_file(setup.root, TENANT, ENV).exists()  # the tree was not written
     finally:
         for subscriber in fleet:
             await subscriber.stop()

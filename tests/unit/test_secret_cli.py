@@ -6,6 +6,7 @@ needs Kafka, so is not run here) may print a value: every test checks it did not
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -25,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from configbus.cli import main
 from configbus.crypto.secrets import LocalKeyProvider, SealedSecret, SecretReader, data_key_of
 from configbus.errors import SecretError
+from configbus.ops.secrets import TreeBook, generate_value, set_secret
 from configbus.tree.sealed import SecretRecord, read_secrets_file, secrets_file
 from configbus.tree.tree import EnvironmentTree
 
@@ -289,21 +291,29 @@ def test_set_takes_a_tenants_key_from_its_environment_variable(
     assert opened(own, root, "aurora-records", "prod").decode() not in cli.said
 
 
-def test_set_rotate_every_without_generate_fails_and_writes_nothing(
+def test_set_rotate_every_in_the_tree_is_refused_and_writes_nothing(
     cli: Cli, root: Path, keys: Path, tmp_path: Path
 ) -> None:
+    """A policy the daemon carries out needs the secret in the tenant store, which every
+    daemon sees alike; in the tree, a rotation would go into one daemon's checkout."""
     code, out, err = cli(
         "secret", "set", "aurora-records", "prod", NAME, "--rotate-every", "30d",
-        "--from-file", value_file(tmp_path, VALUE), "--root", root, "--keys", keys,
+        "--generate", "32", "--root", root, "--keys", keys,
     )  # fmt: skip
 
-    assert code == 1
-    assert out == ""
-    assert err.splitlines() == [
-        f"configbus: secret {NAME!r}: rotate_every needs a generated value (--generate BYTES)"
-    ]
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert err.startswith("configbus: --rotate-every needs --redis")
     assert secrets_files(root) == []
-    assert VALUE.decode() not in cli.said
+
+
+async def test_rotate_every_without_generate_fails_and_writes_nothing(
+    root: Path, provider: LocalKeyProvider
+) -> None:
+    book = TreeBook(root)
+    with pytest.raises(SecretError, match="rotate_every needs a generated value"):
+        await set_secret(book, provider, "aurora-records", "prod", NAME, VALUE, rotate_every=60)
+    assert secrets_files(root) == []
 
 
 # -- usage errors -----------------------------------------------------------------------
@@ -409,8 +419,11 @@ def listed(cli: Cli, root: Path, keys: Path, tmp_path: Path) -> None:
     for _ in range(2):
         cli("secret", "set", "aurora-records", "prod", NAME, "--from-file", path,
             "--root", root, "--keys", keys)  # fmt: skip
-    cli("secret", "set", "aurora-records", "prod", "api/token", "--generate", "24",
-        "--rotate-every", "30d", "--root", root, "--keys", keys)  # fmt: skip
+    token = generate_value(24)  # as the daemon's policy would keep it, set by the library
+    asyncio.run(
+        set_secret(TreeBook(root), LocalKeyProvider.from_file(keys), "aurora-records", "prod",
+                   "api/token", token, rotate_every=30 * 86400, generate=24)
+    )  # fmt: skip
 
 
 @pytest.mark.usefixtures("listed")
@@ -457,6 +470,7 @@ def test_list_json_has_names_versions_and_rotation_never_a_value(
     assert (password["rotate_every"], token["rotate_every"]) == (None, "30d")
     assert password["store"] == "tree" and password["env"] == "prod"
     assert password["not_after"] is None and password["expires_soon"] is False
+    assert password["kek_ids"] == token["kek_ids"] == ["aurora-records-1"]
     token_value = opened(provider, root, "aurora-records", "prod", "api/token")
     assert VALUE.decode() not in cli.said and token_value.decode() not in cli.said
     assert "cbsec1." not in out
@@ -556,7 +570,7 @@ def test_retire_force_drops_the_old_versions_without_kafka(
     code, out, _ = cli("secret", "retire", "aurora-records", "prod", NAME, "--force",
                        "--root", root)  # fmt: skip
     assert code == 0
-    assert out == f"aurora-records/prod {NAME}: retired nothing (one version only)\n"
+    assert out == f"aurora-records/prod {NAME}: retired nothing (no older version live)\n"
     assert VALUE.decode() not in cli.said and newest.decode() not in cli.said
 
 

@@ -66,11 +66,22 @@ def bus() -> MemoryBus:
     return MemoryBus()
 
 
+class SharedBook(TreeBook):
+    """The tree's secrets files, standing in for the tenant store: a book every daemon
+    sees alike, which the keeper may write (it never writes a tree's own book)."""
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+
 def keeper(
     bus: MemoryBus,
     tree: EnvironmentTree,
     provider: LocalKeyProvider | None,
     trust: TrustStore | None = None,
+    *,
+    shared: bool = True,
 ) -> SecretKeeper:
     return SecretKeeper(
         bus,
@@ -81,6 +92,7 @@ def keeper(
         provider,
         actor="keeper-test",
         is_writer=lambda: True,
+        books=[SharedBook(tree.root) if shared else TreeBook(tree.root)],
     )
 
 
@@ -210,20 +222,22 @@ async def two_versions(root: Path, provider: LocalKeyProvider) -> SecretRecord:
     return await rotating(root, provider, at=T0 + DAY)
 
 
-async def test_with_no_snapshot_on_the_bus_the_old_version_is_retired(
+async def test_with_no_snapshot_on_the_bus_nothing_is_retired(
     bus: MemoryBus, tree: EnvironmentTree, root: Path, provider: LocalKeyProvider
 ) -> None:
-    rotated = await two_versions(root, provider)
+    """No tenant topic at all reads as a wrong topic prefix (or another cluster), not as
+    a stream nobody runs: the gate holds."""
+    await two_versions(root, provider)
     async with bus.admin() as admin:
         assert await admin.topics() == set()  # no tenant topic, so no snapshot at all
 
     report = await keeper(bus, tree, provider).round(now=T0 + DAY + SECOND)
 
-    assert report.retired == [(TENANT, ENV, NAME, (1,))]
-    assert report.waiting == [] and report.rotated == []
-    assert record(root).live_versions == (2,)
-    reader = SecretReader(provider, TENANT, ENV)
-    assert reader.open(NAME, record(root).versions) == reader.open(NAME, rotated.versions, 2)
+    assert report.retired == [] and report.rotated == []
+    assert report.waiting == [
+        f"{TENANT}/{ENV} {NAME}: {TENANT}/{ENV} (the stream): no published snapshot carries v2 yet"
+    ]
+    assert record(root).live_versions == (2, 1)
 
 
 async def test_a_secret_set_by_hand_is_never_retired_by_the_daemon(
@@ -317,7 +331,8 @@ async def test_an_instance_silent_past_the_ttl_does_not_hold_the_retirement(
     await rotating(root, provider)
     await fleet.publish(6)
     watcher = keeper(bus, tree, provider, TrustStore.of(publisher_key.public))
-    await fleet.applied(6, heard=now_ns() - int(2 * watcher.instance_ttl * SECOND))
+    await fleet.applied(6)
+    watcher.instance_ttl = 0.0  # the ack's record is older than that by now: silent
     await rotating(root, provider, at=T0 + DAY)
     await fleet.publish(7)
 
@@ -374,17 +389,16 @@ async def test_a_stream_whose_latest_snapshot_does_not_reference_the_secret_lets
     assert record(root).live_versions == (2,)
 
 
-async def test_a_tenant_topic_without_a_snapshot_of_the_stream_is_a_stream_without_one(
+async def test_a_tenant_topic_without_a_snapshot_of_the_stream_holds_the_retirement(
     bus: MemoryBus,
     tree: EnvironmentTree,
     root: Path,
     provider: LocalKeyProvider,
     publisher_key: SigningKey,
 ) -> None:
-    """`_first_carrying` says None "when the latest does not reference the secret at
-    all (or there is none)", and does so when the tenant's topic is missing: a topic
-    that holds only another environment's snapshots has no snapshot of this stream
-    either, and must read the same."""
+    """A topic that holds only another environment's snapshots has no snapshot of this
+    stream: like a missing topic, that holds the retirement (nothing says the stream's
+    instances do not read the old version)."""
     bus.create_topic(TOPICS.tenant_topic(TENANT), compact=True)
     async with bus.producer() as producer:  # nimbus-fm/dev's snapshot: another stream
         body = build_body(
@@ -400,7 +414,8 @@ async def test_a_tenant_topic_without_a_snapshot_of_the_stream_is_a_stream_witho
         now=T0 + DAY + SECOND
     )
 
-    assert report.retired == [(TENANT, ENV, NAME, (1,))], report.waiting
+    assert report.retired == []
+    assert record(root).live_versions == (2, 1)
 
 
 async def test_each_stream_is_held_to_its_own_newest_version(
@@ -412,7 +427,7 @@ async def test_each_stream_is_held_to_its_own_newest_version(
 ) -> None:
     """An environment-wide secret's versions differ between tenants: asked with each
     stream's own version, an instance on a snapshot carrying an older one holds the
-    retirement, even when another stream's version is lower."""
+    retirement, whatever the version asked for the others."""
     fleet = Fleet(bus, tree, publisher_key)
     for at in (T0, T0 + DAY, T0 + 2 * DAY):
         await rotating(root, provider, at=at)
@@ -421,9 +436,34 @@ async def test_each_stream_is_held_to_its_own_newest_version(
     trust = TrustStore.of(publisher_key.public)
     stream = (TENANT, ENV)
 
-    held = await fleet_has(bus, TOPICS, trust, {stream: 3, ("aurora-records", ENV): 1}, NAME, 1)
+    held = await fleet_has(bus, TOPICS, trust, {stream: 3}, NAME, 1)
     loose = await fleet_has(bus, TOPICS, trust, [stream], NAME, 2)
 
     assert held.targets == {stream: 8}
     assert [h.instance for h in held.holdouts] == ["i-1"]
     assert loose.targets == {stream: 7} and loose.ready  # v7 already carries v2
+
+
+async def test_a_policy_on_a_secret_kept_in_the_tree_is_warned_about_never_carried_out(
+    bus: MemoryBus,
+    tree: EnvironmentTree,
+    root: Path,
+    provider: LocalKeyProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rotation written into one daemon's checkout would be lost, or undone, when
+    another daemon takes over: the keeper leaves a tree-held secret alone and says why,
+    once."""
+    first = await rotating(root, provider)
+    written = secrets_file(root, TENANT, ENV).read_bytes()
+    due = first.rotated + first.rotate_every * SECOND
+    own_tree = keeper(bus, tree, provider, shared=False)
+
+    with caplog.at_level(logging.WARNING, logger="configbus.publisher.secrets"):
+        reports = [await own_tree.round(now=due), await own_tree.round(now=due + DAY)]
+
+    assert [r.not_shared for r in reports] == [[f"{TENANT}/{ENV} {NAME}"]] * 2
+    assert [r.rotated for r in reports] == [[], []]
+    assert secrets_file(root, TENANT, ENV).read_bytes() == written
+    said = [r.getMessage() for r in caplog.records if "kept in the tree" in r.getMessage()]
+    assert len(said) == 1 and "--redis" in said[0]
