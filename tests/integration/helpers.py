@@ -519,3 +519,17 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         writer.close()
+
+
+def topic_options(setup: Setup) -> list[str]:
+    """The CLI options naming `setup`'s cluster and topics."""
+    return [
+        "--bootstrap-servers",
+        setup.kafka.bootstrap_servers,
+        "--topic-prefix",
+        setup.topics.prefix,
+        "--audit-topic",
+        setup.topics.audit,
+        "--acks-topic",
+        setup.topics.acks,
+    ]

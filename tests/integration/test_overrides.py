@@ -16,7 +16,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import CLI, REPO, Setup, call_main, subscriber_settings, wait_until
+from helpers import (
+    CLI,
+    REPO,
+    Setup,
+    call_main,
+    subscriber_settings,
+    topic_options,
+    wait_until,
+)
 
 from configbus.bus import OVERRIDE_CHANNEL, KafkaBus, Producer, read_to_end
 from configbus.crypto import OPERATOR, SigningKey, TrustedKey, generate_keypair
@@ -52,19 +60,6 @@ def operator(setup: Setup, kid: str) -> Path:
 def child_env(setup: Setup) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGBUS_")}
     return env | {"CONFIGBUS_STATE_TOPIC": setup.topics.state}
-
-
-def topic_options(setup: Setup) -> list[str]:
-    return [
-        "--bootstrap-servers",
-        setup.kafka.bootstrap_servers,
-        "--topic-prefix",
-        setup.topics.prefix,
-        "--audit-topic",
-        setup.topics.audit,
-        "--acks-topic",
-        setup.topics.acks,
-    ]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import yaml
-from helpers import Setup, call_main, started, subscriber_settings, wait_until
+from helpers import Setup, call_main, started, subscriber_settings, topic_options, wait_until
 
 from configbus.bus import Producer, read_to_end
 from configbus.crypto import LocalKeyProvider
@@ -74,19 +74,6 @@ def service_keys(tmp_path: Path, keys: dict[str, dict[str, str]], tenant: str) -
         tmp_path / f"{tenant}-keks.yml", {tenant: keys[tenant]}, {tenant: next(iter(keys[tenant]))}
     )
     return LocalKeyProvider.from_file(path)
-
-
-def kafka_options(setup: Setup) -> list[str]:
-    return [
-        "--bootstrap-servers",
-        setup.kafka.bootstrap_servers,
-        "--topic-prefix",
-        setup.topics.prefix,
-        "--audit-topic",
-        setup.topics.audit,
-        "--acks-topic",
-        setup.topics.acks,
-    ]
 
 
 def value_file(tmp_path: Path, value: str) -> Path:
@@ -168,7 +155,7 @@ async def test_a_service_reads_a_secret_and_its_plaintext_is_nowhere_else(
             "--from-file", value_file(tmp_path, second), "--retire-after-ack",
             "--max-wait", "60s", "--retire-command",
             f"echo $CONFIGBUS_SECRET $CONFIGBUS_RETIRED_VERSIONS $CONFIGBUS_VERSION > {marker}",
-            "--trust", setup.trust_path, *kafka_options(setup),
+            "--trust", setup.trust_path, *topic_options(setup),
         ) == 0  # fmt: skip
         assert marker.read_text().split() == [NAME, "1", "2"]
         assert [s.config.secret(KEY) for s in fleet] == [second] * 3
@@ -189,13 +176,13 @@ async def test_a_service_reads_a_secret_and_its_plaintext_is_nowhere_else(
             ("render", TENANT, ENV, "--root", setup.root, *render_options),
             ("render", TENANT, ENV, "--root", setup.root, "--format", "json", *render_options),
             ("explain", TENANT, ENV, KEY, "--root", setup.root, *render_options),
-            ("history", TENANT, ENV, "--trust", setup.trust_path, *kafka_options(setup)),
-            ("rollout", "status", TENANT, ENV, "--trust", setup.trust_path, *kafka_options(setup)),
+            ("history", TENANT, ENV, "--trust", setup.trust_path, *topic_options(setup)),
+            ("rollout", "status", TENANT, ENV, "--trust", setup.trust_path, *topic_options(setup)),
         ):
             assert await run(*args) == 0, outputs[-1]
         code, shown, err = await call_main(
             capsys, "secret", "get", TENANT, ENV, NAME, "--root", setup.root, "--keys", keyfile,
-            "--reason", "INC-2 check the password", *kafka_options(setup),
+            "--reason", "INC-2 check the password", *topic_options(setup),
         )  # fmt: skip
         assert (code, shown) == (0, second)  # its purpose: printed on request, and audited
         outputs.append(err)
@@ -306,7 +293,7 @@ async def test_rotation_keeps_the_old_version_while_an_instance_has_not_applied_
             capsys, "secret", "rotate", TENANT, ENV, NAME, "--root", setup.root, "--keys",
             keyfile, "--retire-after-ack", "--max-wait", "4s",
             "--retire-command", f"touch {marker}",
-            "--trust", setup.trust_path, *kafka_options(setup),
+            "--trust", setup.trust_path, *topic_options(setup),
         )  # fmt: skip
         assert code == 1, out + err
         assert "not retired" in err

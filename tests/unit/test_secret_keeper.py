@@ -15,10 +15,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from configbus.bus import MemoryBus, TopicNames
 from configbus.crypto import LocalKeyProvider, SigningKey, TrustStore, generate_keypair
@@ -29,6 +25,8 @@ from configbus.options import parse_duration
 from configbus.publisher.secrets import SecretKeeper
 from configbus.tree.sealed import SecretRecord, read_secrets_file, secrets_file
 from configbus.tree.tree import EnvironmentTree
+
+from .test_secret_cli import certificate
 
 SAMPLE = Path(__file__).resolve().parents[2] / "environments"
 TENANT, ENV = "nimbus-fm", "prod"
@@ -109,22 +107,6 @@ async def rotating(
         TreeBook(root), provider, TENANT, ENV, name, value,
         rotate_every=EVERY, generate=32, now=at,
     )  # fmt: skip
-
-
-def certificate(expires: datetime) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "radio.example")])
-    built = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(expires - timedelta(days=365))
-        .not_valid_after(expires)
-        .sign(key, hashes.SHA256())
-    )
-    return built.public_bytes(serialization.Encoding.PEM)
 
 
 # -- rotation ---------------------------------------------------------------------------
