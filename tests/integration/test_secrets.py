@@ -31,6 +31,8 @@ from configbus.subscriber import ConfigSubscriber
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.sealed import secrets_file
 
+pytestmark = pytest.mark.integration
+
 TENANT, OTHER, ENV = "aurora-records", "helix-audio", "prod"
 KEY = "database.postgresql.password"
 NAME = "tenants/aurora-records/postgres_password"
