@@ -9,7 +9,10 @@
 - verify: `open_envelope` alone (signature, decode, inflate, hash) at ~11 KB;
 - build_body and seal: what the publisher does per event after resolving (hash and
   compress the config; encode and sign the body) at ~11 KB;
-- resolve: one stream (aurora-records/prod) from a warm tree, with its hash.
+- resolve: one stream (aurora-records/prod) from a warm tree, with its hash; and with
+  every secret it references sealed (attached at resolution);
+- open secret: `config.secret(key)` with the data key unwrapped before (warm), and a
+  reader's first read (cold: unwrap the data key with the KEK, then decrypt).
 
 `make bench-micro` runs them in a quick mode (well under a minute), saves each run under
 results/quick/micro/ and fails when a median is more than MICRO_FAIL (default 50 %)
@@ -132,3 +135,89 @@ def test_resolve_one_stream(benchmark: Any) -> None:
         return tree.resolve(ENV, TENANT).hash
 
     benchmark(resolve)
+
+
+# -- sealed secrets ----------------------------------------------------------------------
+SECRET = "tenants/aurora-records/postgres_password"  # what database.postgresql.password names
+
+
+@pytest.fixture(scope="module")
+def sealed_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[EnvironmentTree, Any]:
+    """A copy of the sample tree whose aurora-records/prod stream has every secret it
+    references sealed (in its secrets file), and the key provider that sealed them."""
+    import asyncio
+    import os
+    import shutil
+
+    from configbus.crypto import LocalKeyProvider
+    from configbus.ops.secrets import TreeBook, set_secret
+    from configbus.tree.values import SecretRef
+
+    root = tmp_path_factory.mktemp("sealed") / "environments"
+    shutil.copytree(SAMPLE, root)
+    provider = LocalKeyProvider({TENANT: ("k1", {"k1": os.urandom(32)})})
+    names: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, SecretRef):
+            names.add(value.name)
+        elif isinstance(value, dict | tuple):
+            for child in value.values() if isinstance(value, dict) else value:
+                visit(child)
+
+    visit(EnvironmentTree(root).resolve(ENV, TENANT).data)
+
+    async def seal_all() -> None:
+        for name in sorted(names):
+            await set_secret(
+                TreeBook(root), provider, TENANT, ENV, name, os.urandom(24).hex().encode()
+            )
+
+    asyncio.run(seal_all())
+    return EnvironmentTree(root), provider
+
+
+def test_resolve_one_stream_with_sealed_secrets(
+    benchmark: Any, sealed_tree: tuple[EnvironmentTree, Any]
+) -> None:
+    """As test_resolve_one_stream, with each of the stream's references carrying its
+    sealed value (attached at resolution, hashed with the config)."""
+    tree, _ = sealed_tree
+    tree.resolve(ENV, TENANT).hash
+
+    def resolve() -> str:
+        return tree.resolve(ENV, TENANT).hash
+
+    benchmark(resolve)
+
+
+def test_open_secret_warm(benchmark: Any, sealed_tree: tuple[EnvironmentTree, Any]) -> None:
+    """`config.secret(key)` in a service whose reader has unwrapped the stream's data
+    key before: AES-256-GCM decryption of one value."""
+    from configbus.crypto import SecretReader
+    from configbus.tree.resolved import ResolvedConfig
+
+    tree, provider = sealed_tree
+    data = tree.resolve(ENV, TENANT).data
+    config = ResolvedConfig(
+        data, tenant=TENANT, env=ENV, secrets=SecretReader(provider, TENANT, ENV)
+    )
+    config.secret("database.postgresql.password")
+    benchmark(config.secret, "database.postgresql.password")
+
+
+def test_open_secret_cold(benchmark: Any, sealed_tree: tuple[EnvironmentTree, Any]) -> None:
+    """The first `config.secret(key)` of a reader: unwrap the data key with the KEK
+    (a local key here; a KMS call with a KMS provider), then decrypt."""
+    from configbus.crypto import SecretReader
+    from configbus.tree.resolved import ResolvedConfig
+
+    tree, provider = sealed_tree
+    data = tree.resolve(ENV, TENANT).data
+
+    def first_read() -> str:
+        reader = SecretReader(provider, TENANT, ENV)
+        config = ResolvedConfig(data, tenant=TENANT, env=ENV, secrets=reader)
+        return config.secret("database.postgresql.password")
+
+    benchmark(first_read)

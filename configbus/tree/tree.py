@@ -37,7 +37,7 @@ from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.schema import SchemaValidator
 from configbus.tree.sealed import SECRETS_DIR, parse_records
 from configbus.tree.values import Path as KeyPath
-from configbus.tree.values import attach_sealed
+from configbus.tree.values import Value, attach_sealed
 from configbus.tree.yamlfile import ParsedFile, parse_yaml
 
 __all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
@@ -76,6 +76,7 @@ class CheckReport:
 
 
 _Signature = tuple[int, int, int, int]
+_Attached = tuple["Mapping[str, Value]", dict[str, tuple[str, ...]], "Mapping[str, Value]"]
 
 
 class _Files:
@@ -152,6 +153,10 @@ class EnvironmentTree:
         self._files = _Files()
         self._listings = _Listings()
         self._layers: dict[tuple[str, LayerKind, str], tuple[ParsedFile, Layer]] = {}
+        # id(merged data) -> (that data, the sealed texts, the data with them attached)
+        self._sealed_cache: dict[
+            int, tuple[Mapping[str, Value], dict[str, tuple[str, ...]], Mapping[str, Value]]
+        ] = {}
         self._merges = MergeCache()
         self._tenants: dict[str, tuple[ParsedFile, TenantSpec]] = {}
         self._schema: tuple[_Signature, SchemaValidator] | None = None
@@ -326,13 +331,27 @@ class EnvironmentTree:
         data = self._merges.merge(stack)
         sealed = {name: texts for layer in stack for name, texts in layer.sealed.items()}
         if sealed:
-            data = attach_sealed(data, sealed)
+            data = self._attached(data, sealed)
         config = ResolvedConfig(data, stack, env=env, tenant=tenant, overrides=names)
         if not sealed and b'"$sealed"' in config.canonical_json:  # written by hand: dropped
             config = ResolvedConfig(
                 attach_sealed(data, {}), stack, env=env, tenant=tenant, overrides=names
             )
         return config
+
+    def _attached(
+        self, data: Mapping[str, Value], sealed: dict[str, tuple[str, ...]]
+    ) -> Mapping[str, Value]:
+        """`attach_sealed`, kept while the merged data and the sealed texts are the same
+        (the merge cache hands out the same data object while the layers are)."""
+        kept = self._sealed_cache.get(id(data))
+        if kept is not None and kept[0] is data and kept[1] == sealed:
+            return kept[2]
+        attached: Mapping[str, Value] = attach_sealed(data, sealed)
+        if len(self._sealed_cache) >= 4096:
+            self._sealed_cache.clear()
+        self._sealed_cache[id(data)] = (data, sealed, attached)
+        return attached
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
         """Every schema violation and plain-text secret in `config`."""
