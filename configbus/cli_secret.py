@@ -20,7 +20,7 @@ import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from configbus.errors import ConfigBusError, SettingsError, UnknownNameError
 from configbus.limits import DEFAULT_LIMITS
@@ -29,6 +29,16 @@ from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.sealed import SecretRecord
 from configbus.tree.tree import TENANT_ID
 from configbus.tree.values import SECRET_NAME, SecretRef
+
+if TYPE_CHECKING:  # imported when used: `configbus --help` does not load them
+    from types import ModuleType
+
+    from configbus.bus import Bus, TopicNames
+    from configbus.crypto import KeyProvider, TrustStore
+    from configbus.ops.secrets import SecretBook
+    from configbus.store import TenantStore
+
+    Connection = tuple[Bus, TopicNames, TrustStore]
 
 __all__ = ["register"]
 
@@ -294,8 +304,8 @@ def _retire(args: argparse.Namespace, out: TextIO) -> int:
 async def _retire_when_ready(
     args: argparse.Namespace,
     out: TextIO,
-    book: Any,
-    connection: tuple[Any, Any, Any],
+    book: SecretBook,
+    connection: Connection,
     versions: dict[tuple[str, str], int],
     old: dict[tuple[str, str], tuple[int, ...]],
     name: str,
@@ -339,7 +349,7 @@ async def _retire_when_ready(
 async def _retire_now(
     args: argparse.Namespace,
     out: TextIO,
-    book: Any,
+    book: SecretBook,
     versions: dict[tuple[str, str], int],
     old: dict[tuple[str, str], tuple[int, ...]],
     name: str,
@@ -635,7 +645,7 @@ def _reseal(args: argparse.Namespace, out: TextIO, action: str) -> int:
 
 
 # -- plumbing ----------------------------------------------------------------------------
-def _secrets() -> Any:
+def _secrets() -> ModuleType:
     from configbus.ops import secrets
 
     return secrets
@@ -708,7 +718,7 @@ def _value(args: argparse.Namespace, generate: int | None) -> bytes:
     return value
 
 
-def _provider(args: argparse.Namespace) -> Any:
+def _provider(args: argparse.Namespace) -> KeyProvider:
     from configbus.crypto import LocalKeyProvider
 
     path = pick(args.keys, "CONFIGBUS_SECRET_KEYS", "", str)
@@ -730,9 +740,9 @@ class _Book:
     def __init__(self, args: argparse.Namespace) -> None:
         self.root = default_root(args.root)
         self.url = args.redis
-        self.store: Any = None
+        self.store: TenantStore | None = None
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> SecretBook:
         from configbus.ops.secrets import StoreBook, TreeBook
 
         if not self.url:
@@ -751,7 +761,7 @@ def _book(args: argparse.Namespace) -> _Book:
     return _Book(args)
 
 
-def _connection(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _connection(args: argparse.Namespace) -> Connection:
     from configbus.bus import KafkaBus
     from configbus.cli_bus import _kafka, _trust
 
