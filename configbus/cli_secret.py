@@ -583,15 +583,19 @@ def _keys_add(args: argparse.Namespace, out: TextIO) -> int:
     from configbus.crypto import LocalKeyProvider
 
     path = Path(args.keys)
+    bad = [t for t in args.tenants if not TENANT_ID.fullmatch(t)]
+    if bad:
+        raise UnknownNameError(f"{bad[0]!r} is not a tenant id")
+    if len(set(args.tenants)) != len(args.tenants):
+        raise UnknownNameError("name each tenant once")
     provider = LocalKeyProvider.from_file(path) if path.exists() else LocalKeyProvider({})
+    said = []
     for tenant in args.tenants:
-        if not TENANT_ID.fullmatch(tenant):
-            raise UnknownNameError(f"{tenant!r} is not a tenant id")
         provider, kek_id = provider.with_new_key(tenant, current=args.current)
         state = "current" if provider.kek_ids(tenant)[0] == kek_id else "not current yet"
-        print(f"{tenant}: new key-encryption key {kek_id} ({state})", file=out)
-    provider.save(path)
-    print(f"wrote {path} (mode 0600)", file=out)
+        said.append(f"{tenant}: new key-encryption key {kek_id} ({state})")
+    provider.save(path)  # said only once written
+    print("\n".join([*said, f"wrote {path} (mode 0600)"]), file=out)
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from configbus.crypto import KeyProvider, LocalKeyProvider, SecretReader
@@ -53,7 +54,8 @@ class SecretsManager:
         self.subscriber = subscriber
         if subscriber is not None:
             self.tenant, self.env = subscriber.tenant, subscriber.env
-            self.tree: EnvironmentTree | None = None
+            given = root or os.environ.get("CONFIGBUS_ROOT")
+            self.tree: EnvironmentTree | None = EnvironmentTree(given) if given else None
             self.keys = _provider(keys) if keys is not None else subscriber.settings.secret_keys
             return
         self.tree = EnvironmentTree(default_root(root))
@@ -72,7 +74,7 @@ class SecretsManager:
 
     def config(self) -> ResolvedConfig:
         """The stream's config whose secrets `get_secret` opens."""
-        if self.subscriber is not None:
+        if self.subscriber is not None:  # what the service applied, not the tree
             config = self.subscriber.config
             if self.keys is None or self.keys is self.subscriber.settings.secret_keys:
                 return config
@@ -111,9 +113,18 @@ class SecretsManager:
 
     def list_secrets(self) -> list[SecretRecord]:
         """The stream's sealed secrets in the tree: names, versions, times; no values."""
-        root = self.tree.root if self.tree is not None else default_root()
-        records = read_secrets_file(secrets_file(root, self.tenant, self.env))
+        records = read_secrets_file(secrets_file(self._root(), self.tenant, self.env))
         return [records[name] for name in sorted(records)]
+
+    def _root(self) -> Path:
+        """The tree the records are kept in; a service without one cannot list or
+        rotate (it would write a tree nobody publishes)."""
+        if self.tree is None or not self.tree.root.is_dir():
+            raise SettingsError(
+                "SecretsManager needs the environment tree to list or rotate secrets: "
+                "pass root= or set CONFIGBUS_ROOT"
+            )
+        return self.tree.root
 
     def rotate_secret(
         self, name: str, *, value: bytes | None = None, generate: int = 32, reason: str = ""
@@ -125,7 +136,7 @@ class SecretsManager:
 
         if self.keys is None:
             raise SecretError(f"secret {name!r}: no key-encryption key to seal with")
-        root = self.tree.root if self.tree is not None else default_root()
+        root = self._root()
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -229,7 +229,7 @@ class LocalKeyProvider:
             mode = where.stat().st_mode
             if mode & stat.S_IRWXO:
                 raise KeyringError(f"{where}: readable by others; chmod 600 it (or 640)")
-            if mode & (stat.S_IWGRP | stat.S_IXGRP):
+            if mode & stat.S_IWGRP:
                 raise KeyringError(f"{where}: writable by its group; chmod 600 it (or 640)")
             document = yaml.safe_load(where.read_text(encoding="utf-8"))
         except OSError as exc:
