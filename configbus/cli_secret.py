@@ -28,7 +28,7 @@ from configbus.options import format_duration, parse_duration, pick
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.sealed import SecretRecord
 from configbus.tree.tree import TENANT_ID
-from configbus.tree.values import SECRET_NAME, SecretRef
+from configbus.tree.values import SecretRef, secret_name_problem
 
 if TYPE_CHECKING:  # imported when used: `configbus --help` does not load them
     from types import ModuleType
@@ -678,10 +678,9 @@ def _streams(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _name(name: str) -> str:
-    if not SECRET_NAME.fullmatch(name) or ".." in name or len(name) > 200:
-        raise UnknownNameError(
-            f"{name!r}: a secret name is lowercase letters, digits and _ . / - (no '..')"
-        )
+    problem = secret_name_problem(name)
+    if problem is not None:
+        raise UnknownNameError(f"secret {problem}")
     return name
 
 

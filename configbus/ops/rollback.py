@@ -195,7 +195,7 @@ def _config(entry: HistoryEntry, tenant: str, env: str) -> ResolvedConfig:
     if not isinstance(data, Mapping):
         raise ConfigBusError(f"v{entry.version} of {tenant}/{env} holds no config mapping")
     source = f"{tenant}/{env} v{entry.version}"
-    layer = Layer(LayerKind.STORE, f"v{entry.version}", source, data)  # no lines, as a store
+    layer = Layer(LayerKind.PUBLISHED, f"v{entry.version}", source, data)  # no lines
     config = ResolvedConfig(data, [layer], env=env, tenant=tenant)
     if config.hash != entry.config_hash:  # the bytes published again are the bytes signed
         raise ConfigBusError(

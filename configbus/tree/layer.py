@@ -28,6 +28,7 @@ class LayerKind(enum.StrEnum):
     SECRETS = "secrets"  # tenants/<tenant>/secrets/<env>.yml: sealed secrets, no values
     STORE = "store"  # the run-time tenant store (Redis)
     EMERGENCY = "emergency"  # operators' emergency overrides
+    PUBLISHED = "published"  # a version published before, as history holds it (rollback)
 
 
 class _Missing:
@@ -70,6 +71,9 @@ class Layer:
     source: str
     data: Mapping[str, LayerValue] = field(default_factory=lambda: EMPTY)
     lines: Mapping[Path, int] = field(default_factory=dict)
+    # Secret names an environment's layer shares with its tenants' layers.
+    shares: frozenset[str] = frozenset()
+    shares_line: int | None = None
     # Sealed secrets this layer carries: name -> live versions, newest first.
     sealed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Paths where this layer writes a plain string under a secret-named key.

@@ -39,7 +39,7 @@ import yaml
 
 from configbus.errors import Problem, SecretError, TreeError
 from configbus.options import format_duration, parse_duration
-from configbus.tree.values import SECRET_NAME, sealed_version
+from configbus.tree.values import sealed_version, secret_name_problem
 
 __all__ = [
     "SECRETS_DIR",
@@ -114,8 +114,9 @@ def parse_record(name: str, document: Any, where: str, line: int | None = None) 
     def fail(key: str, message: str) -> TreeError:
         return TreeError([Problem(where, line, f"{name}.{key}" if key else name, message)])
 
-    if not isinstance(name, str) or not SECRET_NAME.fullmatch(name) or ".." in name:
-        raise fail("", "a secret name is lowercase letters, digits and _ . / - (no '..')")
+    problem = secret_name_problem(name) if isinstance(name, str) else "a name is text"
+    if problem is not None:
+        raise fail("", problem)
     if not isinstance(document, Mapping):
         raise fail("", "a secret is a mapping with 'versions'")
     unknown = sorted(set(map(str, document)) - _FIELDS)

@@ -37,7 +37,7 @@ from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.schema import SchemaValidator
 from configbus.tree.sealed import SECRETS_DIR, parse_records
 from configbus.tree.values import Path as KeyPath
-from configbus.tree.values import Value, attach_sealed
+from configbus.tree.values import SecretRef, Value, attach_sealed
 from configbus.tree.yamlfile import ParsedFile, parse_yaml
 
 __all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
@@ -77,6 +77,45 @@ class CheckReport:
 
 _Signature = tuple[int, int, int, int]
 _Attached = tuple["Mapping[str, Value]", dict[str, tuple[str, ...]], "Mapping[str, Value]"]
+
+
+def _out_of_scope(config: ResolvedConfig) -> list[Problem]:
+    """References in a tenant's own layers (its file, its store) to secrets that are not
+    the tenant's (``tenants/<tenant>/...``) and that the environment does not share
+    (``shared_secrets:``): a tenant layer must not point a service at another secret,
+    say the environment's database password beside an address of its choosing."""
+    tenant = config.tenant
+    if tenant is None:
+        return []
+    own = f"tenants/{tenant}/"
+    shared = {n for layer in config.layers for n in layer.shares}
+    problems = []
+    for layer in config.layers:
+        if layer.kind not in (LayerKind.TENANT, LayerKind.STORE):
+            continue
+        for path, name in _references(layer.data, ()):
+            if not name.startswith(own) and name not in shared:
+                problems.append(
+                    Problem(
+                        layer.source,
+                        layer.lines.get(path),
+                        ".".join(map(str, path)),
+                        f"secret {name!r} is not tenant {tenant}'s ({own}...) and "
+                        f"{config.env} does not share it (shared_secrets: in its file)",
+                    )
+                )
+    return problems
+
+
+def _references(value: object, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
+    if isinstance(value, SecretRef):
+        yield path, value.name
+    elif isinstance(value, Mapping):
+        for key, child in value.items():
+            yield from _references(child, (*path, key))
+    elif isinstance(value, tuple):
+        for index, child in enumerate(value):
+            yield from _references(child, (*path, index))
 
 
 class _Files:
@@ -354,9 +393,12 @@ class EnvironmentTree:
         return attached
 
     def problems(self, config: ResolvedConfig) -> list[Problem]:
-        """Every schema violation and plain-text secret in `config`."""
+        """Every schema violation, plain-text secret and secret reference out of its
+        tenant's scope in `config`."""
         validator = self.schema() or _NO_SCHEMA  # no schema: the plain-secret rule still holds
-        return validator.problems(config)
+        found = validator.problems(config)
+        scope = _out_of_scope(config)
+        return sorted(set(found + scope), key=Problem.sort_key) if scope else found
 
     def validate(self, config: ResolvedConfig) -> ResolvedConfig:
         """`config` itself when valid; otherwise raises `SchemaError` with every problem."""
@@ -464,7 +506,26 @@ class EnvironmentTree:
         cached = self._layers.get(key)
         if cached is not None and cached[0] is parsed:
             return cached[1]
-        layer = Layer(kind, name or self._short(source), source, parsed.data, parsed.lines)
+        if parsed.shares and kind not in (LayerKind.ENVIRONMENT, LayerKind.BASE):
+            raise TreeError(
+                [
+                    Problem(
+                        source,
+                        parsed.shares_line,
+                        "shared_secrets",
+                        "only an environment's files may share secrets with its tenants",
+                    )
+                ]
+            )
+        layer = Layer(
+            kind,
+            name or self._short(source),
+            source,
+            parsed.data,
+            parsed.lines,
+            shares=parsed.shares,
+            shares_line=parsed.shares_line,
+        )
         self._layers[key] = (parsed, layer)
         return layer
 

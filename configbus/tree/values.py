@@ -45,6 +45,7 @@ __all__ = [
     "plain_secret_paths",
     "redacted",
     "sealed_version",
+    "secret_name_problem",
     "secret_ref",
     "thaw",
     "view_json",
@@ -251,6 +252,16 @@ def walk(node: LayerValue, path: Path) -> tuple[Path, LayerValue, bool]:
 
 
 @functools.lru_cache(maxsize=4096)  # a regex search a key (~1 us); keys repeat
+def secret_name_problem(name: str) -> str | None:
+    """What is wrong with a secret's name, or None: lowercase letters, digits and
+    ``_ . / -``, in segments split by ``/``, none of them empty, ``.`` or ``..``."""
+    if not SECRET_NAME.fullmatch(name) or len(name) > 200:
+        return f"name {name!r}: lowercase letters, digits and _ . / - (at most 200)"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return f"name {name!r}: no empty, '.' or '..' segments"
+    return None
+
+
 def looks_secret(key: str | int) -> bool:
     """Whether a key's name says it holds a secret (password, api_key, token, ...)."""
     return isinstance(key, str) and _SECRET_KEY_NAME.search(key) is not None

@@ -11,6 +11,8 @@ and every problem in the file is reported, not only the first:
   numbers JSON cannot hold (``.inf``, ``.nan``) are refused. Anchors, aliases and
   ``<<`` merge keys work as YAML defines them.
 - A top-level ``extends: PATH`` names the parent file, relative to this file's folder.
+- A top-level ``shared_secrets: [NAME, ...]`` (in an environment's files) names the
+  secrets its tenants' layers may reference besides their own ``tenants/<tenant>/...``.
 - The limits of `configbus.limits` hold while building: a value nested deeper than
   ``depth`` is a problem at its line, and a file whose aliases expand to more than
   ``nodes`` values is refused at once (a few hundred bytes of nested aliases would
@@ -31,12 +33,12 @@ from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.tree.values import (
     DELETE,
     EMPTY,
-    SECRET_NAME,
     FrozenDict,
     LayerValue,
     Path,
     SecretRef,
     format_path,
+    secret_name_problem,
 )
 
 __all__ = ["ParsedFile", "parse_yaml"]
@@ -72,6 +74,7 @@ _STR: Final = "tag:yaml.org,2002:str"
 _MAP: Final = "tag:yaml.org,2002:map"
 _SEQ: Final = "tag:yaml.org,2002:seq"
 _TIMESTAMP: Final = "tag:yaml.org,2002:timestamp"
+_DIRECTIVES: Final = frozenset({"extends", "shared_secrets"})  # top-level keys that are not config
 _MERGE: Final = "tag:yaml.org,2002:merge"
 _VALUE: Final = "tag:yaml.org,2002:value"  # the `=` key, a plain string to us
 _PLAIN_SCALARS: Final = frozenset(
@@ -85,6 +88,9 @@ class ParsedFile:
     lines: Mapping[Path, int]
     extends: str | None = None
     extends_line: int | None = None
+    # `shared_secrets:` of an environment file: secret names its tenants' layers may use
+    shares: frozenset[str] = frozenset()
+    shares_line: int | None = None
 
 
 def parse_yaml(source: str, text: str) -> ParsedFile:
@@ -122,15 +128,41 @@ def parse_yaml(source: str, text: str) -> ParsedFile:
 
     if not isinstance(value, Mapping):  # pragma: no cover - guarded by the root check above
         raise TreeError([Problem(source, 1, None, "top level must be a mapping")])
-    extends = value.get("extends")
-    if "extends" not in value:
+    if not _DIRECTIVES & value.keys():
         return ParsedFile(value, builder.lines)
+    extends = value.get("extends")
     extends_line = builder.lines.get(("extends",))
-    if not isinstance(extends, str) or not extends:
+    if "extends" in value and (not isinstance(extends, str) or not extends):
         raise TreeError([Problem(source, extends_line, "extends", "must be a file path")])
-    rest = FrozenDict({k: v for k, v in value.items() if k != "extends"})
-    lines = {p: n for p, n in builder.lines.items() if p[0] != "extends"}
-    return ParsedFile(rest, lines, extends, extends_line)
+    shares, shares_line = _shares(source, value, builder.lines)
+    rest = FrozenDict({k: v for k, v in value.items() if k not in _DIRECTIVES})
+    lines = {p: n for p, n in builder.lines.items() if p[0] not in _DIRECTIVES}
+    return ParsedFile(
+        rest,
+        lines,
+        extends if isinstance(extends, str) else None,
+        extends_line,
+        shares,
+        shares_line,
+    )
+
+
+def _shares(
+    source: str, value: Mapping[str, LayerValue], lines: Mapping[Path, int]
+) -> tuple[frozenset[str], int | None]:
+    """A file's `shared_secrets:` directive: a list of secret names."""
+    if "shared_secrets" not in value:
+        return frozenset(), None
+    line = lines.get(("shared_secrets",))
+    names = value["shared_secrets"]
+    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+        raise TreeError([Problem(source, line, "shared_secrets", "must be a list of secret names")])
+    for index, name in enumerate(names):
+        problem = secret_name_problem(name)
+        if problem is not None:
+            where = lines.get(("shared_secrets", index), line)
+            raise TreeError([Problem(source, where, f"shared_secrets.{index}", problem)])
+    return frozenset(str(n) for n in names), line
 
 
 def _line(node: yaml.Node) -> int:
@@ -303,9 +335,11 @@ class _Builder:
 
     def _secret(self, node: yaml.Node, path: Path) -> LayerValue:
         name = node.value if isinstance(node, yaml.ScalarNode) else None
-        if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
-            self.problem(
-                node, path, "!secret needs a name of lowercase letters, digits and _ . / -"
-            )
+        if not isinstance(name, str):
+            self.problem(node, path, "!secret needs a name")
+            return None
+        problem = secret_name_problem(name)
+        if problem is not None:
+            self.problem(node, path, f"!secret {problem}")
             return None
         return SecretRef(name)

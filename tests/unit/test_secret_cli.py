@@ -336,11 +336,11 @@ EMPTY_FILE = "{empty}"
         ),
         (
             ("set", "aurora-records", "prod", "../x", "--generate", "32", "--keys", KEYS),
-            "'../x': a secret name is lowercase letters, digits and _ . / - (no '..')",
+            "secret name '../x': lowercase letters, digits and _ . / - (at most 200)",
         ),
         (
             ("set", "aurora-records", "prod", "A", "--generate", "32", "--keys", KEYS),
-            "'A': a secret name is lowercase letters, digits and _ . / - (no '..')",
+            "secret name 'A': lowercase letters, digits and _ . / - (at most 200)",
         ),
         (
             ("set", "nope", "prod", NAME, "--generate", "32", "--keys", KEYS),
