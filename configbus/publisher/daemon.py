@@ -689,9 +689,16 @@ def _meta(meta: dict[str, Any], stream: str) -> tuple[str, str]:
 
 
 def _tree_files(change: watchfiles.Change, path: str) -> bool:
-    """Only the tree's own files: editors' and tools' temporary files are noise."""
+    """Only the tree's own files, and new folders: editors' and tools' temporary files
+    are noise. A file written into a folder created a moment before (a tenant's first
+    ``secrets/``) may land before the folder's watch is armed and send no event of its
+    own; the folder's event stands in for it."""
     name = os.path.basename(path)
-    return name.endswith((".yml", ".json")) and not name.startswith(".")
+    if name.startswith("."):
+        return False
+    if name.endswith((".yml", ".json")):
+        return True
+    return change == watchfiles.Change.added and os.path.isdir(path)
 
 
 async def publish_once(

@@ -7,7 +7,9 @@ here they run in milliseconds, with faults injected where Kafka cannot be made t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.bus.memory import MemoryBus
 from configbus.crypto import SigningKey, TrustStore, generate_keypair
+from configbus.crypto.secrets import LocalKeyProvider
 from configbus.errors import ActiveWriterError, BusError
 from configbus.events import Cause, VerifiedEvent, build_body, now_ns, open_envelope, seal
 from configbus.limits import Limits
+from configbus.ops.secrets import TreeBook, set_secret
 from configbus.publisher import Daemon, PublisherSettings
 from configbus.publisher.daemon import publish_once
 from configbus.publisher.state import StreamHead, open_signed
@@ -274,6 +278,28 @@ async def test_a_declared_tenant_layer_briefly_absent_is_never_published(
         )
         assert rounds == []
     assert world.versions(AURORA) == [1]
+
+
+async def test_a_file_in_a_folder_new_to_the_tree_is_published(
+    world: World, tmp_path: Path
+) -> None:
+    """A tenant's first ``secrets/`` folder arrives whole (moved in, as a checkout or a
+    first ``secret set`` does): its file sends no event of its own, the folder's must do."""
+    staging = tmp_path / "staging"
+    provider, _ = LocalKeyProvider({}).with_new_key(AURORA[0])
+    await set_secret(
+        TreeBook(staging), provider, *AURORA, "tenants/aurora-records/postgres_password", b"pw"
+    )
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        os.rename(
+            staging / "tenants/aurora-records/secrets",
+            world.root / "tenants/aurora-records/secrets",
+        )
+        await eventually(lambda: world.versions(AURORA) == [1, 2], "aurora's next version")
+    config = json.loads(world.events(AURORA[0])[-1].config_json)
+    sealed = config["database"]["postgresql"]["password"]
+    assert sealed["$secret"] == "tenants/aurora-records/postgres_password" and sealed["$sealed"]
 
 
 # -- recovery -----------------------------------------------------------------------
