@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from configbus.errors import (
     ActiveWriterError,
+    AuthorizationError,
     BusError,
     ConfigBusError,
     FencedError,
@@ -66,6 +67,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActiveWriterError",
+    "AuthorizationError",
     "BusError",
     "ConfigBusError",
     "ConfigSubscriber",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import sys
@@ -65,7 +66,11 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
 
     publisher = argparse.ArgumentParser(add_help=False, parents=[root, kafka, redis_url])
     publisher.add_argument("--signing-key", metavar="FILE", help="default $CONFIGBUS_SIGNING_KEY")
-    publisher.add_argument("--kid", help="the signing key's id (default $CONFIGBUS_KID)")
+    publisher.add_argument(
+        "--kid",
+        help="the signing key's id (default $CONFIGBUS_KID, else the --trust file's entry "
+        "for the key)",
+    )
     publisher.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
     publisher.add_argument("--replication-factor", type=int, metavar="N")
     publisher.add_argument("--min-insync-replicas", type=int, metavar="N")
@@ -119,8 +124,9 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
-    from configbus import cli_ops, cli_override, cli_rollback, cli_secret
+    from configbus import cli_acl, cli_ops, cli_override, cli_rollback, cli_secret
 
+    cli_acl.register(commands, root, kafka)
     cli_ops.register(commands, kafka)
     cli_override.register(commands, kafka)
     cli_secret.register(commands, kafka)
@@ -241,7 +247,7 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
     cache = pick(args.cache_dir, "CONFIGBUS_CACHE_DIR", "", str)
     settings = AgentSettings(
         socket=Path(socket_path),
-        kafka=KafkaSettings(kafka.bootstrap_servers, client_id="configbus-agent"),
+        kafka=dataclasses.replace(kafka, client_id="configbus-agent"),
         trust=trust,
         cache_dir=Path(cache) if cache else None,
         topics=topics,
@@ -273,11 +279,9 @@ def _publish_once(args: argparse.Namespace, out: TextIO) -> int:
 
 # -- tail -----------------------------------------------------------------------------
 def _kafka(args: argparse.Namespace) -> tuple[KafkaSettings, TopicNames]:
-    servers = pick(args.bootstrap_servers, "CONFIGBUS_BOOTSTRAP_SERVERS", "", str)
-    if not servers:
-        raise SettingsError("give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS")
+    kafka = KafkaSettings.build(args.bootstrap_servers, client_id="configbus-cli")
     topics = TopicNames.build(args.topic_prefix, args.audit_topic, args.acks_topic)
-    return KafkaSettings(servers, client_id="configbus-tail"), topics
+    return kafka, topics
 
 
 def _tail(args: argparse.Namespace, out: TextIO) -> int:

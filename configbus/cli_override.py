@@ -429,7 +429,7 @@ def override_layers(
     trust_path = pick(trust_file, "CONFIGBUS_TRUST", "", str)
     if not trust_path:
         raise SettingsError("reading the overrides from Kafka needs --trust or CONFIGBUS_TRUST")
-    bus = KafkaBus(KafkaSettings(servers, client_id="configbus-cli"))
+    bus = KafkaBus(KafkaSettings.build(servers, client_id="configbus-cli"))
     state = _run(read_overrides(bus, TopicNames.build(), tenant, env, TrustStore.load(trust_path)))
     if state is None:
         return []

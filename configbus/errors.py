@@ -13,7 +13,8 @@
     └── BusError                    Kafka unreachable or refusing (retriable)
         ├── FencedError             another publisher took over (not retriable)
         ├── ActiveWriterError       another publisher is active on these topics
-        └── RefusedError            Kafka refused a record for good (not retriable)
+        ├── RefusedError            Kafka refused a record for good (not retriable)
+        └── AuthorizationError      Kafka refused this principal: credentials or ACLs
 
 Every error that is about a place in a file carries `Problem`s, each of which prints
 as one line: ``path/to/file.yml:LINE: dotted.key: message``. Messages never contain
@@ -32,6 +33,7 @@ from pathlib import Path
 
 __all__ = [
     "ActiveWriterError",
+    "AuthorizationError",
     "BusError",
     "ConfigBusError",
     "FencedError",
@@ -132,9 +134,10 @@ class LimitError(ConfigBusError):
 
 class VerificationError(ConfigBusError):
     """An event failed verification. `reason` is a short stable code (for metrics and
-    acknowledgements): bad_signature, unknown_key, untrusted_scope, malformed,
-    unknown_schema, hash_mismatch, wrong_stream, wrong_channel, stale_version,
-    too_large, ttl_too_long, issued_in_future, refused (a validator said no)."""
+    acknowledgements): bad_signature, unknown_key, key_revoked, key_expired,
+    key_not_yet_valid, untrusted_scope, malformed, unknown_schema, hash_mismatch,
+    wrong_stream, wrong_channel, stale_version, too_large, ttl_too_long,
+    issued_in_future, refused (a validator said no)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
@@ -164,6 +167,15 @@ class ActiveWriterError(BusError):
 class RefusedError(BusError):
     """Kafka refused a record in a way no retry can mend (too large for the topic, an
     invalid record). Only the stream it belongs to fails."""
+
+    retriable = False
+
+
+class AuthorizationError(BusError):
+    """Kafka refused this client: its credentials (SASL or certificate) do not
+    authenticate it, or no ACL allows what it asked (read a topic, write one, use a
+    transactional id). Not retriable: an operator has to change the credentials or the
+    ACLs (`configbus acl apply`). The message says what was refused."""
 
     retriable = False
 

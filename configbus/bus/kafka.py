@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiokafka.producer.sender
@@ -22,7 +22,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
     CorruptRecordException,
+    GroupAuthorizationFailedError,
     InvalidMessageError,
     KafkaConnectionError,
     KafkaError,
@@ -30,13 +33,18 @@ from aiokafka.errors import (
     ProducerFenced,
     RecordListTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
     UnsupportedForMessageFormatError,
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
+from configbus.bus import security
 from configbus.bus.base import Bus, Headers, Record
-from configbus.errors import BusError, FencedError, RefusedError
+from configbus.errors import AuthorizationError, BusError, FencedError, RefusedError, SettingsError
+from configbus.options import pick
 
 __all__ = [
     "Admin",
@@ -66,13 +74,64 @@ STOP_TIMEOUT_S = 10.0  # closing a producer (it flushes what is queued), at most
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
-    """Where the cluster is and how topics are created."""
+    """Where the cluster is, how clients authenticate to it, and how topics are created.
+
+    The security fields mean what librdkafka's settings of the same names mean
+    (``security.protocol``, ``sasl.username``, ``ssl.ca.location``, ...); `build` reads
+    them from ``CONFIGBUS_KAFKA_*`` variables (configbus/bus/security.py). The repr
+    shows no password. A combination no client can connect with is a `SettingsError`
+    naming the variable."""
 
     bootstrap_servers: str
     client_id: str = "configbus"
     request_timeout_ms: int = 15_000
     replication_factor: int = 1
     min_insync_replicas: int = 1
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: str = "SCRAM-SHA-512"  # or SCRAM-SHA-256, PLAIN
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_ca_location: str | None = None  # the CA that signed the brokers' certificates
+    ssl_certificate_location: str | None = None  # the client's, for mutual TLS
+    ssl_key_location: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        security.check(self)
+
+    @classmethod
+    def build(
+        cls,
+        bootstrap_servers: str | None = None,
+        *,
+        client_id: str = "configbus",
+        replication_factor: int = 1,
+        min_insync_replicas: int = 1,
+        environ: Mapping[str, str] | None = None,
+    ) -> KafkaSettings:
+        """The cluster of `bootstrap_servers`, else of ``CONFIGBUS_BOOTSTRAP_SERVERS``,
+        with the security settings of the ``CONFIGBUS_KAFKA_*`` variables: the one way
+        every component (daemon, CLI, SDK, agent) makes its settings. Password files are
+        read, and the TLS files loaded once, here: a bad file fails now, in one line."""
+        servers = pick(bootstrap_servers, "CONFIGBUS_BOOTSTRAP_SERVERS", "", str, environ)
+        if not servers:
+            raise SettingsError(
+                "no Kafka cluster: give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
+            )
+        settings = cls(
+            bootstrap_servers=servers,
+            client_id=client_id,
+            replication_factor=replication_factor,
+            min_insync_replicas=min_insync_replicas,
+            **security.from_environ(environ),
+        )
+        security.client_options(settings)  # loads the TLS files: a bad one fails here
+        return settings
+
+    def client_options(self) -> dict[str, Any]:
+        """The keyword arguments every aiokafka client (producer, consumer, admin) takes
+        to reach the cluster: servers, security protocol, TLS context, SASL."""
+        return security.client_options(self)
 
 
 def _record(message: Any) -> Record:
@@ -98,7 +157,20 @@ _REFUSALS: tuple[type[KafkaError], ...] = (
 )
 
 
+# The principal is not who it claims, or no ACL lets it do this.
+_DENIALS: tuple[type[KafkaError], ...] = (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+
+
 def _bus_error(exc: BaseException, doing: str) -> BusError:
+    if isinstance(exc, _DENIALS):
+        return AuthorizationError(f"{doing}: not authorized: {exc.__class__.__name__}: {exc}")
     if isinstance(exc, ProducerFenced):
         return FencedError(f"{doing}: fenced by a newer publisher ({exc})")
     if isinstance(exc, _REFUSALS):
@@ -118,7 +190,7 @@ class Admin:
     async def start(self) -> Admin:
         if self._client is None:
             client = AIOKafkaAdminClient(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.settings.client_options(),
                 client_id=f"{self.settings.client_id}-admin",
                 request_timeout_ms=self.settings.request_timeout_ms,
             )
@@ -135,6 +207,16 @@ class Admin:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    async def request(self, request: Any, doing: str) -> Any:
+        """Send an admin request aiokafka has no call for (the ACL ones, configbus/bus/
+        acls.py) to any broker; its response. Raises `BusError` saying what failed."""
+        if self._client is None:
+            raise BusError(f"{doing}: the admin client is not connected")
+        try:
+            return await self._client._send_request(request)
+        except KafkaError as exc:
+            raise _bus_error(exc, doing) from exc
 
     async def topics(self) -> set[str]:
         try:
@@ -255,7 +337,7 @@ class Producer:
     async def start(self) -> Producer:
         if self._producer is None:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.settings.client_options(),
                 client_id=f"{self.settings.client_id}-producer",
                 request_timeout_ms=self.settings.request_timeout_ms,
                 acks="all",
@@ -381,7 +463,7 @@ async def _acknowledged(future: Any, topic: str) -> None:
 
 def _consumer(settings: KafkaSettings, isolation: str, **options: Any) -> Any:
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **settings.client_options(),
         client_id=f"{settings.client_id}-reader",
         request_timeout_ms=settings.request_timeout_ms,
         enable_auto_commit=False,
@@ -418,7 +500,8 @@ async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
     """The partitions of those of `topics` that exist. One metadata request for just
     these topics (a whole cluster's metadata is ~52 bytes a topic: megabytes at scale,
     for every reader that starts), which never creates a topic on a cluster that
-    auto-creates, and logs nothing for a topic that does not exist yet."""
+    auto-creates, and logs nothing for a topic that does not exist yet. A topic this
+    principal may not describe raises `TopicAuthorizationFailedError`, not "absent"."""
     if not topics:
         return []
     client = consumer._client
@@ -431,6 +514,8 @@ async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
     for entry in response.topics:
         error_code, topic = entry[0], entry[1]
         partitions = entry[2] if response.API_VERSION == 0 else entry[3]
+        if error_code == TopicAuthorizationFailedError.errno and topic in topics:
+            raise TopicAuthorizationFailedError(topic)  # not "no such topic": say why
         if error_code == 0 and topic in topics:
             found += [TopicPartition(topic, partition[1]) for partition in partitions]
     return sorted(found, key=lambda tp: (topics.index(tp.topic), tp.partition))

@@ -104,24 +104,19 @@ class PublisherSettings:
         def get(value: Any, name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)
 
-        servers = get(bootstrap_servers, "BOOTSTRAP_SERVERS", None)
-        if not servers:
-            raise SettingsError(
-                "no Kafka cluster: give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
-            )
+        kafka = KafkaSettings.build(
+            bootstrap_servers,
+            client_id="configbus-publisher",
+            replication_factor=get(replication_factor, "REPLICATION_FACTOR", 1, _positive(int)),
+            min_insync_replicas=get(min_insync_replicas, "MIN_INSYNC_REPLICAS", 1, _positive(int)),
+            environ=environ,
+        )
         key = get(signing_key, "SIGNING_KEY", None)
         if not key:
             raise SettingsError("no signing key: give --signing-key or set CONFIGBUS_SIGNING_KEY")
         return cls(
             root=Path(get(root, "ROOT", "environments")),
-            kafka=KafkaSettings(
-                bootstrap_servers=servers,
-                client_id="configbus-publisher",
-                replication_factor=get(replication_factor, "REPLICATION_FACTOR", 1, _positive(int)),
-                min_insync_replicas=get(
-                    min_insync_replicas, "MIN_INSYNC_REPLICAS", 1, _positive(int)
-                ),
-            ),
+            kafka=kafka,
             signing_key=Path(key),
             kid=get(kid, "KID", ""),
             redis_url=get(redis_url, "REDIS_URL", None) or None,

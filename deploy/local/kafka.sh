@@ -11,6 +11,10 @@
 #   kafka.sh status         exit 0 if our broker runs and answers (3 if it does not run)
 #   kafka.sh logs [-f]      show (or follow) the broker log
 #
+# With CONFIGBUS_KAFKA_SECURITY=1 (or through kafka-secure.sh) the broker is a secured
+# one instead: TLS and SASL/SCRAM listeners, ACLs enforced, certificates and users made
+# at start; its own run dir and ports (see kafka-secure.sh).
+#
 # Environment:
 #   CONFIGBUS_KAFKA_PORT             client port (default 19092)
 #   CONFIGBUS_KAFKA_CONTROLLER_PORT  KRaft controller port (default 19093)
@@ -18,15 +22,27 @@
 #   CONFIGBUS_KAFKA_START_TIMEOUT    seconds to wait until the broker is ready (default 60)
 #   CONFIGBUS_BOOTSTRAP_SERVERS      if set and answering, `start` reuses that cluster instead
 #   KAFKA_HEAP_OPTS                  JVM heap flags (default "-Xms256m -Xmx1g")
+#   CONFIGBUS_KAFKA_SECURITY         1: the secured broker (kafka-secure.sh); default 0
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/pom.xml")"
 LIBS="$HERE/.cache/kafka-$KAFKA_VERSION/libs"
 
-RUN_DIR="${CONFIGBUS_RUN_DIR:-$HERE/run}/kafka"
-PORT="${CONFIGBUS_KAFKA_PORT:-19092}"
-CONTROLLER_PORT="${CONFIGBUS_KAFKA_CONTROLLER_PORT:-19093}"
+SECURE="${CONFIGBUS_KAFKA_SECURITY:-0}"
+if [[ "$SECURE" != [01] ]]; then
+    echo "kafka.sh: error: CONFIGBUS_KAFKA_SECURITY=$SECURE: say 0 or 1" >&2
+    exit 2
+fi
+if ((SECURE)); then # its own run dir and ports: it can run beside the plain broker
+    RUN_DIR="${CONFIGBUS_RUN_DIR:-$HERE/run}/kafka-secure"
+    PORT="${CONFIGBUS_KAFKA_PORT:-19094}"
+    CONTROLLER_PORT="${CONFIGBUS_KAFKA_CONTROLLER_PORT:-19096}"
+else
+    RUN_DIR="${CONFIGBUS_RUN_DIR:-$HERE/run}/kafka"
+    PORT="${CONFIGBUS_KAFKA_PORT:-19092}"
+    CONTROLLER_PORT="${CONFIGBUS_KAFKA_CONTROLLER_PORT:-19093}"
+fi
 START_TIMEOUT="${CONFIGBUS_KAFKA_START_TIMEOUT:-60}"
 STOP_TIMEOUT=30
 
@@ -62,6 +78,23 @@ ready() { # ready BOOTSTRAP_SERVERS TIMEOUT [PID]; exit status as kafka_ready.py
     python3 "$HERE/kafka_ready.py" "$1" --timeout "$2" ${3:+--pid "$3"} >/dev/null
 }
 
+# Hooks the secured broker (kafka-secure.sh) replaces: the listeners and their security,
+# what is made before the storage is formatted, the extra arguments of the format, the
+# other ports it needs, what `start` prints, and what `stop --wipe` removes.
+listener_config() {
+    cat <<EOF
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+EOF
+}
+prepare() { :; }
+FORMAT_ARGS=()
+extra_ports() { :; }
+announce() { echo "kafka ready on 127.0.0.1:$PORT (Kafka $KAFKA_VERSION, KRaft)"; }
+wipe() { rm -rf "$DATA_DIR"; }
+
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 fetch_jars() {
@@ -86,10 +119,7 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+$(listener_config)
 log.dirs=$DATA_DIR
 
 # A single node: every internal topic gets one replica, and one in-sync replica suffices.
@@ -132,7 +162,8 @@ format_storage() {
     local cluster_id
     cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
     java "${JAVA_OPTS[@]}" kafka.tools.StorageTool format --ignore-formatted \
-        --cluster-id="$cluster_id" --config "$RUN_DIR/server.properties" >>"$LOG_FILE" 2>&1 || {
+        --cluster-id="$cluster_id" --config "$RUN_DIR/server.properties" "${FORMAT_ARGS[@]}" \
+        >>"$LOG_FILE" 2>&1 || {
         tail -n 50 "$LOG_FILE" >&2
         die "formatting the storage in $DATA_DIR failed"
     }
@@ -152,13 +183,15 @@ cmd_start() {
         return 0
     fi
     rm -f "$PID_FILE" "$BOOTSTRAP_FILE"
-    for port in "$PORT" "$CONTROLLER_PORT"; do
-        port_in_use "$port" && die "port $port on 127.0.0.1 is in use" \
-            "(set CONFIGBUS_KAFKA_PORT / CONFIGBUS_KAFKA_CONTROLLER_PORT)"
+    for port in "$PORT" "$CONTROLLER_PORT" $(extra_ports); do
+        port_in_use "$port" &&
+            die "port $port on 127.0.0.1 is in use (set CONFIGBUS_KAFKA_PORT / CONFIGBUS_KAFKA_CONTROLLER_PORT)"
     done
     command -v java >/dev/null || die "java not found (Kafka $KAFKA_VERSION needs Java 17+)"
 
     fetch_jars
+    mkdir -p "$RUN_DIR"
+    prepare
     write_config
     format_storage
 
@@ -176,7 +209,7 @@ cmd_start() {
         cmd_stop >/dev/null
         die "the broker was not ready within ${START_TIMEOUT}s (log: $LOG_FILE)"
     fi
-    echo "kafka ready on 127.0.0.1:$PORT (Kafka $KAFKA_VERSION, KRaft)"
+    announce
 }
 
 cmd_stop() {
@@ -188,7 +221,7 @@ cmd_stop() {
     fi
     rm -f "$PID_FILE" "$BOOTSTRAP_FILE"
     if [[ "${1:-}" == --wipe ]]; then
-        rm -rf "$DATA_DIR"
+        wipe
         echo "kafka data wiped ($DATA_DIR)"
     fi
 }
@@ -213,13 +246,23 @@ cmd_logs() {
     tail -n 200 "$LOG_FILE"
 }
 
+USAGE="start | stop [--wipe] | status | logs [-f]"
+if ((SECURE)); then
+    # shellcheck source=deploy/local/kafka-secure.sh
+    source "$HERE/kafka-secure.sh" # replaces the hooks above, adds `client-cert`
+fi
+
 case "${1:-}" in
 start) cmd_start ;;
 stop) cmd_stop "${2:-}" ;;
 status) cmd_status ;;
 logs) cmd_logs "${2:-}" ;;
+client-cert) if ((SECURE)); then cmd_client_cert "${@:2}"; else
+    echo "kafka.sh: client-cert: only with CONFIGBUS_KAFKA_SECURITY=1" >&2
+    exit 2
+fi ;;
 *)
-    echo "usage: $0 start | stop [--wipe] | status | logs [-f]" >&2
+    echo "usage: $0 $USAGE" >&2
     exit 2
     ;;
 esac

@@ -4,15 +4,19 @@
 Standard library only, so it runs with any python3 (no virtualenv). Usage:
 
     kafka_ready.py HOST:PORT[,HOST:PORT...] [--timeout SECONDS] [--pid PID]
+                   [--cafile CA.pem [--certfile CERT.pem --keyfile KEY.pem]]
 
 Prints the brokers found ("host:port,...") and exits 0; exits 1 on timeout, 3 as
 soon as process PID is gone (2 is argparse's usage error). A KRaft broker opens
 its client listener only once it is registered and unfenced, so a non-empty
-broker list means clients can use it.
+broker list means clients can use it. With --cafile the listener is a TLS one (the
+broker's certificate is checked against that CA and the host name), and --certfile /
+--keyfile present a client certificate to a listener that requires one.
 """
 
 import argparse
 import socket
+import ssl
 import struct
 import time
 
@@ -31,9 +35,12 @@ def read_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def brokers(host: str, port: int) -> list[str]:
+def brokers(host: str, port: int, tls: ssl.SSLContext | None = None) -> list[str]:
     """The "host:port" of each broker the cluster reports."""
-    with socket.create_connection((host, port), timeout=2) as sock:
+    with (
+        socket.create_connection((host, port), timeout=2) as raw,
+        tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw as sock,
+    ):
         sock.sendall(struct.pack(">i", len(REQUEST)) + REQUEST)
         (size,) = struct.unpack(">i", read_exactly(sock, 4))
         body = read_exactly(sock, size)
@@ -62,7 +69,15 @@ def main() -> int:
     parser.add_argument("bootstrap", help="comma-separated HOST:PORT list")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--pid", type=int, help="give up as soon as this process is gone")
+    parser.add_argument("--cafile", help="speak TLS, trusting this CA (PEM)")
+    parser.add_argument("--certfile", help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--keyfile", help="its private key (PEM)")
     args = parser.parse_args()
+    tls = None
+    if args.cafile:
+        tls = ssl.create_default_context(cafile=args.cafile)
+        if args.certfile:
+            tls.load_cert_chain(args.certfile, args.keyfile)
     servers = [s.strip().rpartition(":") for s in args.bootstrap.split(",")]
     if not all(host and port.isdigit() for host, _, port in servers):
         parser.error(f"not a HOST:PORT list: {args.bootstrap!r}")
@@ -71,7 +86,7 @@ def main() -> int:
     while True:
         for host, _, port in servers:
             try:
-                if found := brokers(host, int(port)):
+                if found := brokers(host, int(port), tls):
                     print(",".join(found))
                     return 0
             except (OSError, ValueError, struct.error):

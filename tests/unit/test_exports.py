@@ -13,6 +13,7 @@ import configbus
 
 PUBLIC = [
     "ActiveWriterError",
+    "AuthorizationError",
     "BusError",
     "ConfigBusError",
     "ConfigSubscriber",
