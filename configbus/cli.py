@@ -11,29 +11,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from configbus import __version__, cli_bus
-from configbus.crypto import (
-    OPERATOR,
-    PUBLISHER,
-    SigningKey,
-    TrustedKey,
-    TrustStore,
-    check_kid,
-    generate_keypair,
-)
+from configbus import __version__, cli_bus, cli_keys
 from configbus.errors import (
     ConfigBusError,
-    KeyringError,
     SettingsError,
     TreeError,
     UnknownNameError,
 )
-from configbus.options import format_duration, parse_duration
 from configbus.tree import EnvironmentTree, default_root
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import ResolvedConfig, Step
@@ -128,32 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("key", metavar="KEY", help="dotted key, e.g. database.postgresql.port")
     explain.set_defaults(func=_explain)
 
-    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION"
-    )
-    generate = keys.add_parser(
-        "generate", help="write a new Ed25519 key pair: DIR/KID.key (0600) and DIR/KID.pub"
-    )
-    generate.add_argument("--kid", required=True, help="key id: 1-64 of a-z 0-9 . _ -")
-    generate.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
-    generate.add_argument(
-        "--trust",
-        metavar="FILE",
-        help="also add the public key to this trust file (created when missing)",
-    )
-    generate.add_argument(
-        "--role",
-        choices=(PUBLISHER, OPERATOR),
-        default=PUBLISHER,
-        help="publisher (signs snapshots) or operator (signs emergency overrides only)",
-    )
-    generate.add_argument("--tenants", metavar="T1,T2", help="its scope in the trust file (*)")
-    generate.add_argument("--environments", metavar="E1,E2", help="likewise (*)")
-    generate.add_argument(
-        "--max-ttl", metavar="DURATION", help="an operator key's longest override, e.g. 2h"
-    )
-    generate.set_defaults(func=_keys_generate)
-
+    cli_keys.register(commands)  # generate, rotate, retire, revoke, list
     cli_bus.register(commands, root)  # daemon, publish, tail, tenant
     return parser
 
@@ -239,66 +202,6 @@ def _runtime(args: argparse.Namespace, tenant: str | None, env: str) -> list[Lay
 
     runtime = [] if args.no_store else cli_bus.store_layers(args.redis, tenant, env)
     return runtime + cli_override.override_layers(args.bootstrap_servers, args.trust, tenant, env)
-
-
-def _keys_generate(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        check_kid(args.kid)
-    except KeyringError as exc:
-        raise UnknownNameError(str(exc)) from None  # a bad argument: usage error
-    max_ttl = _max_ttl(args)
-    tenants, environments = _scope(args.tenants), _scope(args.environments)
-    trust_path = Path(args.trust) if args.trust else None
-    if args.role == OPERATOR and not (args.tenants and args.environments):
-        raise UnknownNameError(
-            "--role operator needs --tenants and --environments: the streams it may override"
-        )
-    if trust_path is None and (args.role != PUBLISHER or args.tenants or args.environments):
-        raise UnknownNameError(
-            "--role, --tenants and --environments go into a trust file: give --trust"
-        )
-    trust = TrustStore()
-    if trust_path is not None and trust_path.exists():
-        trust = TrustStore.load(trust_path)  # a broken trust file fails before any key is made
-        if args.kid in trust:
-            raise KeyringError(f"{trust_path}: already trusts a key with id {args.kid!r}")
-    private, public = generate_keypair(args.kid, args.out)
-    print(f"wrote {private} (private, mode 0600) and {public}", file=out)
-    if trust_path is not None:
-        signing = SigningKey.load(private, args.kid)
-        entry = TrustedKey(signing.public, tenants, environments, args.role, max_ttl)
-        trust = trust.with_key(entry)
-        try:
-            trust_path.write_text(trust.dump(), encoding="utf-8")
-        except OSError as exc:
-            raise KeyringError(f"{trust_path}: cannot write: {exc.strerror}") from None
-        scope = (
-            f"tenants {','.join(sorted(tenants))}, environments {','.join(sorted(environments))}"
-        )
-        limit = f", max_ttl {format_duration(max_ttl)}" if max_ttl is not None else ""
-        print(f"trusted {args.kid} in {trust_path} as {args.role} ({scope}{limit})", file=out)
-    return 0
-
-
-def _max_ttl(args: argparse.Namespace) -> int | None:
-    if args.role != OPERATOR:
-        if args.max_ttl is not None:
-            raise UnknownNameError("--max-ttl: for operator keys only (--role operator)")
-        return None
-    if args.max_ttl is None:
-        raise UnknownNameError("--role operator needs --max-ttl: its longest override, e.g. 2h")
-    try:
-        seconds = parse_duration(args.max_ttl)
-    except ValueError as exc:
-        raise UnknownNameError(f"--max-ttl: {exc}") from None
-    if seconds <= 0:
-        raise UnknownNameError("--max-ttl: must be positive")
-    return seconds
-
-
-def _scope(text: str | None) -> frozenset[str]:
-    names = frozenset(name.strip() for name in (text or "*").split(",") if name.strip())
-    return names or frozenset({"*"})
 
 
 def _shown(step: Step) -> str:

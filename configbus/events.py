@@ -147,6 +147,12 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str = ""
     startup: bool = False  # applied while the instance started: not a propagation time
     channel: str = SNAPSHOT_CHANNEL  # "snapshot" or "override"
+    # Whether every key that signed what the instance runs now (its snapshot, and the
+    # override set composed on top) is still in force in its trust file; when not,
+    # `signer_note` says which key and why ("key_revoked: key 'x' is revoked ...").
+    # The instance keeps running on that config until a valid event replaces it.
+    signer_trusted: bool = True
+    signer_note: str = ""
 
     @property
     def key(self) -> bytes:
@@ -251,9 +257,12 @@ def open_envelope(
     stream: tuple[str, str] | None = None,
     channel: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    now: int | None = None,
 ) -> VerifiedEvent:
     """Verify and decode a record value. Raises `VerificationError` with a reason:
-    malformed, too_large, unknown_key, bad_signature, unknown_schema, untrusted_scope
+    malformed, too_large, unknown_key, bad_signature, key_revoked, key_expired,
+    key_not_yet_valid (the key is listed but not in force at `now`, the reader's clock
+    by default: never the time the event claims), unknown_schema, untrusted_scope
     (the key's scope or role does not cover the event), ttl_too_long (an override
     longer than the operator key's max_ttl), issued_in_future, wrong_stream (when
     `stream`, the (tenant, env) the record was read for, is given and the body names
@@ -277,7 +286,7 @@ def open_envelope(
         raise VerificationError("malformed", f"not an event envelope ({exc})") from None
     if envelope.v != ENVELOPE_VERSION:
         raise VerificationError("unknown_schema", f"envelope version {envelope.v}")
-    trusted = check_signature(envelope, trust)
+    trusted = check_signature(envelope, trust, now=now)
     try:
         body = _body_decoder.decode(envelope.body)
     except _UNDECODABLE as exc:
@@ -344,14 +353,20 @@ def claimed_version(value: bytes | None) -> int:
         return -1
 
 
-def check_signature(envelope: Envelope, trust: TrustStore) -> TrustedKey:
+def check_signature(envelope: Envelope, trust: TrustStore, *, now: int | None = None) -> TrustedKey:
     """The trust entry of the envelope's key, once its signature over the body bytes
-    verifies; raises `VerificationError` (unknown_key, bad_signature) otherwise."""
+    verifies and the key is in force at `now` (default: this process's clock);
+    raises `VerificationError` (unknown_key, bad_signature, key_revoked, key_expired,
+    key_not_yet_valid) otherwise. The signature is checked first, so a refusal for
+    the key's standing means the key did sign: someone holds a retired key."""
     trusted = trust.get(envelope.kid)
     if trusted is None:
         raise VerificationError("unknown_key", f"key id {shown(envelope.kid)} is not trusted")
     if not trusted.key.verify(envelope.sig, envelope.body):
         raise VerificationError("bad_signature", f"signature does not verify with {envelope.kid!r}")
+    standing = trusted.standing(now if now is not None else now_ns())
+    if standing is not None:
+        raise VerificationError(*standing)
     return trusted
 
 

@@ -16,7 +16,9 @@ what a service gets first when it connects, from memory, or from the agent's dis
 when Kafka is unreachable. After a reconnection to Kafka every stream catches up from
 the highest verified version among its recent records, as a service's own start-up
 does (docs/wire-format.md §2.1), so an agent never hands out an older version than it
-has handed out before.
+has handed out before. It reloads its trust file when the file changes, as subscribers
+do (`trust_reload`), so a key added, retired or revoked there counts here too without a
+restart; a file that no longer loads leaves the last good one in force.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from configbus.bus import (
 )
 from configbus.bus.base import TopicsReaderAPI
 from configbus.crypto import TrustStore
+from configbus.crypto.trust import TrustFile
 from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
 from configbus.events import Ack, VerifiedEvent, claimed_version, open_envelope, shown
 from configbus.limits import DEFAULT_LIMITS, Limits
@@ -91,8 +94,11 @@ class AgentSettings:
     cache_dir: Path | None = None
     topics: TopicNames = field(default_factory=TopicNames)
     limits: Limits = DEFAULT_LIMITS
+    trust_reload: float = 5.0  # seconds between looks at the trust file (0: never)
 
     def __post_init__(self) -> None:
+        if self.trust_reload < 0:
+            raise SettingsError(f"trust_reload {self.trust_reload!r}: must not be negative")
         if len(os.fsencode(self.socket)) > 100:  # sun_path holds 108 bytes on Linux
             raise SettingsError(f"socket path {self.socket} is too long for a Unix socket")
 
@@ -169,9 +175,23 @@ class Agent:
         self._cache_wanted = asyncio.Event()
         self.kafka_state = "connecting"
         self.delivered = 0
+        self._trust = settings.trust  # the trust file as last loaded
+        self._trust_file: TrustFile | None = None
+        self._trust_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
+    @property
+    def trust(self) -> TrustStore:
+        """The trust store in force: the trust file as last loaded."""
+        return self._trust
+
     async def start(self) -> Agent:
+        if self.settings.trust.source is not None and self.settings.trust_reload > 0:
+            self._trust_file = TrustFile.shared(self.settings.trust)
+            await self._reload_trust()
+            self._trust_task = asyncio.create_task(
+                supervise("agent trust", self._watch_trust), name="configbus-agent-trust"
+            )
         self._load_cache()
         self._acks = AckSender.acquire(
             self._bus, self.settings.topics.acks, identity=self._kafka_identity
@@ -193,8 +213,8 @@ class Agent:
             for client in stream.clients:
                 client.writer.close()
             stream.clients.clear()
-        tasks = [self._reader_task, *self._catching_up.values()]
-        self._reader_task = None
+        tasks = [self._reader_task, self._trust_task, *self._catching_up.values()]
+        self._reader_task = self._trust_task = None
         self._catching_up.clear()
         for task in tasks:
             await finish(task, "agent reader")
@@ -216,6 +236,18 @@ class Agent:
     @property
     def clients(self) -> int:
         return sum(len(stream.clients) for stream in self._streams.values())
+
+    async def _watch_trust(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.trust_reload)
+            await self._reload_trust()
+
+    async def _reload_trust(self) -> None:
+        """Reload the trust file when it changed (one stat when it did not)."""
+        trust_file = self._trust_file
+        if trust_file is not None and trust_file.check():
+            await asyncio.to_thread(trust_file.reload)
+            self._trust = trust_file.store
 
     # -- services ---------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -404,7 +436,7 @@ class Agent:
         try:
             return open_envelope(
                 record.value or b"",
-                self.settings.trust,
+                self._trust,
                 stream=(stream.tenant, stream.env),
                 channel=channel,
                 limits=self.settings.limits,
@@ -441,7 +473,7 @@ class Agent:
                     value = path.read_bytes()
                     event = open_envelope(
                         value,
-                        self.settings.trust,
+                        self._trust,
                         stream=(tenant, env),
                         channel=channel,
                         limits=self.settings.limits,

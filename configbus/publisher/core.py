@@ -9,7 +9,10 @@ at start, see `configbus.publisher.state`) and turns a set of streams into signe
    over a limit, fails that stream alone, which keeps its last published version;
 3. skip streams whose config hash equals the last published one, and streams held by a
    rollback whose config hash equals the hold (the hash of what they resolved to when
-   the rollback was published: the tree and store have not changed them since);
+   the rollback was published: the tree and store have not changed them since); unless
+   another key signed that version (the daemon switched keys): then the same content
+   is published again as a new version signed with this key, so that the old key can
+   be retired without leaving a stream that only it signed;
 4. give the rest version + 1, build and sign their events, and refuse any event larger
    than our limit or its topic's ``max.message.bytes`` before sending;
 5. send each event to its tenant topic, the audit topic and (as a head) the state
@@ -79,6 +82,7 @@ class _Prepared:
     value: bytes  # the signed record value
     head: bytes  # the signed state-topic head
     hold: str = ""  # the head's hold (a rollback's)
+    kid: str = ""  # the key that signed them
 
 
 @dataclass(slots=True)
@@ -238,8 +242,16 @@ class Publisher:
         self._check_size(config)
         self._refusals.pop(stream, None)
         state = self.states.get(stream)
+        resign = state is not None and bool(state.kid) and state.kid != self.key.kid
         if state is not None and state.hold:
             if state.hold == config.hash and not release:
+                held = state.config()
+                if resign and held is not None:  # the rolled-back content, under this key
+                    again = ResolvedConfig(held, env=env, tenant=tenant)
+                    return self._sealed(
+                        stream, again, _resigned(change, self.key.kid),
+                        kind=EventKind.ROLLBACK, hold=state.hold,
+                    )  # fmt: skip
                 report.held.append(stream)  # unchanged since the rollback: stays rolled back
                 report.unchanged += 1
                 report.unchanged_streams.append(stream)
@@ -247,6 +259,8 @@ class Publisher:
             # The stream changed in the tree or the store since the rollback (or the hold
             # is released): published, even when that is the rolled-back content itself,
             # so that the new head, which holds nothing, ends the hold on Kafka too.
+        elif state is not None and state.config_hash == config.hash and resign:
+            change = _resigned(change, self.key.kid)  # same content, this key's signature
         elif state is not None and state.config_hash == config.hash:
             if state.data is None:
                 state.data, state.config_json = config.data, None  # share, drop the copy
@@ -312,6 +326,7 @@ class Publisher:
             seal(body, self.key),
             seal_signed(head, self.key),
             hold,
+            self.key.kid,
         )
 
     async def publish_rollback(
@@ -522,7 +537,12 @@ class Publisher:
         for item in batch:
             (tenant, env), version, config = item.stream, item.version, item.config
             self.states[item.stream] = StreamState(
-                version, config.hash, data=config.data, hold=item.hold, issued_at=now_ns()
+                version,
+                config.hash,
+                data=config.data,
+                hold=item.hold,
+                issued_at=now_ns(),
+                kid=item.kid,
             )
             cache[item.stream] = item.value
             log.info(
@@ -568,6 +588,12 @@ class _Refused(Exception):
     def __init__(self, items: list[_Prepared], reason: str) -> None:
         super().__init__(reason)
         self.items, self.reason = items, reason
+
+
+def _resigned(change: Change, kid: str) -> Change:
+    """The change of a version published again only to carry `kid`'s signature."""
+    cause = Cause(actor=change.cause.actor, reason=f"re-signed with key {kid}")
+    return Change(change.detected_at, cause)
 
 
 def now_change(sources: Sequence[str], actor: str, reason: str) -> Change:

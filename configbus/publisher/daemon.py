@@ -25,6 +25,14 @@ daemon fenced by another goes on standby; it never publishes over it.
 `stop()` (or SIGTERM/SIGINT through `run`, at any point, also while Kafka is
 unreachable at start) stops the watchers, lets the worker finish what it holds within
 `shutdown_grace`, resigns as writer, then closes the connections.
+
+Keys: the signing key's kid is `--kid`, or else the trust file's entry whose public key
+it is. A key the trust file lists as revoked, expired, not yet valid, or under its kid
+with another public key, is refused at start. `reload_keys()` (SIGHUP through `run`)
+reads the signing key and the trust file again: the way to switch to a new key without
+a restart (docs/operators.md). Every stream whose latest version another key signed is
+then published again, same content, new version, signed with the new key, so the old
+key can be retired without leaving any stream signed only by it.
 """
 
 from __future__ import annotations
@@ -45,11 +53,13 @@ import watchfiles
 
 from configbus.bus import Bus, KafkaBus
 from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
+from configbus.crypto.keys import check_kid, load_private_key
 from configbus.errors import (
     ActiveWriterError,
     BusError,
     ConfigBusError,
     FencedError,
+    KeyringError,
     TreeError,
     VerificationError,
 )
@@ -146,9 +156,9 @@ class Daemon:
     def __init__(self, settings: PublisherSettings, *, bus: Bus | None = None) -> None:
         self.settings = settings
         self.bus: Bus = bus or KafkaBus(settings.kafka)
-        self.key = SigningKey.load(settings.signing_key, settings.kid)
-        self.trust = _recovery_trust(self.key, settings.trust)  # publisher keys only
-        self.override_trust = _override_trust(self.key, settings.trust)  # operators' too
+        self.key, trust_file = load_signing_key(settings)
+        self.trust = _recovery_trust(self.key, trust_file)  # publisher keys only
+        self.override_trust = _override_trust(self.key, trust_file)  # operators' too
         self.tree = EnvironmentTree(settings.root)
         self.index = StreamIndex(self.tree)
         self.authors = Authors(self.tree.root)  # who a file edit is credited to
@@ -196,6 +206,30 @@ class Daemon:
         self._writing = asyncio.Lock()  # one transaction at a time: publications, beats
         self._broken = False  # a publication failed: reconnect before the next
         self._reported: dict[Stream, str] = {}  # config hash last reported to the store
+
+    def reload_keys(self) -> bool:
+        """Read the signing key and the trust file again (SIGHUP): switch to the key
+        the settings now point at, and believe what the trust file now says. Every
+        stream is looked at again, and one signed last by another key is published
+        again with this one. A key or trust file that does not load (or a key the
+        trust file does not allow) changes nothing: one log line, and False."""
+        try:
+            key, trust_file = load_signing_key(self.settings)
+        except ConfigBusError as exc:
+            log.error("keys not reloaded, still signing with %s: %s", self.key.kid, exc)
+            return False
+        previous, self.key = self.key, key
+        self.trust = _recovery_trust(key, trust_file)
+        self.override_trust = _override_trust(key, trust_file)
+        self.publisher.key = key
+        self.overrides.key, self.overrides.trust = key, self.override_trust
+        self.secrets.trust = self.trust
+        if key.kid != previous.kid:
+            log.info("signing with key %s from now on (was %s)", key.kid, previous.kid)
+        else:
+            log.info("keys reloaded; signing with %s", key.kid)
+        self._dirty.add(self.index.streams, self._change(f"signing key {key.kid}", ()))
+        return True
 
     @property
     def fenced(self) -> bool:
@@ -650,7 +684,48 @@ def _secret_keys(path: Path | None) -> KeyProvider | None:
     return provider if provider.tenants else None
 
 
-def _recovery_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
+def load_signing_key(settings: PublisherSettings) -> tuple[SigningKey, TrustStore | None]:
+    """The daemon's signing key, and its trust file when it has one. The kid is the
+    settings' kid, or else the one the trust file lists the key's public key under.
+    Refused (`KeyringError`, naming the files) when the trust file lists the kid with
+    another public key, as an operator key, or not in force now: readers would refuse
+    everything it signs."""
+    trust = TrustStore.load(settings.trust) if settings.trust is not None else None
+    private = load_private_key(settings.signing_key)
+    where = settings.signing_key
+    kid = settings.kid
+    if not kid:
+        listed = trust.kids_of(SigningKey("unnamed", private).public) if trust else []
+        if len(listed) != 1:
+            found = "lists it under " + ", ".join(listed) if listed else "does not list it"
+            hint = f"the trust file {settings.trust} {found}" if trust else "no trust file"
+            raise KeyringError(f"{where}: a key id (kid) is required: give --kid ({hint})")
+        kid = listed[0]
+    try:
+        key = SigningKey(check_kid(kid), private)
+    except KeyringError as exc:
+        raise KeyringError(f"{where}: {exc}") from None
+    entry = trust.get(key.kid) if trust is not None else None
+    if entry is None:
+        if trust is not None:
+            log.warning("%s does not list the signing key %s", settings.trust, key.kid)
+        return key, trust
+    if entry.key.pem() != key.public.pem():
+        raise KeyringError(
+            f"{where}: not the key {settings.trust} lists as {key.kid!r} (wrong --kid or key file?)"
+        )
+    if entry.role != PUBLISHER:
+        raise KeyringError(f"{where}: {settings.trust} lists {key.kid!r} as an {entry.role} key")
+    standing = entry.standing(now_ns())
+    if standing is not None:
+        raise KeyringError(
+            f"{where}: {standing[1]} in {settings.trust}: readers refuse what it signs "
+            "(sign with a key in force: configbus keys rotate)"
+        )
+    return key, trust
+
+
+def _recovery_trust(key: SigningKey, trust_file: Path | TrustStore | None) -> TrustStore:
     """Whose records recovery and the writer heartbeats believe: our own key, and the
     publisher keys of the trust file (the previous ones, after a rotation, so versions
     go on rising instead of starting again at 1). Never an operator key: it signs
@@ -659,14 +734,15 @@ def _recovery_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
     return TrustStore(entry for entry in entries if entry.role == PUBLISHER)
 
 
-def _override_trust(key: SigningKey, trust_file: Path | None) -> TrustStore:
+def _override_trust(key: SigningKey, trust_file: Path | TrustStore | None) -> TrustStore:
     """Whose override records the override keeper believes: our own key (it signs the
     expiries) and every key of the trust file, operators' included; `open_envelope`
-    holds each to its role, scope and max_ttl."""
+    holds each to its role, scope, max_ttl and validity."""
     own = TrustStore.of(key.public)
     if trust_file is None:
         return own
-    others = [entry for entry in TrustStore.load(trust_file).entries() if entry.key.kid != key.kid]
+    trust = trust_file if isinstance(trust_file, TrustStore) else TrustStore.load(trust_file)
+    others = [entry for entry in trust.entries() if entry.key.kid != key.kid]
     return TrustStore([*own.entries(), *others])
 
 
@@ -732,6 +808,7 @@ async def run(settings: PublisherSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon = Daemon(settings)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_keys)
     asked = asyncio.create_task(stop.wait())
     starting = asyncio.create_task(daemon.start())
     try:
@@ -748,7 +825,7 @@ async def run(settings: PublisherSettings) -> int:
             await starting
         asked.cancel()
         await daemon.stop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     log.info("publisher stopped")
     return 0

@@ -126,6 +126,7 @@ class StreamState:
     config_json: bytes | None = None
     hold: str = ""
     issued_at: int = 0  # ns since the epoch: when the version was published (0: unknown)
+    kid: str = ""  # the key that signed the version ("": unknown, e.g. known from a head)
 
     def config(self) -> Mapping[str, Value] | None:
         if self.data is None and self.config_json is not None:
@@ -219,5 +220,9 @@ def _event(
     known = recovery.states.get((body.tenant, body.env))
     if known is None or body.version > known.version:
         recovery.states[(body.tenant, body.env)] = StreamState(
-            body.version, body.config_hash, config_json=event.config_json, issued_at=body.issued_at
+            body.version,
+            body.config_hash,
+            config_json=event.config_json,
+            issued_at=body.issued_at,
+            kid=event.kid,
         )

@@ -28,12 +28,21 @@ Kafka it runs on the cache and keeps retrying; with neither, `start()` fails aft
 `start_timeout`, saying what it found. Callbacks
 run on the event loop that started the subscriber; sync callbacks run inline.
 The SDK never installs signal handlers and never configures logging.
+
+The trust file is looked at every `trust_reload` seconds and reloaded when it changed
+(a file that no longer loads leaves the last good one in force, with one log line).
+Keys are judged by this process's clock: an event signed by a key revoked or past its
+`not_after` is refused (`key_revoked`, `key_expired`). A config that runs already is
+kept when its signer stops being trusted; `sub.signer_trusted` turns false, the
+reason is in `sub.signer_note`, every acknowledgement says so (and the last applied
+one is sent again saying so), until a valid event replaces the config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -51,7 +60,8 @@ from opentelemetry.trace import StatusCode
 from configbus.agent.protocol import Hello
 from configbus.bus import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, KafkaBus, Record, TopicNames
 from configbus.bus.base import ReaderAPI
-from configbus.crypto import PUBLISHER, SecretReader
+from configbus.crypto import PUBLISHER, SecretReader, TrustStore
+from configbus.crypto.trust import TrustFile
 from configbus.errors import (
     BusError,
     ConfigBusError,
@@ -109,6 +119,17 @@ class Snapshot:
     trace_id: str = ""  # of the apply: the publisher's trace, continued here
     override: OverrideState | None = None  # the override record last applied
     overrides: tuple[OverrideEntry, ...] = ()  # its entries in effect in `config`
+    # "" while every key that signed what runs (the snapshot's event, the override set
+    # in effect) would still be believed; else which key and why, e.g. "key_revoked:
+    # key 'pub-a' is revoked since 2026-11-03T02:14:00Z: laptop stolen".
+    signer_note: str = ""
+
+    @property
+    def signer_trusted(self) -> bool:
+        """Whether the trust file in force now still believes every key that signed
+        what runs; False after such a key was revoked, expired or removed (the config
+        keeps running until a valid event replaces it)."""
+        return not self.signer_note
 
     @property
     def override_version(self) -> int:
@@ -136,7 +157,19 @@ _UNSENT_ACKS = 1000  # acks held while the agent is away, at most (the oldest go
 _AGENT_RETRY_S = 1.0  # while reading Kafka for an absent agent: how often to look for it
 _NO_SPAN = contextlib.nullcontext()
 # Reasons given before (or instead of) a signature check: the record's claims are nobody's.
-_UNSIGNED = frozenset({"malformed", "too_large", "unknown_key", "bad_signature", "unknown_schema"})
+# A key that is listed but not in force signs nothing anyone believes, either.
+_UNSIGNED = frozenset(
+    {
+        "malformed",
+        "too_large",
+        "unknown_key",
+        "bad_signature",
+        "unknown_schema",
+        "key_revoked",
+        "key_expired",
+        "key_not_yet_valid",
+    }
+)
 
 
 class ConfigSubscriber:
@@ -190,6 +223,10 @@ class ConfigSubscriber:
         self._cache_values: dict[str, bytes] = {}  # channel -> the next value to write
         self._changed: asyncio.Event | None = None  # replaced (after being set) per apply
         self._bootstrapped: asyncio.Event | None = None
+        self._trust: TrustStore = self.settings.trust  # the trust file as last loaded
+        self._trust_file: TrustFile | None = None  # while reloading it
+        self._trust_task: asyncio.Task[None] | None = None
+        self._applied_ack: Ack | None = None  # the last applied snapshot ack: restated
         self._state = "new"
 
     def __repr__(self) -> str:
@@ -220,6 +257,21 @@ class ConfigSubscriber:
         """The verified event the current config came from (version, detected_at,
         issued_at, cause, changed paths in `event.body`); None before the first."""
         return self._current.event
+
+    @property
+    def trust(self) -> TrustStore:
+        """The trust store in force: the trust file as last loaded."""
+        return self._trust
+
+    @property
+    def signer_trusted(self) -> bool:
+        """Whether every key that signed what runs is still believed (see `Snapshot`)."""
+        return self._current.signer_trusted
+
+    @property
+    def signer_note(self) -> str:
+        """Why not, when `signer_trusted` is False; "" otherwise."""
+        return self._current.signer_note
 
     @property
     def overrides(self) -> tuple[OverrideEntry, ...]:
@@ -282,6 +334,13 @@ class ConfigSubscriber:
             raise ConfigBusError("a stopped subscriber cannot start again; create a new one")
         self._changed = asyncio.Event()
         self._bootstrapped = asyncio.Event()
+        if self.settings.trust.source is not None and self.settings.trust_reload > 0:
+            self._trust_file = TrustFile.shared(self.settings.trust)
+            await self._reload_trust()  # what the file says now, not when settings were made
+            self._trust_task = asyncio.create_task(
+                supervise(f"subscriber {self.tenant}/{self.env} trust", self._watch_trust),
+                name="configbus-trust",
+            )
         cached = await self._load_cache()
         self._task = asyncio.create_task(self._follow(), name="configbus-subscriber")
         wait = self.settings.start_timeout
@@ -332,6 +391,7 @@ class ConfigSubscriber:
         if self._expiry is not None:
             self._expiry.cancel()
         await finish(self._expiring, f"{self.tenant}/{self.env} expiry")
+        await finish(self._trust_task, f"{self.tenant}/{self.env} trust")
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
@@ -532,7 +592,7 @@ class ConfigSubscriber:
             try:
                 event = open_envelope(
                     record.value or b"",
-                    self.settings.trust,
+                    self._trust,
                     stream=(self.tenant, self.env),
                     channel=channel,
                     limits=self.settings.limits,
@@ -666,7 +726,7 @@ class ConfigSubscriber:
         state = parse_overrides(event, self.settings.limits)
         # The publisher publishes expiries: it may end overrides, never set one.
         known = self._current.override or self._pending
-        trusted = self.settings.trust.get(event.kid)
+        trusted = self._trust.get(event.kid)
         publisher = trusted is not None and trusted.role == PUBLISHER
         if publisher and known is not None and not set(state.entries) <= set(known.entries):
             raise VerificationError(
@@ -717,6 +777,9 @@ class ConfigSubscriber:
         """Make `snapshot` current (the atomic swap), wake waiters, schedule the next
         expiry of its overrides; returns the config it replaced."""
         old = self._current.config
+        note = self._signer_note(snapshot)
+        if note != snapshot.signer_note:
+            snapshot = dataclasses.replace(snapshot, signer_note=note)
         self._current = snapshot
         if self._changed is not None:
             changed, self._changed = self._changed, asyncio.Event()
@@ -836,6 +899,75 @@ class ConfigSubscriber:
             event, "rejected", str(exc), received_at, 0, trace_id, channel=channel, version=version
         )
 
+    # -- the trust file -----------------------------------------------------------------
+    async def _watch_trust(self) -> None:
+        """Every `trust_reload` seconds: reload the trust file when it changed (one
+        stat when it did not; the file is read off the event loop), and judge again
+        the keys that signed what runs, by the clock too (a not_after passes without
+        the file changing)."""
+        while True:
+            await asyncio.sleep(self.settings.trust_reload)
+            await self._reload_trust()
+
+    async def _reload_trust(self) -> None:
+        trust_file = self._trust_file
+        if trust_file is None:
+            return
+        if trust_file.check():
+            await asyncio.to_thread(trust_file.reload)
+        self._trust = trust_file.store
+        self._judge_signers()
+
+    def _judge_signers(self) -> None:
+        """Say so, once, when the keys that signed what runs stop being believed (or
+        are believed again): in the snapshot, the log, and the last applied ack, sent
+        again with the news. The config itself stays."""
+        current = self._current
+        if current.version == 0 or self._signer_note(current) == current.signer_note:
+            return
+        self._swap(dataclasses.replace(current))  # `_swap` sets the note, wakes waiters
+        note = self._current.signer_note
+        if note:
+            log.warning(
+                "%s/%s: v%d keeps running, but its signer is no longer trusted: %s",
+                self.tenant,
+                self.env,
+                current.version,
+                note,
+                extra={"tenant": self.tenant, "env": self.env, "version": current.version},
+            )
+        else:
+            log.info(
+                "%s/%s: the signer of v%d is trusted again", self.tenant, self.env, current.version
+            )
+        if self._applied_ack is not None and self.settings.send_acks:
+            self._applied_ack = msgspec.structs.replace(
+                self._applied_ack, signer_trusted=not note, signer_note=_bounded(note)
+            )
+            self._send_ack(self._applied_ack)
+
+    def _signer_note(self, snapshot: Snapshot) -> str:
+        """ "" when the trust store in force would still believe every event `snapshot`
+        runs on (the snapshot's, and the override set's when entries of it are in
+        effect); else which key, and why not."""
+        notes = []
+        override = snapshot.override.event if snapshot.override is not None else None
+        override = override if snapshot.overrides else None
+        now = now_ns()
+        for event in (snapshot.event, override):
+            if event is None:
+                continue
+            trusted = self._trust.get(event.kid)
+            if trusted is None:
+                notes.append(f"unknown_key: key {event.kid!r} is no longer in the trust file")
+            elif (standing := trusted.standing(now)) is not None:
+                notes.append(f"{standing[0]}: {standing[1]}")
+            elif not trusted.covers(self.tenant, self.env) or (
+                event is snapshot.event and trusted.role != PUBLISHER
+            ):
+                notes.append(f"untrusted_scope: key {event.kid!r} no longer covers this stream")
+        return "; ".join(notes)
+
     # -- acknowledgements -----------------------------------------------------------
     def _ack(
         self,
@@ -853,8 +985,7 @@ class ConfigSubscriber:
         if not self.settings.send_acks:
             return
         body = event.body if event is not None else None
-        if len(reason) > _REASON_LIMIT:  # a record's text can be any length
-            reason = reason[: _REASON_LIMIT - 3] + "..."
+        reason = _bounded(reason)  # a record's text can be any length
         ack = Ack(
             tenant=self.tenant,
             env=self.env,
@@ -871,7 +1002,14 @@ class ConfigSubscriber:
             trace_id=trace_id,
             startup=startup,
             channel=channel,
+            signer_trusted=self._current.signer_trusted,
+            signer_note=_bounded(self._current.signer_note),
         )
+        if status == "applied" and channel == SNAPSHOT_CHANNEL:
+            self._applied_ack = ack
+        self._send_ack(ack)
+
+    def _send_ack(self, ack: Ack) -> None:
         # Keyed per instance, channel and status, so compaction keeps the last applied
         # and the last rejected ack of every instance on each channel.
         key = ack.key
@@ -935,6 +1073,11 @@ class ConfigSubscriber:
                 await asyncio.to_thread(write)
             except OSError as exc:
                 log.warning("%s: cannot write the config cache: %s", path, exc.strerror)
+
+
+def _bounded(text: str) -> str:
+    """Text for an ack, at most `_REASON_LIMIT` characters."""
+    return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 3] + "..."
 
 
 def _name(function: object) -> str:

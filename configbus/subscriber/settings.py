@@ -31,6 +31,9 @@ class SubscriberOptions(TypedDict, total=False):
     bootstrap_servers: str  # CONFIGBUS_BOOTSTRAP_SERVERS (required without an agent)
     agent: str | os.PathLike[str]  # CONFIGBUS_AGENT: the host agent's socket, default none
     trust: TrustStore | str | os.PathLike[str]  # CONFIGBUS_TRUST: a trust file (required)
+    # CONFIGBUS_TRUST_RELOAD: how often (s) the trust file is looked at for changes,
+    # default 5; 0 never (a TrustStore built in memory is never reloaded)
+    trust_reload: float
     instance_id: str  # CONFIGBUS_INSTANCE_ID, default host-pid
     service: str  # CONFIGBUS_SERVICE, default the program's name
     cache_dir: str | os.PathLike[str]  # CONFIGBUS_CACHE_DIR, default none
@@ -62,8 +65,13 @@ class SubscriberSettings:
     limits: Limits = DEFAULT_LIMITS  # what a record may hold (configbus.limits)
     agent: Path | None = None  # the host agent's socket: records come through it
     secret_keys: KeyProvider | None = None  # opens the stream's sealed secrets
+    trust_reload: float = 5.0  # seconds between looks at the trust file (0: never)
 
     def __post_init__(self) -> None:
+        if self.trust_reload < 0:
+            raise SettingsError(
+                f"trust_reload {self.trust_reload!r}: must not be negative (0: never reload)"
+            )
         if self.kafka is None and self.agent is None:
             raise SettingsError(
                 "no Kafka cluster and no agent: pass bootstrap_servers or agent, or set "
@@ -93,6 +101,7 @@ class SubscriberSettings:
         offline_grace = options.get("offline_grace")
         send_acks = options.get("send_acks")
         secret_keys = options.get("secret_keys")
+        trust_reload = options.get("trust_reload")
 
         def get(value: object, name: str, default: object, convert: object = str) -> object:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)  # type: ignore[arg-type]
@@ -114,7 +123,9 @@ class SubscriberSettings:
         return cls(
             tenant=tenant,
             env=env,
-            kafka=KafkaSettings(str(servers), client_id="configbus-subscriber")
+            kafka=KafkaSettings.build(
+                str(servers), client_id="configbus-subscriber", environ=environ
+            )
             if servers
             else None,
             agent=Path(str(socket_path)) if socket_path else None,
@@ -129,6 +140,7 @@ class SubscriberSettings:
             offline_grace=float(get(offline_grace, "OFFLINE_GRACE", 5.0, float)),  # type: ignore[arg-type]
             send_acks=bool(send_acks) if send_acks is not None else True,
             secret_keys=keys,  # type: ignore[arg-type]
+            trust_reload=float(get(trust_reload, "TRUST_RELOAD", 5.0, float)),  # type: ignore[arg-type]
         )
 
 

@@ -201,6 +201,7 @@ def test_loading_a_file_that_is_no_ed25519_private_key(
 ) -> None:
     path = tmp_path / "k1.key"
     path.write_bytes(content)
+    path.chmod(0o600)
 
     assert expected in _load_error(path)
 
@@ -214,6 +215,7 @@ def test_loading_an_encrypted_key(tmp_path: Path) -> None:
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
+    path.chmod(0o600)
 
     assert "not a PEM private key" in _load_error(path)
 

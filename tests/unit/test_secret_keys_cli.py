@@ -376,7 +376,7 @@ def test_get_without_kafka_for_the_audit_note_prints_no_value(
 
     assert (code, out) == (2, "")
     assert err.splitlines() == [
-        "configbus: give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
+        "configbus: no Kafka cluster: give --bootstrap-servers or set CONFIGBUS_BOOTSTRAP_SERVERS"
     ]
     assert VALUE.decode() not in cli.said
 

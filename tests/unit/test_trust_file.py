@@ -1,17 +1,24 @@
-"""The trust file fails closed: a typo, a field this version does not implement, an
-operator entry without a stated scope or a scope that lists nothing is an error (one
-line naming the file, the entry and the field), never a key trusted for more."""
+"""The trust file fails closed: a typo, a validity time without a zone, a revocation
+detail without `revoked: true`, an operator entry without a stated scope or a scope that
+lists nothing is an error (one line naming the file, the entry and the field), never a
+key trusted for more."""
 
 from __future__ import annotations
 
+import dataclasses
+import stat
 from pathlib import Path
 
 import pytest
 
 from configbus.crypto import OPERATOR, TrustStore, generate_keypair
+from configbus.crypto.trust import format_time, parse_time
 from configbus.errors import KeyringError
 
-KNOWN = "(known: kid, public_key, public_key_file, tenants, environments, role, max_ttl)"
+KNOWN = (
+    "(known: kid, public_key, public_key_file, tenants, environments, role, max_ttl, "
+    "not_before, not_after, revoked, revoked_at, revoked_reason)"
+)
 SCOPE = "    tenants: [acme]\n    environments: [prod]\n"
 
 
@@ -82,34 +89,107 @@ def test_an_entry_without_a_kid_names_its_misspelt_field_by_position(tmp_path: P
     assert _error(path) == f"{path}: publishers[0]: unknown field 'kdi' {KNOWN}"
 
 
-# -- fields planned but not implemented: refused, not ignored -------------------------
+# -- validity: not_before, not_after, revoked ---------------------------------------------
+
+
+def test_a_validity_window_and_a_revocation_load_as_instants(tmp_path: Path) -> None:
+    path = _publisher(
+        tmp_path,
+        "    not_before: 2026-11-01T00:00:00Z\n"
+        "    not_after: '2026-12-01T01:00:00+01:00'\n"  # quoted: read as text, same instant
+        "    revoked: true\n"
+        "    revoked_at: 2026-11-03T02:14:00.5Z\n"
+        "    revoked_reason: laptop stolen\n",
+    )
+
+    entry = TrustStore.load(path).get("main")
+
+    assert entry is not None
+    assert entry.not_before == parse_time("2026-11-01T00:00:00Z")
+    assert entry.not_after == parse_time("2026-12-01T00:00:00Z")
+    assert format_time(entry.not_before) == "2026-11-01T00:00:00Z"
+    assert format_time(entry.revoked_at) == "2026-11-03T02:14:00.500000Z"
+    assert (entry.revoked, entry.revoked_reason) == (True, "laptop stolen")
 
 
 @pytest.mark.parametrize(
-    ("field", "hint"),
+    ("field", "message"),
     [
-        ("revoked: true", "delete the entry to stop trusting the key"),
-        ("revoked: false", "delete the entry to stop trusting the key"),
-        ("not_after: 2020-01-01", "delete the entry when the key should stop being trusted"),
-        ("not_before: 2030-01-01", "add the entry when the key should become trusted"),
+        ("not_after: 2026-12-01", "not_after: 2026-12-01 is a date: give a time with its zone"),
+        (
+            "not_before: 2026-12-01T00:00:00",
+            "not_before: 2026-12-01T00:00:00 has no time zone: add one",
+        ),
+        ("not_after: soon", "not_after: 'soon' is not an ISO 8601 time"),
+        ("not_after: 1767225600", "not_after: 1767225600 is not an ISO 8601 time"),
+        ("revoked: yes please", "revoked must be true or false, not 'yes please'"),
+        ("revoked: 1", "revoked must be true or false, not 1"),
+        ("revoked_at: 2026-11-03T02:14:00Z", "revoked_at without revoked: true"),
+        ("revoked_reason: stolen", "revoked_reason without revoked: true"),
+        ("revoked: false\n    revoked_reason: stolen", "revoked_reason without revoked: true"),
+        (
+            "not_before: 2026-12-01T00:00:00Z\n    not_after: 2026-12-01T00:00:00Z",
+            "not_after must be later than not_before",
+        ),
+        (
+            "revoked: true\n    revoked_reason: [a, b]",
+            "revoked_reason must be one line of text, at most 200 characters",
+        ),
     ],
 )
-def test_a_validity_field_is_refused_as_not_supported(
-    tmp_path: Path, field: str, hint: str
-) -> None:
-    name = field.split(":")[0]
+def test_a_malformed_validity_field_is_named(tmp_path: Path, field: str, message: str) -> None:
     path = _operator(tmp_path, SCOPE + f"    {field}\n    max_ttl: 1h\n")
 
-    assert _error(path) == (
-        f"{path}: operator 'alice': {name!r} is not supported by this version of configbus"
-        f" (refused, not ignored): {hint}"
+    error = _error(path)
+
+    assert error.startswith(f"{path}: operator 'alice': ")
+    assert message in error
+
+
+def test_revoked_false_is_an_ordinary_key(tmp_path: Path) -> None:
+    entry = TrustStore.load(_publisher(tmp_path, "    revoked: false\n")).get("main")
+
+    assert entry is not None and not entry.revoked and entry.in_force(0)
+
+
+def test_standing_judges_the_window_and_the_revocation_by_the_clock_given(
+    tmp_path: Path,
+) -> None:
+    path = _publisher(
+        tmp_path, "    not_before: 2026-11-01T00:00:00Z\n    not_after: 2026-12-01T00:00:00Z\n"
     )
+    entry = TrustStore.load(path).get("main")
+    assert entry is not None
+    start, end = parse_time("2026-11-01T00:00:00Z"), parse_time("2026-12-01T00:00:00Z")
+
+    assert entry.standing(start - 1) == (
+        "key_not_yet_valid",
+        "key 'main' is not valid before 2026-11-01T00:00:00Z",
+    )
+    assert entry.standing(start) is None
+    assert entry.standing(end - 1) is None
+    assert entry.standing(end) == ("key_expired", "key 'main' expired at 2026-12-01T00:00:00Z")
+    revoked = dataclasses.replace(entry, revoked=True, revoked_reason="leaked")
+    assert revoked.standing(start) == ("key_revoked", "key 'main' is revoked: leaked")
 
 
-def test_a_revoked_publisher_key_is_refused_too(tmp_path: Path) -> None:
-    message = _error(_publisher(tmp_path, "    revoked: true\n"))
+def test_the_validity_fields_round_trip(tmp_path: Path) -> None:
+    path = _trust(
+        tmp_path,
+        "publishers:\n  - kid: main\n    public_key_file: main.pub\n"
+        "    not_after: 2026-12-01T00:00:00Z\n"
+        "operators:\n  - kid: alice\n    public_key_file: alice.pub\n"
+        + SCOPE
+        + "    max_ttl: 2h\n    not_before: 2026-01-01T00:00:00Z\n"
+        "    revoked: true\n    revoked_at: 2026-02-01T00:00:00Z\n"
+        '    revoked_reason: "left: see ticket #12"\n',
+    )
+    trust = TrustStore.load(path)
+    again = tmp_path / "again.yml"
+    trust.save(again)
 
-    assert "publisher 'main': 'revoked' is not supported by this version" in message
+    assert TrustStore.load(again).entries() == trust.entries()
+    assert stat.S_IMODE(again.stat().st_mode) == 0o644
 
 
 # -- scopes -----------------------------------------------------------------------------
