@@ -39,6 +39,8 @@ BODY_FIELDS: dict[str, type] = {  # §5: the required body fields and their msgp
     "config": bytes,
 }
 Scope = tuple[Collection[str], Collection[str]]  # (tenants, environments); "*" is all
+# §8 validity of a key: (not_before, not_after, revoked); times in ns, None when absent
+Validity = tuple[int | None, int | None, bool]
 
 
 class WireError(ValueError):
@@ -57,6 +59,8 @@ def decode_and_verify(
     stream: tuple[str, str] | None = None,  # (tenant, env) the record was read from
     last_version: int | None = None,  # version last applied to that stream
     max_config_bytes: int = 4 * 1024 * 1024,  # the reader's inflate limit
+    validity: Mapping[str, Validity] | None = None,  # kid -> validity; absent: always
+    now: int | None = None,  # the reader's clock, ns (needed with `validity`)
 ) -> dict[str, Any]:
     """The steps of §7 in order. Returns kid, body (a dict, `config` as sent), the
     uncompressed config_json bytes and the parsed config."""
@@ -75,6 +79,13 @@ def decode_and_verify(
         key.verify(sig, body_bytes)
     except InvalidSignature:
         raise WireError("bad_signature", f"sig does not verify with {kid!r}") from None
+    not_before, not_after, revoked = (validity or {}).get(kid, (None, None, False))
+    if revoked:
+        raise WireError("key_revoked", f"{kid!r} is revoked")
+    if not_after is not None and now is not None and now >= not_after:
+        raise WireError("key_expired", f"{kid!r} expired")
+    if not_before is not None and now is not None and now < not_before:
+        raise WireError("key_not_yet_valid", f"{kid!r} is not valid yet")
     body = _unpack(body_bytes, "body")  # 4
     if _is_int(body.get("schema")) and body["schema"] != 1:  # 5
         raise WireError("unknown_schema", f"body schema {body['schema']}")

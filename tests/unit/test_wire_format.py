@@ -9,6 +9,7 @@ document fails the tests the moment it no longer matches the code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -110,6 +111,41 @@ def test_the_decoder_reads_what_configbus_seals(config: Value, encoding: str) ->
     assert decoded["kid"] == verified.kid == SIGNER.kid
     if encoding == "json+zlib":
         assert zlib.decompress(decoded["body"]["config"]) == canonical_json(config)
+
+
+NOW = 1_767_225_600_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("validity", "reason"),
+    [
+        ((None, None, True), "key_revoked"),
+        ((None, NOW, False), "key_expired"),
+        ((NOW + 1, None, False), "key_not_yet_valid"),
+        ((NOW - 1, NOW + 1, False), None),
+    ],
+    ids=["revoked", "expired", "not-yet-valid", "in-force"],
+)
+def test_both_decoders_judge_a_key_by_the_readers_clock_alike(
+    validity: tuple[int | None, int | None, bool], reason: str | None
+) -> None:
+    """§7 step 3: the key that signed must be in force at the reader's clock, whatever
+    the event says about when it was issued."""
+    not_before, not_after, revoked = validity
+    entry = dataclasses.replace(
+        TRUST.get(SIGNER.kid), not_before=not_before, not_after=not_after, revoked=revoked
+    )
+    trust = TRUST.replaced(entry)
+    value = _sealed(issued_at=NOW - 10**12)  # issued long before any bound: never used
+
+    try:
+        open_envelope(value, trust, now=NOW)
+        found = None
+    except VerificationError as exc:
+        found = exc.reason
+
+    assert found == reason
+    assert _decoder_reason(value, validity={SIGNER.kid: validity}, now=NOW) == reason
 
 
 def _lists(value: Any) -> Any:
