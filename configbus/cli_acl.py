@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -122,6 +123,8 @@ def _connect(args: argparse.Namespace) -> tuple[Admin, TopicNames, Deployment, l
 
     deployment, tenants = _deployment(args), _tenants(args)
     kafka, topics = _kafka(args)
+    # aiokafka logs each refused connection; the command says why it failed in one line.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     return Admin(kafka), topics, deployment, tenants
 
 
@@ -185,8 +188,8 @@ async def _settled(
         if not left.create and not (prune and left.remove):
             return
         if time.monotonic() > deadline:
+            done, acl = ("created", left.create[0]) if left.create else ("removed", left.remove[0])
             raise BusError(
-                f"the broker does not show {len(left.create)} created ACL(s) after "
-                f"{SETTLE_S:g}s, e.g. {left.create[0] if left.create else left.remove[0]}"
+                f"after {SETTLE_S:g}s the broker still does not show the ACLs {done}, e.g. {acl}"
             )
         await asyncio.sleep(0.1)

@@ -43,10 +43,15 @@ T = TypeVar("T")
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed."""
+    """Run on uvloop when it is installed, unless Kafka is reached over TLS
+    (`security.uvloop_ok`)."""
+    from configbus.bus.security import uvloop_ok
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coroutine)
+    if not uvloop_ok():
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import AIOKafkaConnection, collect_hosts
 from aiokafka.errors import (
     AuthenticationFailedError,
     ClusterAuthorizationFailedError,
@@ -37,7 +39,9 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
     UnsupportedForMessageFormatError,
+    for_code,
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
@@ -68,6 +72,7 @@ log = logging.getLogger(__name__)
 aiokafka.producer.sender.BACKOFF_OVERRIDE = 0.002
 
 ABORT_TIMEOUT_S = 5.0  # aborting a failed transaction, at most
+CLOSE_TIMEOUT_S = 2.0  # a refused connection's socket closing, at most
 RECENT_MAX_BYTES = 32 * 1024 * 1024  # records `PartitionReader.recent` holds, at most
 STOP_TIMEOUT_S = 10.0  # closing a producer (it flushes what is queued), at most
 
@@ -170,14 +175,29 @@ _DENIALS: tuple[type[KafkaError], ...] = (
 
 def _bus_error(exc: BaseException, doing: str) -> BusError:
     if isinstance(exc, _DENIALS):
-        return AuthorizationError(f"{doing}: not authorized: {exc.__class__.__name__}: {exc}")
+        return AuthorizationError(f"{doing}: not authorized ({_reason(exc)})")
     if isinstance(exc, ProducerFenced):
         return FencedError(f"{doing}: fenced by a newer publisher ({exc})")
     if isinstance(exc, _REFUSALS):
-        return RefusedError(f"{doing}: {exc.__class__.__name__}: {exc}")
-    error = BusError(f"{doing}: {exc.__class__.__name__}: {exc}")
+        return RefusedError(f"{doing}: {_reason(exc)}")
+    error = BusError(f"{doing}: {_reason(exc)}")
     error.retriable = bool(getattr(exc, "retriable", True))
     return error
+
+
+def _broker_error(code: int, message: str | None, doing: str) -> BusError:
+    """The `BusError` of an error code in a broker's answer."""
+    kind = for_code(code)
+    return _bus_error(kind(message) if message else kind(), doing)
+
+
+def _reason(exc: BaseException) -> str:
+    """``Name: detail`` once: aiokafka's errors name themselves in their text already
+    (a broker's answer after its code, "[Error 29] TopicAuthorizationFailedError: t")."""
+    name, text = exc.__class__.__name__, str(exc)
+    if text.startswith("[Error ") and "] " in text:
+        text = text.partition("] ")[2]
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 class Admin:
@@ -194,7 +214,9 @@ class Admin:
                 client_id=f"{self.settings.client_id}-admin",
                 request_timeout_ms=self.settings.request_timeout_ms,
             )
-            self._client = await _started(client, "connecting the admin client", client.close)
+            self._client = await _started(
+                client, self.settings, "connecting the admin client", client.close
+            )
         return self
 
     async def stop(self) -> None:
@@ -258,8 +280,8 @@ class Admin:
                 if code == 0:
                     created.append(name)
                 elif code != TopicAlreadyExistsError.errno:
-                    message = rest[0] if rest else ""
-                    raise BusError(f"creating topic {name}: error {code} {message}")
+                    # By its kind: not authorized (no Create ACL) is no broker down.
+                    raise _broker_error(code, rest[0] if rest else None, f"creating topic {name}")
         if created:
             log.info("created %d topic(s)", len(created), extra={"topics": created[:10]})
             await self.wait_for_leaders(created)
@@ -273,7 +295,9 @@ class Admin:
             (response,) = await self._client.describe_configs([resource])
         except KafkaError as exc:
             raise _bus_error(exc, f"describing topic {topic}") from exc
-        for _code, _message, _type, _name, entries in response.resources:
+        for code, message, _type, _name, entries in response.resources:
+            if code not in (0, UnknownTopicOrPartitionError.errno):
+                raise _broker_error(code, message, f"describing topic {topic}")
             for entry in entries:
                 if entry[0] == "max.message.bytes" and entry[1] is not None:
                     return int(entry[1])
@@ -346,7 +370,9 @@ class Producer:
                 max_request_size=8 * 1024 * 1024,
                 **self._options,
             )
-            self._producer = await _started(producer, "starting the producer", producer.stop)
+            self._producer = await _started(
+                producer, self.settings, "starting the producer", producer.stop
+            )
         return self
 
     async def stop(self) -> None:
@@ -486,14 +512,94 @@ def _follower(settings: KafkaSettings) -> Any:
     )
 
 
-async def _started(client: Any, doing: str, close: Callable[[], Awaitable[Any]]) -> Any:
+async def _started(
+    client: Any, settings: KafkaSettings, doing: str, close: Callable[[], Awaitable[Any]]
+) -> Any:
     """`client` once started; else closed, and a `BusError` saying what failed."""
     try:
         await client.start()
     except KafkaError as exc:
         await close()
-        raise _bus_error(exc, doing) from exc
+        raise await _start_error(exc, settings, doing) from exc
+    except asyncio.CancelledError:
+        await close()  # cancelled while connecting: leave no client open
+        raise
     return client
+
+
+async def _start_error(exc: KafkaError, settings: KafkaSettings, doing: str) -> BusError:
+    """The error of a client that did not start. When no broker lets it in, aiokafka
+    raises only "Unable to bootstrap" (and logs why): a broker that refused the login
+    or the TLS handshake is asked once more here, so that the error names the refusal
+    (not retriable) instead of looking like a broker that is down."""
+    if isinstance(exc, KafkaConnectionError) and settings.security_protocol != "PLAINTEXT":
+        refusal = await _refusal(settings, doing)
+        if refusal is not None:
+            return refusal
+    return _bus_error(exc, doing)
+
+
+async def _refusal(settings: KafkaSettings, doing: str) -> BusError | None:
+    """Why the brokers of `settings` do not let this client in, when one answers but
+    refuses its credentials or TLS; None when none does (down, unreachable, or in)."""
+    options = settings.client_options()
+    servers = options.pop("bootstrap_servers")
+    variables = security.VARIABLES
+    for host, port, _ in collect_hosts(servers, randomize=False):
+        where = f"{doing}: {host}:{port}"
+        connection = AIOKafkaConnection(
+            host,
+            port,
+            client_id=f"{settings.client_id}-probe",
+            request_timeout_ms=settings.request_timeout_ms,
+            **options,
+        )
+        try:
+            async with asyncio.timeout(settings.request_timeout_ms / 1000):
+                await connection.connect()
+        except (SaslAuthenticationFailed, AuthenticationFailedError):
+            return AuthorizationError(
+                f"{where} refused the login of {settings.sasl_username!r} "
+                f"({settings.sasl_mechanism}): authentication failed (are "
+                f"{variables['sasl_username']} and its password right?)"
+            )
+        except ssl.SSLCertVerificationError as exc:
+            error = BusError(
+                f"{where}: the broker's TLS certificate does not verify "
+                f"({exc.verify_message}; is {variables['ssl_ca_location']} the CA that "
+                "signed it?)"
+            )
+            error.retriable = False
+            return error
+        except ssl.SSLError as exc:
+            return AuthorizationError(
+                f"{where} refused the TLS handshake ({exc.reason or exc.__class__.__name__})"
+            )
+        except KafkaConnectionError:
+            if settings.security_protocol != "SSL":
+                continue
+            # Closed right after the handshake: what a mutual-TLS listener does to a
+            # client without a certificate it accepts (TLS 1.3 sends the alert late).
+            return AuthorizationError(
+                f"{where} closed the TLS connection at once: it takes no certificate of "
+                f"this client's ({variables['ssl_certificate_location']}: none, or not signed "
+                f"by a CA it trusts), or it wants SASL ({variables['security_protocol']}"
+                "=SASL_SSL)"
+            )
+        except (OSError, KafkaError, TimeoutError):
+            continue
+        finally:
+            await _closed(connection)
+    return None
+
+
+async def _closed(connection: Any) -> None:
+    """Close an aiokafka connection and wait (briefly) until its socket is: a TLS one
+    takes a round trip, and an event loop closed before that fails ("resource busy")."""
+    opened = connection._protocol is not None  # else no socket, and nothing to wait for
+    closing = connection.close()
+    if opened and closing is not None:
+        await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_S)
 
 
 async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
@@ -532,7 +638,7 @@ async def read_to_end(
     started. Topics that do not exist are skipped. Raises `BusError` on timeout."""
     consumer = _consumer(settings, isolation)
     try:
-        await consumer.start()
+        await _started(consumer, settings, "reading topics", consumer.stop)
         partitions = await _partitions(consumer, topics)
         if not partitions:
             return
@@ -568,7 +674,7 @@ async def follow(
     """Every record of `topics`, then every new one, until cancelled."""
     consumer = _consumer(settings, isolation, fetch_max_wait_ms=50)
     try:
-        await consumer.start()
+        await _started(consumer, settings, "following topics", consumer.stop)
         partitions = await _partitions(consumer, topics)
         consumer.assign(partitions)
         if from_beginning:
@@ -603,7 +709,7 @@ class PartitionReader:
         if self._consumer is not None:
             return True
         consumer = _follower(self.settings)
-        await _started(consumer, f"connecting to {self.topic}", consumer.stop)
+        await _started(consumer, self.settings, f"connecting to {self.topic}", consumer.stop)
         try:
             if not await _partitions(consumer, [self.topic]):
                 await consumer.stop()
@@ -611,6 +717,9 @@ class PartitionReader:
         except KafkaError as exc:
             await consumer.stop()
             raise _bus_error(exc, f"connecting to {self.topic}") from exc
+        except asyncio.CancelledError:
+            await consumer.stop()
+            raise
         consumer.assign([self._tp])
         self._consumer = consumer
         return True
@@ -729,7 +838,7 @@ class TopicsReader:
         if self._consumer is not None:
             return
         consumer = _follower(self.settings)
-        self._consumer = await _started(consumer, "connecting", consumer.stop)
+        self._consumer = await _started(consumer, self.settings, "connecting", consumer.stop)
 
     async def stop(self) -> None:
         consumer, self._consumer = self._consumer, None

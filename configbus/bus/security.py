@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -38,7 +39,14 @@ from configbus.errors import SettingsError
 if TYPE_CHECKING:
     from configbus.bus.kafka import KafkaSettings
 
-__all__ = ["SASL_MECHANISMS", "SECURITY_PROTOCOLS", "check", "client_options", "from_environ"]
+__all__ = [
+    "SASL_MECHANISMS",
+    "SECURITY_PROTOCOLS",
+    "check",
+    "client_options",
+    "from_environ",
+    "uvloop_ok",
+]
 
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS: Final = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
@@ -76,6 +84,14 @@ def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         if name in found:
             found[name] = found[name].strip().upper()
     return found
+
+
+def uvloop_ok(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether Kafka clients may run on uvloop: not over TLS. uvloop closing a TLS
+    connection while a response is still arriving waits out its 30 s shutdown timeout
+    (MagicStack/uvloop#471); asyncio's own loop closes it at once."""
+    env = os.environ if environ is None else environ
+    return not env.get(VARIABLES["security_protocol"], "").strip().upper().endswith("SSL")
 
 
 def _read_secret(variable: str, path: str) -> str:
@@ -133,7 +149,7 @@ def check(settings: KafkaSettings) -> None:
     if settings.ssl_key_password and not settings.ssl_certificate_location:
         raise SettingsError(
             f"{VARIABLES['ssl_key_password']} is set without "
-            f"{VARIABLES['ssl_key_location']}: there is no key to open"
+            f"{VARIABLES['ssl_certificate_location']}: there is no key to open"
         )
 
 
@@ -176,9 +192,10 @@ def _loaded(
     password: str | None,
     stamps: tuple[object, ...],  # part of the cache key only: a changed file loads again
 ) -> ssl.SSLContext:
+    _check_pem(ca, certificate, key)
     try:
         context: ssl.SSLContext = create_ssl_context(cafile=ca)
-    except (ssl.SSLError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise SettingsError(
             f"{VARIABLES['ssl_ca_location']}={ca}: not a PEM CA certificate ({_reason(exc)})"
         ) from None
@@ -188,7 +205,7 @@ def _loaded(
         # The password as a callable: asked for only when the key is encrypted, and
         # an empty answer is refused by OpenSSL rather than prompted for on a terminal.
         context.load_cert_chain(certificate, key, password=lambda: password or "")
-    except (ssl.SSLError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         where = f"{VARIABLES['ssl_certificate_location']}={certificate}"
         if key is not None:
             where += f", {VARIABLES['ssl_key_location']}={key}"
@@ -197,6 +214,45 @@ def _loaded(
             f"missing {VARIABLES['ssl_key_password']}, or a key of another certificate?)"
         ) from None
     return context
+
+
+_PEM_BLOCK: Final = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\r?$", re.MULTILINE)
+
+
+def _check_pem(ca: str | None, certificate: str | None, key: str | None) -> None:
+    """Each TLS file is PEM and holds what its variable says (OpenSSL's own error for a
+    file that is not names no file): one line naming the variable, never the content."""
+    if ca is not None and not _has(_blocks("ssl_ca_location", ca), "CERTIFICATE"):
+        raise SettingsError(f"{VARIABLES['ssl_ca_location']}={ca}: not a PEM CA certificate")
+    if certificate is not None:
+        blocks = _blocks("ssl_certificate_location", certificate)
+        if not _has(blocks, "CERTIFICATE"):
+            raise SettingsError(
+                f"{VARIABLES['ssl_certificate_location']}={certificate}: not a PEM certificate"
+            )
+        if key is None and not _has(blocks, "PRIVATE KEY"):
+            raise SettingsError(
+                f"{VARIABLES['ssl_certificate_location']}={certificate} holds no private key: "
+                f"set {VARIABLES['ssl_key_location']}"
+            )
+    if key is not None and not _has(_blocks("ssl_key_location", key), "PRIVATE KEY"):
+        raise SettingsError(f"{VARIABLES['ssl_key_location']}={key}: not a PEM private key")
+
+
+def _blocks(name: str, path: str) -> set[str]:
+    """The labels of the PEM blocks in the file (CERTIFICATE, EC PRIVATE KEY, ...)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise SettingsError(f"{VARIABLES[name]}={path}: {exc.strerror or exc}") from None
+    return {label.decode() for label in _PEM_BLOCK.findall(data)}
+
+
+def _has(labels: set[str], kind: str) -> bool:
+    """Whether a block is of `kind`: "CERTIFICATE" is also "TRUSTED CERTIFICATE", and
+    "PRIVATE KEY" also "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY", ..."""
+    return any(label.endswith(kind) for label in labels)
 
 
 def _reason(exc: Exception) -> str:

@@ -33,9 +33,14 @@ T = TypeVar("T")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed, unless Kafka is reached over TLS (`security.uvloop_ok`)."""
+    from configbus.bus.security import uvloop_ok
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.new_event_loop()
+    if not uvloop_ok():
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop

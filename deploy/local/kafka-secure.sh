@@ -85,7 +85,11 @@ extra_ports() { echo "$SSL_PORT"; }
 
 # shellcheck disable=SC2317
 ready() { # ready BOOTSTRAP TIMEOUT [PID]: asks the mutual-TLS listener, as the admin
-    python3 "$HERE/kafka_ready.py" "127.0.0.1:$SSL_PORT" --timeout "$2" ${3:+--pid "$3"} \
+    # The port the broker's config names: `status` (or a second `start`) may run without
+    # the CONFIGBUS_KAFKA_SSL_PORT the broker was started with.
+    local port
+    port="$(sed -n 's/^listeners=.*,SSL:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$RUN_DIR/server.properties" 2>/dev/null)"
+    python3 "$HERE/kafka_ready.py" "127.0.0.1:${port:-$SSL_PORT}" --timeout "$2" ${3:+--pid "$3"} \
         --cafile "$TLS_DIR/ca.pem" --certfile "$CLIENTS_DIR/admin.pem" \
         --keyfile "$CLIENTS_DIR/admin.key" >/dev/null
 }
@@ -168,9 +172,9 @@ client_cert() { # client_cert NAME: tls/clients/NAME.pem, .key and .env (kept if
 # User:$name over mutual TLS (written by deploy/local/kafka-secure.sh)
 export CONFIGBUS_BOOTSTRAP_SERVERS=127.0.0.1:$SSL_PORT
 export CONFIGBUS_KAFKA_SECURITY_PROTOCOL=SSL
-export CONFIGBUS_KAFKA_SSL_CA_LOCATION=$TLS_DIR/ca.pem
-export CONFIGBUS_KAFKA_SSL_CERTIFICATE_LOCATION=$CLIENTS_DIR/$name.pem
-export CONFIGBUS_KAFKA_SSL_KEY_LOCATION=$CLIENTS_DIR/$name.key
+export CONFIGBUS_KAFKA_SSL_CA_LOCATION=$(quoted "$TLS_DIR/ca.pem")
+export CONFIGBUS_KAFKA_SSL_CERTIFICATE_LOCATION=$(quoted "$CLIENTS_DIR/$name.pem")
+export CONFIGBUS_KAFKA_SSL_KEY_LOCATION=$(quoted "$CLIENTS_DIR/$name.key")
 EOF
 }
 
@@ -181,22 +185,24 @@ export CONFIGBUS_BOOTSTRAP_SERVERS=127.0.0.1:$PORT
 export CONFIGBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL
 export CONFIGBUS_KAFKA_SASL_MECHANISM=SCRAM-SHA-512
 export CONFIGBUS_KAFKA_SASL_USERNAME=$1
-export CONFIGBUS_KAFKA_SASL_PASSWORD_FILE=$USERS_DIR/$1.password
-export CONFIGBUS_KAFKA_SSL_CA_LOCATION=$TLS_DIR/ca.pem
+export CONFIGBUS_KAFKA_SASL_PASSWORD_FILE=$(quoted "$USERS_DIR/$1.password")
+export CONFIGBUS_KAFKA_SSL_CA_LOCATION=$(quoted "$TLS_DIR/ca.pem")
 EOF
 }
+
+quoted() { printf '%q' "$1"; } # a path as the shell reads it back, spaces and all
 
 write_env_file() {
     cat >"$ENV_FILE" <<EOF
 # The secured local broker (deploy/local/kafka-secure.sh). Sourcing this file makes you
 # its admin (a super user) over SASL_SSL; users/NAME.env and tls/clients/NAME.env hold
 # the settings of the other principals.
-KAFKA_SECURE_RUN_DIR=$RUN_DIR
+KAFKA_SECURE_RUN_DIR=$(quoted "$RUN_DIR")
 KAFKA_SASL_SSL_BOOTSTRAP=127.0.0.1:$PORT
 KAFKA_SSL_BOOTSTRAP=127.0.0.1:$SSL_PORT
-KAFKA_CA=$TLS_DIR/ca.pem
-KAFKA_USERS_DIR=$USERS_DIR
-KAFKA_CLIENTS_DIR=$CLIENTS_DIR
+KAFKA_CA=$(quoted "$TLS_DIR/ca.pem")
+KAFKA_USERS_DIR=$(quoted "$USERS_DIR")
+KAFKA_CLIENTS_DIR=$(quoted "$CLIENTS_DIR")
 $(grep '^export ' "$USERS_DIR/admin.env")
 EOF
 }

@@ -5,16 +5,22 @@ with their run dirs under pytest's tmp dir, through deploy/local/kafka.sh and
 redis.sh, and stops them when the session ends. Set CONFIGBUS_BOOTSTRAP_SERVERS
 and/or CONFIGBUS_REDIS_URL to use servers that already run instead; those are
 then neither started nor stopped.
+
+`secure_kafka` is a second, secured broker (deploy/local/kafka-secure.sh: SASL_SSL
+with SCRAM users, mutual TLS, ACLs enforced), always started by the session that asks
+for it, with the settings of each of its principals.
 """
 
 import itertools
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
@@ -25,6 +31,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from configbus.bus import KafkaSettings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "local"
 # Upper bound for `start`, which may fetch the Kafka jars first (the scripts have own deadlines).
@@ -97,6 +105,66 @@ def kafka_bootstrap(_services_run_dir: Path) -> Iterator[str]:
     }
     with _started("kafka.sh", env, "kafka broker"):
         yield f"127.0.0.1:{port}"
+
+
+# The principals of the secured broker besides the admin: SCRAM users, and the CNs of
+# client certificates (mutual TLS). A certificate's principal is its CN, so User:NAME.
+SECURE_SCRAM_USERS = ("configbus-publisher", "svc-aurora", "svc-helix", "oncall")
+SECURE_CLIENT_CERTS = ("svc-aurora-tls",)
+
+
+@dataclass(frozen=True)
+class SecureKafka:
+    """The session's secured broker: its listeners, and the ``CONFIGBUS_*`` settings of
+    each principal, as deploy/local/kafka-secure.sh wrote them (users/NAME.env for a
+    SCRAM user, tls/clients/NAME.env for a client certificate)."""
+
+    run_dir: Path  # $CONFIGBUS_RUN_DIR/kafka-secure
+    sasl_bootstrap: str  # SASL_SSL, SCRAM-SHA-512
+    tls_bootstrap: str  # SSL, a client certificate required
+
+    def environ(self, principal: str = "admin") -> dict[str, str]:
+        """The variables of `principal`: a SCRAM user's, or a client certificate's when
+        no user has that name."""
+        path = self.run_dir / "users" / f"{principal}.env"
+        if not path.exists():
+            path = self.run_dir / "tls" / "clients" / f"{principal}.env"
+        found = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["export"]:
+                name, _, value = words[1].partition("=")
+                found[name] = value
+        return found
+
+    def kafka(self, principal: str = "admin", **variables: str) -> KafkaSettings:
+        """`principal`'s settings, built as every component builds them; `variables`
+        replace some (e.g. ``CONFIGBUS_KAFKA_SASL_PASSWORD``)."""
+        return KafkaSettings.build(
+            client_id=f"cbtest-{principal}", environ={**self.environ(principal), **variables}
+        )
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
+    """A secured broker of this session's own, on free ports, stopped at its end."""
+    run_dir = tmp_path_factory.mktemp("secure-services")
+    port, ssl_port, controller_port = _free_ports(3)
+    env = {
+        "CONFIGBUS_RUN_DIR": str(run_dir),
+        "CONFIGBUS_KAFKA_PORT": str(port),
+        "CONFIGBUS_KAFKA_SSL_PORT": str(ssl_port),
+        "CONFIGBUS_KAFKA_CONTROLLER_PORT": str(controller_port),
+        "CONFIGBUS_KAFKA_SCRAM_USERS": " ".join(SECURE_SCRAM_USERS),
+        "CONFIGBUS_KAFKA_CLIENT_CERTS": " ".join(SECURE_CLIENT_CERTS),
+        "CONFIGBUS_KAFKA_START_TIMEOUT": "120",  # TLS, SCRAM: a slower first start
+    }
+    with _started("kafka-secure.sh", env, "secured kafka broker"):
+        yield SecureKafka(
+            run_dir=run_dir / "kafka-secure",
+            sasl_bootstrap=f"127.0.0.1:{port}",
+            tls_bootstrap=f"127.0.0.1:{ssl_port}",
+        )
 
 
 @pytest.fixture(scope="session")
