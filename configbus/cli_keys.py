@@ -10,7 +10,9 @@ Thin: the trust file's rules are `configbus.crypto.trust`'s. Commands that chang
 trust file write it whole and at once (a temporary file renamed over it, mode 0644), so
 a subscriber reloading it never reads half of it; public keys are then written inline.
 A rotation is three steps with a roll-out between each (docs/operators.md):
-`keys rotate`, switch the daemon to the new key (SIGHUP or a restart), `keys retire`.
+`keys rotate`, switch the daemon to the new key (re-point the link its --signing-key
+names and SIGHUP, for a daemon that takes its kid from the trust file; or a restart
+with the new --signing-key and --kid), `keys retire`.
 """
 
 from __future__ import annotations
@@ -190,9 +192,11 @@ def _rotate(args: argparse.Namespace, out: TextIO) -> int:
         "next:\n"
         f"  1. roll {path} out to every subscriber and agent (each reloads it within "
         "its trust_reload, 5 s by default)\n"
-        f"  2. switch the daemon to {private}: point its --signing-key there and send it "
-        f"SIGHUP, or restart it with --signing-key {private} --kid {args.kid}; it "
-        f"publishes every stream again, signed with {args.kid}\n"
+        f"  2. switch the daemon to {private}: re-point the link its --signing-key names "
+        f"(ln -sfn {private} LINK) and send it SIGHUP, which works for a daemon run with "
+        "--trust and without --kid (it takes the kid from the trust file); or restart it "
+        f"with --signing-key {private} --kid {args.kid}. It publishes every stream again, "
+        f"signed with {args.kid}\n"
         f"  3. retire the old key after a grace: configbus keys retire --kid {old.key.kid} "
         f"--trust {path} --after 1h",
         file=out,

@@ -18,7 +18,9 @@ the highest verified version among its recent records, as a service's own start-
 does (docs/wire-format.md §2.1), so an agent never hands out an older version than it
 has handed out before. It reloads its trust file when the file changes, as subscribers
 do (`trust_reload`), so a key added, retired or revoked there counts here too without a
-restart; a file that no longer loads leaves the last good one in force.
+restart; a file that no longer loads leaves the last good one in force. When the keys
+it believes change, every stream catches up again, so a record refused under the old
+file (signed by a key it did not list yet) is handed out once the file lists it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ POLL_MS = 200  # a new tenant topic waits at most this long to be followed
 TOPIC_RETRY_S = 2.0  # a tenant topic that does not exist yet is looked for this often
 MAX_CATCH_UPS = 8  # catch-ups (each a consumer of its own, for a moment) at once
 CATCH_UP_RETRY_S = 1.0  # a catch-up that failed is tried again after this
+CATCH_UP_GRACE_S = 2.0  # on stop: how long running catch-ups may take to end
 MAX_CLIENTS = 10_000  # service connections at once
 CHANNELS: Final = (SNAPSHOT_CHANNEL, OVERRIDE_CHANNEL)
 _CACHE_SUFFIX: Final = {SNAPSHOT_CHANNEL: "event", OVERRIDE_CHANNEL: "override"}
@@ -213,11 +216,18 @@ class Agent:
             for client in stream.clients:
                 client.writer.close()
             stream.clients.clear()
-        tasks = [self._reader_task, self._trust_task, *self._catching_up.values()]
+        reader, trust = self._reader_task, self._trust_task
         self._reader_task = self._trust_task = None
-        self._catching_up.clear()
-        for task in tasks:
+        for task in (reader, trust):
             await finish(task, "agent reader")
+        # Catch-ups end on their own within moments; one cancelled while its consumer
+        # connects can leave a connection of aiokafka's open. A bounded drain, then cancel.
+        catching_up = list(self._catching_up.values())
+        self._catching_up.clear()
+        if catching_up:
+            await asyncio.wait(catching_up, timeout=CATCH_UP_GRACE_S)
+        for task in catching_up:
+            await finish(task, "agent catch-up")
         if self._dirty:
             await asyncio.to_thread(self._flush_caches, list(self._dirty))
         await finish(self._cache_task, "agent cache")
@@ -243,11 +253,25 @@ class Agent:
             await self._reload_trust()
 
     async def _reload_trust(self) -> None:
-        """Reload the trust file when it changed (one stat when it did not)."""
+        """Reload the trust file when it changed (one stat when it did not), and take
+        up its store whoever reloaded it: the file's watcher is shared in a process.
+        When the keys believed change, every stream is caught up again: a record
+        refused under the old trust file (signed by a key it did not list yet, as
+        when the new trust file reached the host after the first event of a new key)
+        is handed out now, to services that start later too."""
         trust_file = self._trust_file
-        if trust_file is not None and trust_file.check():
+        if trust_file is None:
+            return
+        if trust_file.check():
             await asyncio.to_thread(trust_file.reload)
-            self._trust = trust_file.store
+        store = trust_file.store
+        if store is self._trust:
+            return
+        changed, self._trust = store != self._trust, store
+        if changed:
+            for stream in self._streams.values():
+                stream.epoch += 1  # a catch-up running now may have judged by the old file
+                stream.caught_up = False
 
     # -- services ---------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -2,7 +2,7 @@
 refuses a key readers would refuse, switches keys on `reload_keys` (SIGHUP) or a restart
 and publishes every stream again under the new key (a held rollback as a rollback), so
 that the old key can be retired; and the `configbus keys rotate|retire|revoke|list`
-commands that edit the trust file. Against real Kafka: tests/integration/test_rotation.py."""
+commands that edit the trust file. Against real Kafka: tests/integration/test_keys.py."""
 
 from __future__ import annotations
 
@@ -234,6 +234,10 @@ def test_rotate_trusts_a_new_key_with_the_old_ones_scope_and_says_what_comes_nex
         "beside pub-1, which it replaces",
     ]
     assert f"configbus keys retire --kid pub-1 --trust {trust_file} --after 1h" in out
+    # What SIGHUP needs: a link to re-point, and a kid taken from the trust file.
+    assert f"re-point the link its --signing-key names (ln -sfn {keys / 'pub-2.key'} LINK) " in out
+    assert "run with --trust and without --kid" in out
+    assert f"or restart it with --signing-key {keys / 'pub-2.key'} --kid pub-2." in out
 
 
 def test_rotate_names_the_key_it_replaces_when_several_are_in_force(

@@ -6,12 +6,14 @@ files and trust files others may change are refused, naming the fix."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -25,7 +27,7 @@ from configbus.publisher.state import WriterBeat, open_signed, seal_signed
 from configbus.subscriber import ConfigSubscriber
 
 from .helpers import eventually
-from .test_agent import agent_settings, behind
+from .test_agent import agent_settings, behind, say_hello
 from .test_subscriber_hardening import ENV, TENANT, Stream
 
 SECOND = 10**9
@@ -398,6 +400,93 @@ async def test_the_agent_reloads_its_trust_file_and_hands_out_the_new_keys_recor
         assert stream_state.version == 2  # adopted the new key's record, not the expired one's
         async with behind(stream, agent, instance_id="i-2") as second:
             assert (second.version, second.event and second.event.kid) == (2, "pub-2")
+
+
+async def test_the_agent_hands_out_a_record_it_refused_once_its_trust_file_lists_the_key(
+    stream: Stream, newer: SigningKey, tmp_path: Path
+) -> None:
+    """The new key's first event reaches the agent before the agent's trust file lists
+    the key: passed on (the service, whose file does, applies it), not handed out. Once
+    the agent's file lists the key, it catches up and hands that event to a service
+    starting later, instead of the older one."""
+    agent_trust = save(tmp_path / "agent.yml", entry(stream.key))
+    stream.trust = TrustStore.load(save(tmp_path / "service.yml", entry(stream.key), entry(newer)))
+    await stream.put(event(stream, 1, stream.key))
+    settings = agent_settings(
+        stream, tmp_path, trust=TrustStore.load(agent_trust), trust_reload=0.05
+    )
+    async with Agent(settings, bus=stream.bus) as agent, behind(stream, agent) as first:
+        await stream.put(event(stream, 2, newer))
+        await first.wait_for_version(2, timeout=5)
+        assert agent._streams[(TENANT, ENV)].version == 1  # refused: pub-2 is not listed
+
+        save(agent_trust, entry(stream.key), entry(newer))
+        await eventually(lambda: agent._streams[(TENANT, ENV)].version == 2, "the catch-up")
+        async with behind(stream, agent, instance_id="i-2") as second:
+            assert (second.version, second.event and second.event.kid) == (2, "pub-2")
+        assert first.rejected == {}
+
+
+async def test_the_agent_lets_a_catch_up_that_is_connecting_end_before_it_stops(
+    stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trust file that changes starts catch-ups at any moment, the agent's stop
+    included; cancelled while its consumer connects, aiokafka can leave a connection
+    open. The agent lets a running catch-up end (within a bound) before it cancels."""
+    await stream.put(event(stream, 1, stream.key))
+    connecting, connected = asyncio.Event(), asyncio.Event()
+    outcomes: list[str] = []
+    reader_of = stream.bus.reader
+
+    class SlowReader:
+        def __init__(self, topic: str) -> None:
+            self.inner = reader_of(topic)
+
+        async def start(self) -> bool:
+            connecting.set()
+            try:
+                await connected.wait()
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+                raise
+            outcomes.append("connected")
+            return bool(await self.inner.start())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(stream.bus, "reader", SlowReader)
+    agent = await Agent(agent_settings(stream, tmp_path), bus=stream.bus).start()
+    try:
+        _, writer, _ = await say_hello(agent)  # its stream is caught up: a reader starts
+        await asyncio.wait_for(connecting.wait(), 5)
+        reader = agent._reader_task
+        stopping = asyncio.create_task(agent.stop())
+        await eventually(lambda: reader is not None and reader.done(), "the reader's stop")
+        for _ in range(5):
+            await asyncio.sleep(0)  # stop() goes on to the catch-up
+        connected.set()
+        await asyncio.wait_for(stopping, 5)
+        writer.close()
+    finally:
+        await agent.stop()
+
+    assert outcomes == ["connected"]
+
+
+async def test_the_agent_takes_up_a_trust_file_another_reader_in_its_process_reloaded(
+    stream: Stream, newer: SigningKey, tmp_path: Path
+) -> None:
+    """The watcher of a trust file is shared in a process: when a subscriber in the
+    agent's process reloads the file first, the agent still takes the new store up."""
+    path = save(tmp_path / "trust.yml", entry(stream.key))
+    stream.trust = TrustStore.load(path)
+    settings = agent_settings(stream, tmp_path, trust_reload=0.05)
+    async with Agent(settings, bus=stream.bus) as agent:
+        save(path, entry(stream.key), entry(newer))
+        assert TrustFile.shared(stream.trust).reload()  # another reader, before the agent looks
+
+        await eventually(lambda: agent.trust.kids == ["pub", "pub-2"], "the agent's trust")
 
 
 # -- helpers -----------------------------------------------------------------------------------
