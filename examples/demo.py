@@ -22,10 +22,20 @@
    with `configbus override set`, signed by an operator key: every instance applies it
    with the daemon down. At its expiry each instance returns to the published value by
    its own clock, the daemon still down.
+7. Secured mode only (below): a service principal is refused another tenant's stream.
 
 With ``--agent`` (``make demo-agent``) the three services follow the stream through
 one host agent (`configbus agent`, step 2b) instead of holding Kafka connections each:
 they get no Kafka address at all, and still verify every record themselves.
+
+With ``CONFIGBUS_DEMO_SECURE=1`` (either mode) the bus is secured: the broker is
+deploy/local/kafka-secure.sh (SASL_SSL with SCRAM-SHA-512, and mutual TLS, ACLs
+enforced), `configbus acl apply` grants each principal its role, run as the broker's
+admin, and every process connects as its own principal: the daemon as the publisher,
+the services as their tenant's service principal (the FastAPI app with a client
+certificate, the others with SCRAM), the operator commands as an operator of the
+tenant, the agent as an agent. Step 7 shows a refusal: the tenant's service principal
+subscribing to another tenant's stream.
 
 Everything stops and the temp folder goes when the demo ends, however it ends
 (CONFIGBUS_DEMO_KEEP=1 keeps the folder, with every log). Every wait has a deadline.
@@ -38,6 +48,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -73,6 +84,34 @@ READY_S = 60  # services started -> each applied the published version
 PROPAGATE_S = 30  # edit -> every instance applied it
 ACKS_S = 20  # applied -> `rollout status` sees every ack
 STOP_S = 15  # SIGTERM -> exit, per process group
+DENIED_S = 5  # the refused subscriber's start timeout: long enough to be told why
+
+# The secured mode (CONFIGBUS_DEMO_SECURE=1): each role's Kafka principal, User:NAME, a
+# SCRAM user made by kafka-secure.sh. The service principal also has a client
+# certificate (CN=NAME: the same principal), for the FastAPI app and the refused read.
+SECURE_VARIABLE = "CONFIGBUS_DEMO_SECURE"
+USERS = {
+    "publisher": "configbus-publisher",
+    "service": f"svc-{TENANT}",
+    "operator": "oncall",
+    "agent": "configbus-agent",
+}
+OTHER_TENANT = "helix-audio"  # whose stream the service principal may not read
+# A service of TENANT that subscribes to OTHER_TENANT: prints why it got no config.
+REFUSED_SUBSCRIBER = """
+import asyncio, sys
+from configbus import ConfigBusError, ConfigSubscriber
+
+async def main() -> int:
+    try:
+        async with ConfigSubscriber(sys.argv[1], sys.argv[2], start_timeout=float(sys.argv[3])):
+            print("applied: not refused")
+    except ConfigBusError as exc:
+        print(f"{exc.__class__.__name__}: {exc}")
+    return 0
+
+sys.exit(asyncio.run(main()))
+"""
 
 
 class DemoError(Exception):
@@ -92,6 +131,7 @@ class Service:
     instance: str
     command: list[str]
     port: int | None = None
+    principal: str = "service"  # secured mode: its settings in Demo.principals
     process: subprocess.Popen[bytes] | None = None
     out: Path = Path()
     err: Path = Path()
@@ -159,6 +199,17 @@ def wait_until(what: str, deadline_s: float, check: Any, log: Path | None = None
         time.sleep(0.05)
 
 
+def read_exports(path: Path) -> dict[str, str]:
+    """The `export NAME=VALUE` lines of a settings file kafka-secure.sh wrote (values
+    quoted as the shell reads them)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        name, equals, value = line.removeprefix("export ").partition("=")
+        if line.startswith("export ") and equals:
+            found[name] = "".join(shlex.split(value))
+    return found
+
+
 def http_get(url: str) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -169,8 +220,9 @@ def http_get(url: str) -> dict[str, Any]:
 
 
 class Demo:
-    def __init__(self, *, agent: bool = False) -> None:
+    def __init__(self, *, agent: bool = False, secure: bool = False) -> None:
         self.agent = agent
+        self.secure = secure
         self.tmp = Path(tempfile.mkdtemp(prefix="configbus-demo-"))
         self.keep = bool(os.environ.get("CONFIGBUS_DEMO_KEEP"))
         self.logs = self.tmp / "logs"
@@ -181,8 +233,13 @@ class Demo:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.daemon_log = self.logs / "daemon.log"
         self.service_env: dict[str, str] = {}  # what services get beyond the common env
-        kafka_port, controller_port, redis_port, http_port = free_ports(4)
-        self.bootstrap = f"127.0.0.1:{kafka_port}"
+        # Secured mode: the CONFIGBUS_KAFKA_* settings of each principal, by role (and
+        # "service-tls", "admin"); set once the broker made them. Empty: a plain bus.
+        self.principals: dict[str, dict[str, str]] = {}
+        kafka_port, controller_port, redis_port, http_port, tls_port = free_ports(5)
+        self.bootstrap = f"127.0.0.1:{kafka_port}"  # SASL_SSL when secured
+        self.tls_bootstrap = f"127.0.0.1:{tls_port}"  # mutual TLS, secured mode only
+        self.kafka_script = "kafka-secure.sh" if secure else "kafka.sh"
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         self.script_env = {
             "CONFIGBUS_RUN_DIR": str(self.run_dir),
@@ -191,6 +248,13 @@ class Demo:
             "CONFIGBUS_REDIS_PORT": str(redis_port),
             "KAFKA_HEAP_OPTS": os.environ.get("KAFKA_HEAP_OPTS", "-Xms256m -Xmx512m"),
         }
+        if secure:
+            users = [USERS[role] for role in USERS if role != "agent" or agent]
+            self.script_env.update(
+                CONFIGBUS_KAFKA_SSL_PORT=str(tls_port),
+                CONFIGBUS_KAFKA_SCRAM_USERS=" ".join(users),
+                CONFIGBUS_KAFKA_CLIENT_CERTS=USERS["service"],
+            )
         # Children see none of the caller's CONFIGBUS_* settings (a developer's cluster,
         # tree or trust file), only ours. A tracer provider without an exporter unless
         # the caller chose an exporter: real trace ids, nothing sent anywhere.
@@ -221,12 +285,14 @@ class Demo:
                     "fastapi_app:app", "--host", "127.0.0.1", "--port", str(http_port),
                 ],
                 port=http_port,
+                principal="service-tls",
             ),
         ]  # fmt: skip
 
     # -- the steps ------------------------------------------------------------------
     def run(self) -> None:
-        say(f"configbus demo: one change, from a file edit to three services ({self.tmp})")
+        secured = " on a secured bus" if self.secure else ""
+        say(f"configbus demo: one change, from a file edit to three services{secured} ({self.tmp})")
         self.start_kafka_and_redis()
         version = self.start_publisher()
         if self.agent:
@@ -257,6 +323,8 @@ class Demo:
         self.rollout_status(applies[0]["version"])
         self.rotate_secret()
         self.emergency_override(url, new_value)
+        if self.secure:
+            self.refused_read()
 
     def start_kafka_and_redis(self) -> None:
         began = time.monotonic()
@@ -264,12 +332,60 @@ class Demo:
             say("  (first run: fetching the Kafka jars with Maven, about a minute)")
         if shutil.which("redis-server") is None:
             say("  (first run: installing redis-server with apt-get)")
-        for script in ("kafka.sh", "redis.sh"):
+        for script in (self.kafka_script, "redis.sh"):
             self.started_services.append(script)  # stop it even after a failed start
             self.script(script, "start", SERVICE_START_S)
         redis = self.redis_url.removeprefix("redis://").removesuffix("/0")
         took = time.monotonic() - began
-        say(f"  kafka {self.bootstrap} and redis {redis} started by deploy/local in {took:.1f}s")
+        kafka = self.bootstrap
+        if self.secure:
+            kafka = f"{self.bootstrap} (SASL_SSL/SCRAM), {self.tls_bootstrap} (mutual TLS),"
+            self.load_principals()
+        say(f"  kafka {kafka} and redis {redis} started by deploy/local in {took:.1f}s")
+
+    def load_principals(self) -> None:
+        """The settings files kafka-secure.sh wrote for each principal."""
+        made = self.run_dir / "kafka-secure"
+        for role, user in USERS.items():
+            if role != "agent" or self.agent:
+                self.principals[role] = read_exports(made / "users" / f"{user}.env")
+        self.principals["admin"] = read_exports(made / "users" / "admin.env")
+        certificate = made / "tls" / "clients" / f"{USERS['service']}.env"
+        self.principals["service-tls"] = read_exports(certificate)
+
+    def kafka_env(self, role: str) -> dict[str, str]:
+        """The CONFIGBUS_KAFKA_* settings (and address) of `role`'s principal; none on a
+        plain bus."""
+        return self.principals.get(role, {})
+
+    def apply_acls(self) -> None:
+        """As the broker's admin, grant each principal its role over the tree's tenants;
+        then say who connects as whom."""
+        grants = [
+            "--publisher", f"User:{USERS['publisher']}",
+            "--service", f"{TENANT}=User:{USERS['service']}",
+            "--operator", f"User:{USERS['operator']}={TENANT}",
+        ]  # fmt: skip
+        if self.agent:
+            grants += ["--agent", f"User:{USERS['agent']}={TENANT}"]
+        output = self.configbus("acl", "apply", "--root", str(self.root), *grants, role="admin")
+        say("  the bus is secured: TLS on every connection, one principal per process, and")
+        say("  nothing allowed that no ACL allows. As User:admin (a super user):")
+        flags = [" ".join(grants[i : i + 2]) for i in range(0, len(grants), 2)]
+        say(" \\\n        ".join(["  $ configbus acl apply --root environments", *flags]))
+        say(f"    {output.splitlines()[-1]}")
+        scram, tls = "SCRAM-SHA-512 over SASL_SSL", "a client certificate, mutual TLS"
+        who = [("publisher daemon", f"User:{USERS['publisher']}", scram)]
+        if self.agent:
+            who.append(("configbus agent", f"User:{USERS['agent']}", scram))
+            who.append(("the three services", "no Kafka principal", "they reach the agent only"))
+        else:
+            for service in self.services:
+                how = tls if service.principal == "service-tls" else scram
+                who.append((service.label, f"User:{USERS['service']}", how))
+        who.append(("configbus CLI (operator)", f"User:{USERS['operator']}", scram))
+        for process, principal, how in who:
+            say(f"    {process:<24} {principal:<28} {how}")
 
     def start_publisher(self) -> int:
         """Keys, trust file, a copy of the tree, the daemon; the version it published."""
@@ -281,6 +397,8 @@ class Demo:
         )  # fmt: skip
         self.operator_key = keys / f"{OPERATOR}.key"
         shutil.copytree(ROOT / "environments", self.root)
+        if self.secure:
+            self.apply_acls()
         self.env["CONFIGBUS_TRUST"] = str(trust)
         # The tenant's key-encryption key (operators hold it; its services get a copy of
         # their tenant's keys only), and the database password sealed into the tree.
@@ -304,6 +422,7 @@ class Demo:
             ],
             self.logs / "daemon.out",
             self.daemon_log,
+            self.kafka_env("publisher"),
         )  # fmt: skip
         version: int = wait_until(
             f"the daemon to publish {TENANT}/{ENV}",
@@ -312,7 +431,6 @@ class Demo:
             self.daemon_log,
         )
         say(f"  configbus daemon publishing a copy of environments/: {TENANT}/{ENV} at v{version}")
-        say(f"  services following {TENANT}/{ENV}:")
         return version
 
     def start_agent(self) -> None:
@@ -327,6 +445,7 @@ class Demo:
             ],
             self.logs / "agent.out",
             self.logs / "agent.log",
+            self.kafka_env("agent"),
         )  # fmt: skip
         wait_until("the agent to listen", PUBLISH_S, socket_path.exists, self.logs / "agent.log")
         say(f"  configbus agent on {socket_path}: the services below follow through it")
@@ -347,12 +466,14 @@ class Demo:
         return version
 
     def start_services(self, version: int) -> None:
+        say(f"  services following {TENANT}/{ENV}:")
         for service in self.services:
             env = {
                 "CONFIGBUS_TENANT": TENANT,
                 "CONFIGBUS_ENV": ENV,
                 "CONFIGBUS_INSTANCE_ID": service.instance,
                 "CONFIGBUS_CACHE_DIR": str(self.tmp / "cache" / service.instance),
+                **({} if self.agent else self.kafka_env(service.principal)),
                 **self.service_env,
             }
             name = service.label.removesuffix(".py")
@@ -531,6 +652,29 @@ class Demo:
         say("clock, with the daemon still down:")
         say(f"GET {url}\n  {json.dumps(body)}")
 
+    def refused_read(self) -> None:
+        """Secured mode: the tenant's service principal, with its client certificate,
+        subscribes to another tenant's stream. No ACL allows it: the broker refuses."""
+        user, env = USERS["service"], self.kafka_env("service-tls")
+        say(f"\nUser:{user} (a service of {TENANT}, client certificate) subscribes to")
+        say(f"{OTHER_TENANT}/{ENV}, another tenant's stream:")
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", REFUSED_SUBSCRIBER, OTHER_TENANT, ENV, str(DENIED_S)],
+                env={**self.env, **env},
+                capture_output=True,
+                text=True,
+                timeout=DENIED_S + 30,
+            )
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"the subscriber to {OTHER_TENANT}/{ENV} did not give up") from None
+        line = result.stdout.strip()
+        say(f"  {line}")
+        if "not authorized" not in line or "TopicAuthorizationFailed" not in line:
+            sys.stderr.write(result.stderr[-4000:])
+            raise DemoError(f"expected the broker to refuse User:{user} {OTHER_TENANT}'s topic")
+        say(f"  (the ACLs of User:{user} name {TENANT}'s topic only: the broker refuses the rest)")
+
     # -- processes ------------------------------------------------------------------
     def script(self, name: str, command: str, timeout: float) -> None:
         """deploy/local/NAME COMMAND in its own process group: Ctrl-C reaches only us, and
@@ -558,13 +702,17 @@ class Demo:
             sys.stderr.write(stderr[-4000:])
             raise DemoError(f"deploy/local/{name} {command} failed (output above)")
 
-    def configbus(self, *args: str) -> str:
+    def configbus(self, *args: str, role: str = "operator") -> str:
+        """`configbus ARGS` as `role`'s principal (secured mode); its output."""
+        env = {**self.env, **self.kafka_env(role)}
         try:
             result = subprocess.run(
-                [CONFIGBUS, *args], env=self.env, capture_output=True, text=True, timeout=60
+                [CONFIGBUS, *args], env=env, capture_output=True, text=True, timeout=60
             )
-        except subprocess.TimeoutExpired:
-            raise DemoError(f"configbus {args[0]} took over 60s") from None
+        except subprocess.TimeoutExpired as exc:
+            printed = (exc.stdout or b"") + (exc.stderr or b"")  # bytes, even with text=True
+            sys.stderr.write(printed[-4000:].decode(errors="replace"))
+            raise DemoError(f"configbus {' '.join(args[:2])} took over 60s") from None
         if result.returncode != 0:
             sys.stderr.write(result.stderr[-4000:])
             raise DemoError(f"configbus {' '.join(args[:2])} failed (exit {result.returncode})")
@@ -631,8 +779,12 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
 def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_on_signal)
+    secure = os.environ.get(SECURE_VARIABLE, "0")
+    if secure not in ("0", "1", ""):
+        print(f"demo: {SECURE_VARIABLE}={secure}: say 0 or 1", file=sys.stderr)
+        return 2
     began = time.monotonic()
-    demo = Demo(agent="--agent" in sys.argv[1:])
+    demo = Demo(agent="--agent" in sys.argv[1:], secure=secure == "1")
     status = 0
     try:
         demo.run()
