@@ -256,6 +256,7 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
         trust=trust,
         cache_dir=Path(cache) if cache else None,
         topics=topics,
+        trust_reload=pick(None, "CONFIGBUS_TRUST_RELOAD", 5.0, float),
     )
     configure(json_lines=True, level=args.log_level)
     configure_from_env()
