@@ -63,6 +63,7 @@ from configbus.bus.base import ReaderAPI
 from configbus.crypto import PUBLISHER, SecretReader, TrustStore
 from configbus.crypto.trust import TrustFile
 from configbus.errors import (
+    AuthorizationError,
     BusError,
     ConfigBusError,
     LimitError,
@@ -223,6 +224,7 @@ class ConfigSubscriber:
         self._cache_values: dict[str, bytes] = {}  # channel -> the next value to write
         self._changed: asyncio.Event | None = None  # replaced (after being set) per apply
         self._bootstrapped: asyncio.Event | None = None
+        self._denied = asyncio.Event()  # Kafka refused this principal (no retry helps)
         self._trust: TrustStore = self.settings.trust  # the trust file as last loaded
         self._trust_file: TrustFile | None = None  # while reloading it
         self._trust_task: asyncio.Task[None] | None = None
@@ -347,17 +349,20 @@ class ConfigSubscriber:
         if cached:
             wait = min(wait, self.settings.offline_grace)
         try:
-            await asyncio.wait_for(self._bootstrapped.wait(), wait)
+            await asyncio.wait_for(self._configured_or_denied(), wait)
         except asyncio.CancelledError:
             await self.stop()  # the caller gave up on start(): leave nothing running
             raise
         except TimeoutError:
+            pass
+        if not self._bootstrapped.is_set():
             if not cached:
                 await self.stop()
+                within = "refused" if self._denied.is_set() else f"within {wait:g}s"
                 raise NoConfigError(
-                    f"no config for {self.tenant}/{self.env} within {wait:g}s and no disk "
+                    f"no config for {self.tenant}/{self.env} {within} and no disk "
                     f"cache: {self._why_nothing()}"
-                ) from None
+                )
             log.warning(
                 "%s/%s: %s unreachable; running on the disk cache (v%d), still retrying",
                 self.tenant,
@@ -367,6 +372,17 @@ class ConfigSubscriber:
             )
         self._state = "started"
         return self
+
+    async def _configured_or_denied(self) -> None:
+        """Until a verified config is applied, or Kafka refuses this principal (its
+        credentials or ACLs: retrying will not help, so start() says so at once)."""
+        assert self._bootstrapped is not None
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._bootstrapped, self._denied)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     def _why_nothing(self) -> str:
         """Why no config came, for the error `start()` raises."""
@@ -521,6 +537,8 @@ class ConfigSubscriber:
                 await self._bootstrap(reader)
             except BusError as exc:
                 self._last_bus_error = f"Kafka: {exc}"
+                if isinstance(exc, AuthorizationError):
+                    self._denied.set()
                 raise
             self._last_bus_error, self.via = None, "kafka"
             self._mark_bootstrapped("kafka")

@@ -5,6 +5,7 @@ record can make it inflate or recurse without bound."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from configbus.bus import TopicNames
 from configbus.bus.memory import MemoryBus, _batch_size
 from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.crypto.trust import TrustedKey
-from configbus.errors import NoConfigError, VerificationError
+from configbus.errors import AuthorizationError, NoConfigError, VerificationError
 from configbus.events import Ack, Cause, EventBody, build_body, now_ns, open_envelope, seal
 from configbus.limits import LimitError, Limits
 from configbus.subscriber import ConfigSubscriber
@@ -350,3 +351,52 @@ async def test_a_refused_ack_does_not_silence_the_later_ones(tmp_path: Path) -> 
         got = await eventually(lambda: [a for a in acks() if a.version == 3], "v3's ack")
         assert got[0].status == "applied"
     assert not [a for a in acks() if a.status == "rejected"]  # that one was refused
+
+
+def _refused_reads(stream: Stream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on Kafka refuses this principal the tenant topic, as its ACLs would."""
+    real = stream.bus.reader
+
+    def reader(topic: str, **options: Any) -> Any:
+        opened = real(topic, **options)
+
+        async def start() -> bool:
+            raise AuthorizationError(f"connecting to {topic}: not authorized")
+
+        opened.start = start
+        return opened
+
+    monkeypatch.setattr(stream.bus, "reader", reader)
+
+
+async def test_start_refused_by_kafka_fails_at_once_naming_the_refusal(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No retry brings credentials or an ACL: start() says so now, not at its timeout."""
+    await stream.put(stream.event(1, {"size": 1}))
+    _refused_reads(stream, monkeypatch)
+    subscriber = stream.subscriber(start_timeout=300)
+    async with asyncio.timeout(30):
+        with pytest.raises(NoConfigError) as failed:
+            await subscriber.start()
+    assert str(failed.value) == (
+        f"no config for {TENANT}/{ENV} refused and no disk cache: "
+        f"Kafka: connecting to {TOPIC}: not authorized"
+    )
+
+
+async def test_start_refused_by_kafka_runs_on_the_disk_cache(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    await stream.put(stream.event(1, {"size": 1}))
+    first = stream.subscriber(cache_dir=tmp_path / "cache")
+    await first.start()
+    await first.stop()
+    _refused_reads(stream, monkeypatch)
+    subscriber = stream.subscriber(cache_dir=tmp_path / "cache", start_timeout=300)
+    async with asyncio.timeout(30):
+        await subscriber.start()
+    try:
+        assert subscriber.version == 1 and subscriber.config["size"] == 1
+    finally:
+        await subscriber.stop()
