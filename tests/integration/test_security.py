@@ -460,3 +460,39 @@ async def test_removed_tenants_acls_go_only_with_prune(
     await wait_until(refused, 20, what=f"{SVC_HELIX} to lose {helix}")
     check = await configbus_acl("plan", "--check")
     assert check.code == 0, check.out
+
+
+# -- scoped secret references --------------------------------------------------------------
+async def test_a_layer_pointing_at_another_tenants_secret_is_not_published(
+    world: World, tmp_path: Path
+) -> None:
+    """helix-audio's prod layer names aurora-records' database password: the publisher
+    refuses that stream, naming the file and line, and publishes nothing for it; every
+    other stream stays as it was."""
+    root = copy_tree(tmp_path)
+    layer = root / "tenants/helix-audio/prod.yml"
+    text = layer.read_text(encoding="utf-8")
+    ours = "!secret tenants/helix-audio/postgres_password"
+    assert text.count(ours) == 1
+    layer.write_text(text.replace(ours, "!secret tenants/aurora-records/postgres_password"))
+    (entry,) = TrustStore.load(world.trust_path).entries()  # the world's publisher key
+    settings = PublisherSettings.build(
+        root=str(root),
+        signing_key=str(world.trust_path.parent / "keys" / f"{entry.key.kid}.key"),
+        kid=entry.key.kid,
+        topic_prefix=world.topics.prefix,
+        audit_topic=world.topics.audit,
+        acks_topic=world.topics.acks,
+        environ=world.secure.environ(PUBLISHER),
+    )
+    helix = world.topics.tenant_topic(HELIX)
+    before = await world.records([helix])
+
+    report = await publish_once(settings, deadline=120)
+
+    assert list(report.failed) == [(HELIX, "prod")]
+    reason = report.failed[(HELIX, "prod")]
+    assert "tenants/helix-audio/prod.yml:26" in reason and "aurora-records" in reason
+    assert not report.published
+    after = await world.records([helix])
+    assert len(after[helix]) == len(before[helix])
