@@ -47,7 +47,7 @@ def check_kid(kid: str | None) -> str:
     """`kid` if well formed; raises `KeyringError` otherwise."""
     if not kid:
         raise KeyringError("a key id (kid) is required")
-    if not KID.fullmatch(kid):
+    if not isinstance(kid, str) or not KID.fullmatch(kid):
         raise KeyringError(
             f"malformed key id {kid!r}: use 1-64 of a-z 0-9 . _ -, starting with a letter or digit"
         )

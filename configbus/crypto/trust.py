@@ -116,6 +116,35 @@ KEY_NOT_YET_VALID: Final = "key_not_yet_valid"
 REASON_CHARS = 200  # of a revoked_reason: it travels in logs and acknowledgements
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _EXAMPLE = "e.g. 2026-12-01T00:00:00Z"
+_LAST_NS: Final = (
+    (datetime.datetime(9999, 12, 31, tzinfo=datetime.UTC) - _EPOCH)
+    // (datetime.timedelta(microseconds=1))
+    * 1000
+)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, refusing a key given twice in one mapping: the last would win
+    silently, and a second ``revoked: false`` must not undo a revocation."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:
+            continue  # an unhashable key: construct_mapping says so
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +251,7 @@ class TrustStore:
         where = Path(path)
         check_not_writable_by_others(where, "trust file")
         try:
-            document = yaml.safe_load(where.read_text(encoding="utf-8"))
+            document = yaml.load(where.read_text(encoding="utf-8"), Loader=_StrictLoader)
         except OSError as exc:
             raise KeyringError(f"{where}: cannot read trust file: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -230,6 +259,9 @@ class TrustStore:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None)
+            if problem and problem.startswith("duplicate key"):
+                raise KeyringError(f"{where}{line}: trust file: {problem}") from None
             raise KeyringError(f"{where}{line}: trust file is not valid YAML") from None
         if isinstance(document, Mapping):
             unknown = [key for key in document if key not in _LISTS.values()]
@@ -431,7 +463,10 @@ def parse_time(value: object) -> int:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"{value.isoformat()} has no time zone: add one ({_EXAMPLE})")
-        return (value - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
+        ns = (value - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
+        if not 0 <= ns < _LAST_NS:
+            raise ValueError(f"{value.isoformat()} is not between 1970 and 9999 (UTC)")
+        return ns
     if isinstance(value, datetime.date):
         raise ValueError(f"{value.isoformat()} is a date: give a time with its zone ({_EXAMPLE})")
     raise ValueError(f"{value!r} is not an ISO 8601 time ({_EXAMPLE})")
@@ -509,7 +544,9 @@ class TrustFile:
                 return False
             try:
                 store = TrustStore.load(self.path)
-            except KeyringError as exc:
+            except Exception as exc:  # a file nobody can load, whatever fails in it
+                if not isinstance(exc, KeyringError):
+                    exc = KeyringError(f"{self.path}: trust file: {exc.__class__.__name__}")
                 self._failed, self.error = now, str(exc)
                 log.error(
                     "%s; keeping the trust file as last loaded (%s)",

@@ -31,12 +31,14 @@ import msgspec
 
 from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import PUBLISHER, SigningKey, TrustStore
+from configbus.crypto.trust import KEY_EXPIRED, KEY_NOT_YET_VALID, KEY_REVOKED
 from configbus.errors import VerificationError
 from configbus.events import (
     ENVELOPE_VERSION,
     MAX_VERSION,
     Envelope,
     check_signature,
+    claimed_version,
     open_envelope,
     shown,
 )
@@ -167,6 +169,7 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
     wanted = [*tenant_topics, topics.state] if topics.state in existing else tenant_topics
     recovery = Recovery()
     heads: dict[Stream, StreamHead] = {}
+    floors: dict[Stream, int] = {}  # versions signed by a listed key no longer in force
     async for record in bus.read_to_end(wanted):
         if record.value is None or record.key is None:
             continue
@@ -181,6 +184,8 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
             _event(recovery, record.topic, record.key, record.value, topics, trust)
         except VerificationError as exc:
             recovery.skipped[exc.reason] += 1
+            if exc.reason in _NOT_IN_FORCE and record.topic != topics.state:
+                _floor(floors, record.topic, record.key, record.value, topics)
             log.warning(
                 "recovery: skipping the record at %s@%d: %s", record.topic, record.offset, exc
             )
@@ -193,7 +198,29 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
             recovery.from_state_only += 1
         elif head.version == state.version and head.config_hash == state.config_hash:
             state.hold = head.hold  # this event's own head: a newer event ends the hold
+    for stream, version in floors.items():
+        state = recovery.states.get(stream)
+        if state is None or version > state.version:
+            # Instances may run that version (a revoked key signed it: they keep it and
+            # refuse anything not newer). Believe its number, never its content: the
+            # empty hash makes the next round publish the stream above it.
+            recovery.states[stream] = StreamState(version, "")
     return recovery
+
+
+# A listed key that did sign, but is revoked, expired or not yet valid (the signature is
+# checked before the key's standing): its versions are not believed, but not undercut.
+_NOT_IN_FORCE: Final = frozenset({KEY_REVOKED, KEY_EXPIRED, KEY_NOT_YET_VALID})
+
+
+def _floor(
+    floors: dict[Stream, int], topic: str, key: bytes, value: bytes, topics: TopicNames
+) -> None:
+    tenant = topics.tenant_of(topic) or ""
+    env, channel = topics.channel_of(key)
+    version = claimed_version(value)
+    if channel == SNAPSHOT_CHANNEL and 0 < version <= MAX_VERSION:
+        floors[(tenant, env)] = max(version, floors.get((tenant, env), 0))
 
 
 def _head(key: bytes, value: bytes, trust: TrustStore) -> StreamHead:

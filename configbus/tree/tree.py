@@ -37,7 +37,7 @@ from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.schema import SchemaValidator
 from configbus.tree.sealed import SECRETS_DIR, parse_records
 from configbus.tree.values import Path as KeyPath
-from configbus.tree.values import SecretRef, Value, attach_sealed
+from configbus.tree.values import SecretRef, Value, attach_sealed, secret_name_problem
 from configbus.tree.yamlfile import ParsedFile, parse_yaml
 
 __all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
@@ -94,7 +94,10 @@ def _out_of_scope(config: ResolvedConfig) -> list[Problem]:
         if layer.kind not in (LayerKind.TENANT, LayerKind.STORE):
             continue
         for path, name in _references(layer.data, ()):
-            if not name.startswith(own) and name not in shared:
+            if bad := secret_name_problem(name):  # a store's `$secret`, say, with `..`
+                line, key = layer.lines.get(path), ".".join(map(str, path))
+                problems.append(Problem(layer.source, line, key, f"secret {bad}"))
+            elif not name.startswith(own) and name not in shared:
                 problems.append(
                     Problem(
                         layer.source,

@@ -7,6 +7,7 @@ here they run in milliseconds, with faults injected where Kafka cannot be made t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -427,6 +428,40 @@ async def test_after_a_key_rotation_versions_go_on_rising(world: World, tmp_path
     world.trust = TrustStore([*world.trust.entries(), *TrustStore.of(rotated_key.public).entries()])
     kids = [e.kid for e in world.events("helix-audio") if e.body.env == "prod"]
     assert world.versions(HELIX) == [1, 2, 3] and kids == ["unit", "unit", "rotated"]
+
+
+async def test_after_the_key_in_use_is_revoked_a_restart_publishes_above_its_versions(
+    world: World, tmp_path: Path
+) -> None:
+    """A stolen key is revoked and the daemon restarts on a new one: instances run what
+    the revoked key signed last and refuse anything not newer, so recovery takes that
+    version's number (never its content) and every stream is published above it."""
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first round")
+        world.edit("tenants/helix-audio/prod.yml", "max_size:", "max_size: 131 #")
+        await eventually(lambda: daemon.publisher.states[HELIX].version == 2, "helix v2")
+    new_key, _ = generate_keypair("rotated", tmp_path / "new")
+    rotated_key = SigningKey.load(new_key, "rotated")
+    (old,) = world.trust.entries()
+    trust = TrustStore(
+        [dataclasses.replace(old, revoked=True), *TrustStore.of(rotated_key.public).entries()]
+    )
+    path = tmp_path / "trust.yml"
+    path.write_text(trust.dump(), encoding="utf-8")
+    async with Daemon(
+        world.settings(signing_key=new_key, kid="rotated", trust=path), bus=world.bus
+    ) as daemon:
+        await eventually(
+            lambda: (
+                HELIX in daemon.publisher.states and daemon.publisher.states[HELIX].version == 3
+            ),
+            "helix v3",
+        )
+        await eventually(lambda: daemon.publisher.states[AURORA].version == 2, "aurora v2")
+    world.trust = TrustStore([*world.trust.entries(), *TrustStore.of(rotated_key.public).entries()])
+    kids = [e.kid for e in world.events("helix-audio") if e.body.env == "prod"]
+    assert world.versions(HELIX) == [1, 2, 3] and kids == ["unit", "unit", "rotated"]
+    assert world.versions(AURORA) == [1, 2]  # same content as v1, above it, newly signed
 
 
 async def test_publish_once_has_a_deadline(world: World) -> None:

@@ -152,3 +152,29 @@ def test_a_store_value_naming_another_tenants_secret_is_refused(root: Path) -> N
 
     assert [(p.source, p.key) for p in problems] == [(store.source, KEY)]
     assert "tenants/helix-audio/postgres_password" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tenants/aurora-records/../helix-audio/postgres_password",
+        "tenants/aurora-records/../../postgres/app_password",
+        "tenants/aurora-records/./x",
+        "tenants/aurora-records//x",
+    ],
+)
+def test_a_store_value_cannot_climb_out_of_its_namespace(root: Path, name: str) -> None:
+    """A store's `$secret` is text no YAML tag checked: its name is held to the same
+    rules, so a prefix check cannot be walked past with `..`."""
+    tree = EnvironmentTree(root)
+    store = Layer(
+        LayerKind.STORE,
+        "aurora-records",
+        "redis:configbus:store:aurora-records:prod",
+        freeze({"database": {"postgresql": {"password": {"$secret": name}}}}),
+    )
+
+    problems = tree.problems(tree.resolve("prod", "aurora-records", runtime=[store]))
+
+    assert [(p.source, p.key) for p in problems] == [(store.source, KEY)]
+    assert "segments" in problems[0].message

@@ -277,3 +277,39 @@ def test_a_complete_trust_file_loads_and_round_trips(tmp_path: Path) -> None:
     again.write_text(trust.dump(), encoding="utf-8")
     reloaded = TrustStore.load(again)
     assert reloaded.entries() == trust.entries()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "publishers:\n  - kid: pub-a\n    public_key_file: a.pub\n    revoked: true\n"
+        "    revoked: false\n",
+        "publishers:\n  - kid: pub-a\n    public_key_file: a.pub\n    revoked: true\n"
+        "publishers:\n  - kid: pub-a\n    public_key_file: a.pub\n",
+    ],
+    ids=["field", "list"],
+)
+def test_a_key_given_twice_is_refused_not_the_last_one_believed(tmp_path: Path, text: str) -> None:
+    """The last of two `revoked:` (or of two `publishers:` lists) would win silently."""
+    generate_keypair("a", tmp_path)  # a.pub
+    path = tmp_path / "trust.yml"
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(KeyringError, match=r"trust\.yml:\d+: trust file: duplicate key"):
+        TrustStore.load(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("kid: 123", "malformed key id 123"),
+        ("kid: pub-a\n    not_after: 0001-01-01T00:00:00+01:00", "between 1970 and 9999"),
+    ],
+)
+def test_a_hostile_entry_is_refused_not_a_crash(tmp_path: Path, entry: str, message: str) -> None:
+    generate_keypair("a", tmp_path)  # a.pub
+    path = tmp_path / "trust.yml"
+    path.write_text(f"publishers:\n  - {entry}\n    public_key_file: a.pub\n", encoding="utf-8")
+
+    with pytest.raises(KeyringError, match=message):
+        TrustStore.load(path)
