@@ -279,6 +279,14 @@ class TrustStore:
                 raise KeyringError(f"{where}: {name} must be a list of keys")
             for index, entry in enumerate(entries):
                 keys.append(_entry(where, name, index, entry, role))
+        kid_of: dict[str, str] = {}
+        for trusted in keys:
+            other = kid_of.setdefault(trusted.key.pem(), trusted.key.kid)
+            if other != trusted.key.kid:  # revoking one kid would leave the key trusted
+                raise KeyringError(
+                    f"{where}: {other!r} and {trusted.key.kid!r} are the same public key: "
+                    "list it once"
+                )
         try:
             return cls(keys, source=where)
         except ConfigBusError as exc:

@@ -313,3 +313,17 @@ def test_a_hostile_entry_is_refused_not_a_crash(tmp_path: Path, entry: str, mess
 
     with pytest.raises(KeyringError, match=message):
         TrustStore.load(path)
+
+
+def test_one_public_key_under_two_kids_is_refused(tmp_path: Path) -> None:
+    """Revoking one of the kids would leave the same key trusted under the other."""
+    generate_keypair("a", tmp_path)  # a.pub
+    path = tmp_path / "trust.yml"
+    path.write_text(
+        "publishers:\n  - kid: pub-a\n    public_key_file: a.pub\n"
+        "  - kid: pub-a-old\n    public_key_file: a.pub\n",
+        encoding="utf-8",
+    )
+
+    with pytest.raises(KeyringError, match="'pub-a' and 'pub-a-old' are the same public key"):
+        TrustStore.load(path)
