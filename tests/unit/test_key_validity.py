@@ -392,6 +392,8 @@ async def test_the_agent_reloads_its_trust_file_and_hands_out_the_new_keys_recor
             assert first.version == 1
             save(path, entry(stream.key, not_after=now_ns() - 1), entry(newer))
             await eventually(lambda: agent.trust.kids == ["pub", "pub-2"], "the agent's reload")
+            # and the service's own reload: a record it refuses is not read again
+            await eventually(lambda: first.trust.kids == ["pub", "pub-2"], "the service's reload")
             await stream.put(event(stream, 2, newer))
             await first.wait_for_version(2, timeout=5)
             await stream.put(event(stream, 3, stream.key))  # the expired key
