@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import yaml
 
-from configbus.bus import OVERRIDE_CHANNEL, Admin, KafkaSettings, TopicNames, follow, read_to_end
+from configbus.bus import (
+    OVERRIDE_CHANNEL,
+    Admin,
+    KafkaBus,
+    KafkaSettings,
+    TopicNames,
+    follow,
+    read_to_end,
+)
 from configbus.bus.kafka import Record
 from configbus.crypto import TrustStore
 from configbus.errors import SettingsError, TreeError, UnknownNameError, VerificationError
@@ -146,9 +154,9 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     tail.add_argument("--follow", "-f", action="store_true", help="keep reading new events")
     tail.set_defaults(func=_tail)
 
-    rollout = commands.add_parser("rollout", help="rollout status of a stream").add_subparsers(
-        dest="rollout_command", required=True, metavar="ACTION"
-    )
+    rollout = commands.add_parser(
+        "rollout", help="staged rollouts (canary, blue-green) and the rollout status of a stream"
+    ).add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
     status = rollout.add_parser(
         "status", parents=[kafka], help="which instance runs which version, and how fast"
     )
@@ -177,6 +185,9 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
         help="instances behind and silent longer than this are gone, not stragglers (86400)",
     )
     status.set_defaults(func=_rollout_status)
+    from configbus import cli_rollout
+
+    cli_rollout.register(rollout, kafka)
 
     tenant = commands.add_parser("tenant", help="the run-time tenant store in Redis")
     actions = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
@@ -404,8 +415,13 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
     if args.wait is not None and args.wait < 0:
         raise SettingsError(f"--wait {args.wait:g}: must not be negative")
 
-    async def status() -> tuple[RolloutReport, int]:
+    from configbus.ops.rollouts import StagedView, read_staged
+
+    bus = KafkaBus(kafka)
+
+    async def status() -> tuple[RolloutReport, StagedView | None, int]:
         deadline = time.monotonic() + (args.wait or 0.0)
+        watched = ""
         while True:
             report = await rollout_status(
                 kafka,
@@ -416,26 +432,40 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
                 trust=trust,
                 instance_ttl=args.instance_ttl,
             )
+            staged = await read_staged(bus, topics, args.tenant, args.env, trust)
             if args.wait is None:
-                return report, 0
+                return report, staged, 0
+            if staged is not None and staged.tag.state == "running":
+                watched = staged.tag.id  # a staged rollout runs: wait for its end
+            if staged is not None and staged.tag.id == watched and staged.tag.state == "aborted":
+                return report, staged, 1
+            staging = staged is not None and staged.tag.state == "running"
             if report.target_version == 0:  # nothing verified to wait for: no pass
-                return report, 1
-            if report.rejections:
-                return report, 1
-            if not report.stragglers:
-                return report, 0
+                return report, staged, 1
+            if report.rejections and not staging:
+                return report, staged, 1
+            if not report.stragglers and not staging:
+                return report, staged, 0
             if time.monotonic() >= deadline:
-                return report, 1
+                return report, staged, 1
             await asyncio.sleep(0.5)
 
-    report, code = run_async(status())
+    report, staged, code = run_async(status())
     if args.json:
-        json.dump(report.to_dict(), out, indent=2)
+        json.dump(
+            {**report.to_dict(), "staged": staged.to_dict() if staged else None}, out, indent=2
+        )
         out.write("\n")
     else:
         print(report.table(), file=out)
+        if staged is not None:
+            print(staged.table(), file=out)
     if code:
         why = "refused" if report.rejections else f"not at the target within {args.wait:g}s"
+        if staged is not None and staged.tag.state == "aborted":
+            why = (
+                f"the staged rollout {staged.tag.id} was aborted: {'; '.join(staged.tag.breaches)}"
+            )
         if report.target_version == 0:
             why = "no verified event of the stream (is the environment right?)"
         print(

@@ -23,13 +23,18 @@ import enum
 import hashlib
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
-from configbus.bus.topics import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL
+from configbus.bus.topics import (
+    CANDIDATE_CHANNEL,
+    OVERRIDE_CHANNEL,
+    ROLLOUT_CHANNEL,
+    SNAPSHOT_CHANNEL,
+)
 from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.crypto.trust import TrustedKey
 from configbus.errors import VerificationError
@@ -44,6 +49,7 @@ __all__ = [
     "Envelope",
     "EventBody",
     "EventKind",
+    "RolloutTag",
     "VerifiedEvent",
     "build_body",
     "check_signature",
@@ -51,6 +57,7 @@ __all__ = [
     "config_json_of",
     "now_ns",
     "open_envelope",
+    "rank",
     "seal",
     "shown",
 ]
@@ -72,11 +79,59 @@ class EventKind(enum.StrEnum):
     SNAPSHOT = "snapshot"  # the resolved config after a change in the tree or a store
     OVERRIDE = "override"  # the emergency overrides in effect (set, cleared or expired)
     ROLLBACK = "rollback"  # old content republished as a new version
+    CANDIDATE = "candidate"  # a staged version, for the instances its rollout selects
+    COMMAND = "command"  # an operator's rollout command (start, promote, abort)
 
     @property
     def channel(self) -> str:
         """The stream channel (record key) events of this kind travel on."""
-        return OVERRIDE_CHANNEL if self is EventKind.OVERRIDE else SNAPSHOT_CHANNEL
+        return _CHANNELS.get(self, SNAPSHOT_CHANNEL)
+
+
+_CHANNELS: Final = {
+    EventKind.OVERRIDE: OVERRIDE_CHANNEL,
+    EventKind.CANDIDATE: CANDIDATE_CHANNEL,
+    EventKind.COMMAND: ROLLOUT_CHANNEL,
+}
+RANK_SPACE: Final = 2**63  # ranks are in [0, RANK_SPACE); `below=RANK_SPACE` selects all
+
+
+def rank(rollout: str, instance: str) -> int:
+    """Where an instance stands in a rollout's order: the first 63 bits of
+    SHA-256(``<rollout id>/<instance id>``). Stable while pods come and go (never an
+    address), and different per rollout, so no instance is always the first canary."""
+    digest = hashlib.sha256(f"{rollout}/{instance}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class RolloutTag(msgspec.Struct, frozen=True, kw_only=True):
+    """What a candidate record says of its rollout (docs/wire-format.md §2.5): which
+    instances apply the candidate now, and enough of the plan for anyone to read the
+    rollout back (`rollout status`, a daemon resuming after a restart)."""
+
+    id: str
+    state: str  # "running"; "promoted" or "aborted" end it, and select nobody
+    strategy: str  # "canary" or "blue-green"
+    steps: tuple[str, ...]  # as planned: "1", "10%", "100%"; blue-green: "color=green", "100%"
+    step: int  # which of `steps` runs now (0-based)
+    select: dict[str, str] = {}  # labels every instance of the rollout carries
+    match: dict[str, str] = {}  # labels an instance carries to be selected now (`select`+)
+    below: int = 0  # selected when rank(id, instance) < below (RANK_SPACE: every match)
+    bake_s: float = 0.0
+    step_timeout_s: float = 0.0  # a step not applied by every selected instance by then aborts
+    step_started_at: int = 0
+    stable_version: int = 0  # the snapshot version the candidate was staged against
+    first_version: int = 0  # the candidate channel version the rollout started at
+    command_at: int = 0  # issued_at of the last operator command acted on
+    breaches: tuple[str, ...] = ()  # why it was aborted: which gate, on which instance
+
+    def selects(self, instance: str, labels: Mapping[str, str]) -> bool:
+        """Whether the instance applies the candidate now."""
+        if self.state != "running":
+            return False
+        if any(labels.get(name) != value for name, value in self.match.items()):
+            return False
+        return rank(self.id, instance) < self.below
 
 
 class Cause(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,6 +158,7 @@ class EventBody(msgspec.Struct, frozen=True, kw_only=True):
     config_encoding: str
     config: bytes
     expires_at: int | None = None
+    rollout: RolloutTag | None = None  # a candidate's: its rollout and who applies it
 
 
 class Envelope(msgspec.Struct, frozen=True):
@@ -153,6 +209,14 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     # The instance keeps running on that config until a valid event replaces it.
     signer_trusted: bool = True
     signer_note: str = ""
+    # Heartbeats (channel "presence", status "heartbeat"): what the instance is and
+    # runs. Silent for three intervals, an instance has left the live set.
+    labels: dict[str, str] = {}
+    started_at: int = 0  # when its subscriber started: a new value is a restart
+    heartbeat_ms: int = 0
+    healthy: bool = True  # every health check the service registered passes
+    health_note: str = ""  # the first that does not, and why
+    candidate_version: int = 0  # the candidate channel's version it runs; 0: the snapshot
 
     @property
     def key(self) -> bytes:
@@ -222,6 +286,7 @@ def build_body(
     changed_paths: tuple[str, ...] = (),
     expires_at: int | None = None,
     issued_at: int | None = None,
+    rollout: RolloutTag | None = None,
 ) -> EventBody:
     """An event body carrying `config_json` (canonical JSON), hashed and compressed."""
     compress = len(config_json) > COMPRESS_ABOVE
@@ -239,12 +304,23 @@ def build_body(
         config_encoding="json+zlib" if compress else "json",
         config=zlib.compress(config_json, 1) if compress else config_json,
         expires_at=expires_at,
+        rollout=rollout,
     )
+
+
+def _wire(body: EventBody) -> EventBody | dict[str, object]:
+    """What goes on the wire for `body`: `rollout` is written on candidates only, so
+    every other kind keeps the exact bytes of the body schema 1 (docs/wire-format.md §5)."""
+    if body.rollout is not None:
+        return body
+    fields = msgspec.structs.asdict(body)  # in field order: the same map, one key fewer
+    del fields["rollout"]
+    return fields
 
 
 def seal(body: EventBody, key: SigningKey) -> bytes:
     """The record value for `body`: encoded, signed with `key`, enveloped."""
-    body_bytes = _body_encoder.encode(body)
+    body_bytes = _body_encoder.encode(_wire(body))
     return _envelope_encoder.encode(
         Envelope(ENVELOPE_VERSION, key.kid, key.sign(body_bytes), body_bytes)
     )
@@ -320,17 +396,20 @@ def open_envelope(
 
 
 def _check_role(kid: str, trusted: TrustedKey, body: EventBody) -> None:
-    """Whether the key's role may sign this event: snapshots and rollbacks only a
-    publisher key; overrides an operator key too, within its max_ttl, or a publisher
-    key (which publishes their expiry)."""
-    if body.kind is not EventKind.OVERRIDE:
+    """Whether the key's role may sign this event: snapshots, rollbacks and candidates
+    only a publisher key; overrides an operator key too, within its max_ttl, or a
+    publisher key (which publishes their expiry); rollout commands either, within the
+    same limits (a command expires: an old one found later starts nothing)."""
+    if body.kind is EventKind.CANDIDATE and body.rollout is None:
+        raise VerificationError("malformed", "a candidate without its rollout")
+    if body.kind not in (EventKind.OVERRIDE, EventKind.COMMAND):
         if trusted.role != PUBLISHER:
             raise VerificationError(
                 "untrusted_scope", f"key {kid!r} is an {trusted.role} key: it signs overrides only"
             )
         return
     if body.expires_at is None:
-        raise VerificationError("malformed", "an override without expires_at")
+        raise VerificationError("malformed", f"an {body.kind} without expires_at")
     if body.issued_at > now_ns() + CLOCK_SKEW_NS:
         raise VerificationError(
             "issued_in_future", f"override issued {(body.issued_at - now_ns()) / 1e9:.0f}s ahead"
@@ -338,7 +417,7 @@ def _check_role(kid: str, trusted: TrustedKey, body: EventBody) -> None:
     if trusted.max_ttl is not None and body.expires_at - body.issued_at > trusted.max_ttl * 10**9:
         raise VerificationError(
             "ttl_too_long",
-            f"override of {(body.expires_at - body.issued_at) / 1e9:.0f}s, over key {kid!r}'s "
+            f"{body.kind} of {(body.expires_at - body.issued_at) / 1e9:.0f}s, over key {kid!r}'s "
             f"max_ttl of {trusted.max_ttl}s",
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from configbus.errors import SettingsError
@@ -57,3 +57,24 @@ def format_duration(seconds: float) -> str:
             parts.append(f"{left // unit}{name}")
             left %= unit
     return "".join(parts)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
+
+
+def parse_labels(items: Iterable[str], what: str = "--select") -> dict[str, str]:
+    """``name=value`` items as a dict; a malformed one is an error naming it."""
+    labels: dict[str, str] = {}
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            if not eq or not _LABEL.fullmatch(name) or not _VALUE.fullmatch(value):
+                raise SettingsError(
+                    f"{what} {part!r}: say name=value (a label name of letters, digits, "
+                    "._/-, and a value of letters, digits, ._-)"
+                )
+            labels[name] = value
+    return labels

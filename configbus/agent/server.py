@@ -50,6 +50,7 @@ from configbus.agent.protocol import (
     read_frame,
 )
 from configbus.bus import (
+    CANDIDATE_CHANNEL,
     OVERRIDE_CHANNEL,
     SNAPSHOT_CHANNEL,
     Bus,
@@ -82,8 +83,12 @@ MAX_CATCH_UPS = 8  # catch-ups (each a consumer of its own, for a moment) at onc
 CATCH_UP_RETRY_S = 1.0  # a catch-up that failed is tried again after this
 CATCH_UP_GRACE_S = 2.0  # on stop: how long running catch-ups may take to end
 MAX_CLIENTS = 10_000  # service connections at once
-CHANNELS: Final = (SNAPSHOT_CHANNEL, OVERRIDE_CHANNEL)
-_CACHE_SUFFIX: Final = {SNAPSHOT_CHANNEL: "event", OVERRIDE_CHANNEL: "override"}
+CHANNELS: Final = (SNAPSHOT_CHANNEL, OVERRIDE_CHANNEL, CANDIDATE_CHANNEL)
+_CACHE_SUFFIX: Final = {
+    SNAPSHOT_CHANNEL: "event",
+    OVERRIDE_CHANNEL: "override",
+    CANDIDATE_CHANNEL: "candidate",
+}
 ENV_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an environment name, as in the tree
 
 
@@ -297,8 +302,9 @@ class Agent:
             )
             if stream.record is not None and stream.version > hello.version:
                 client.send(_delivery(stream.record))
-            if (override := stream.records.get(OVERRIDE_CHANNEL)) is not None:
-                client.send(_delivery(override))  # the service knows if it has it
+            for channel in (OVERRIDE_CHANNEL, CANDIDATE_CHANNEL):  # the service knows if it has it
+                if (latest := stream.records.get(channel)) is not None:
+                    client.send(_delivery(latest))
             stream.clients.add(client)
             self._follow(stream)
             log.debug(

@@ -13,11 +13,22 @@ from configbus.bus.kafka import (
     read_to_end,
 )
 from configbus.bus.memory import MemoryBus
-from configbus.bus.topics import CONTENT_TYPE, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, TopicNames
+from configbus.bus.topics import (
+    CANDIDATE_CHANNEL,
+    CONTENT_TYPE,
+    OVERRIDE_CHANNEL,
+    PRESENCE_CHANNEL,
+    ROLLOUT_CHANNEL,
+    SNAPSHOT_CHANNEL,
+    TopicNames,
+)
 
 __all__ = [
+    "CANDIDATE_CHANNEL",
     "CONTENT_TYPE",
     "OVERRIDE_CHANNEL",
+    "PRESENCE_CHANNEL",
+    "ROLLOUT_CHANNEL",
     "SNAPSHOT_CHANNEL",
     "Admin",
     "AdminAPI",

@@ -5,8 +5,11 @@
   channels, each under its own record key so compaction keeps the latest of each:
   the *snapshot* (the resolved config, published by the daemon) under the environment
   name, and the *override* (the emergency overrides in effect, signed by an operator)
-  under ``<env>/override``. A new subscriber bootstraps by reading the latest record
-  of each key.
+  under ``<env>/override``, the *candidate* (a staged version during a canary, applied
+  only by the instances its rollout selects) under ``<env>/candidate``, and operators'
+  *rollout* commands (start, promote, abort; read by the daemon only) under
+  ``<env>/rollout``. A new subscriber bootstraps by reading the latest record of each
+  key.
 - The audit topic (default ``configbus.audit``), not compacted: one record per
   published version, key ``<tenant>/<env>``, the same envelope bytes.
 - The acknowledgement topic (default ``configbus.acks``): subscribers' reports.
@@ -33,11 +36,24 @@ from configbus.errors import SettingsError
 from configbus.options import pick
 from configbus.tree.tree import TENANT_ID
 
-__all__ = ["CONTENT_TYPE", "OVERRIDE_CHANNEL", "SNAPSHOT_CHANNEL", "TopicNames"]
+__all__ = [
+    "CANDIDATE_CHANNEL",
+    "CONTENT_TYPE",
+    "OVERRIDE_CHANNEL",
+    "PRESENCE_CHANNEL",
+    "ROLLOUT_CHANNEL",
+    "SNAPSHOT_CHANNEL",
+    "TopicNames",
+]
 
 CONTENT_TYPE: Final = b"application/vnd.configbus.event+msgpack; v=1"
 SNAPSHOT_CHANNEL: Final = "snapshot"
 OVERRIDE_CHANNEL: Final = "override"
+CANDIDATE_CHANNEL: Final = "candidate"
+ROLLOUT_CHANNEL: Final = "rollout"
+# Not a record key of the tenant topic: the channel of instances' heartbeats on the
+# acks topic (``<tenant>/<env>/<instance>/presence/heartbeat``).
+PRESENCE_CHANNEL: Final = "presence"
 _LEGAL: Final = re.compile(r"[a-zA-Z0-9._-]+")
 _MAX_TOPIC: Final = 249
 

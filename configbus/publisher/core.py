@@ -32,9 +32,10 @@ committed. A failed batch changes nothing here, so the same streams can be tried
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -59,6 +60,10 @@ __all__ = ["Change", "PublishReport", "Publisher", "StreamState"]
 log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]  # (tenant, env)
+Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
+# Takes a changed stream's config instead of publishing it (a staged rollout): True
+# when it did. Called while a round publishes: it must only take note, never send.
+Stage = Callable[[Stream, ResolvedConfig, "Change"], bool]
 # What a record costs in a batch beyond its value: batch header, record framing, key,
 # headers (content-type, traceparent). Generous, so "fits" means fits.
 RECORD_OVERHEAD = 512
@@ -83,6 +88,7 @@ class _Prepared:
     head: bytes  # the signed state-topic head
     hold: str = ""  # the head's hold (a rollback's)
     kid: str = ""  # the key that signed them
+    extra: tuple[Outgoing, ...] = ()  # more records for the same transaction
 
 
 @dataclass(slots=True)
@@ -100,6 +106,7 @@ class PublishReport:
     failed: dict[Stream, str] = field(default_factory=dict)
     pending: dict[Stream, str] = field(default_factory=dict)
     held: list[Stream] = field(default_factory=list)
+    staged: list[Stream] = field(default_factory=list)  # taken by a staged rollout
 
     def merge(self, other: PublishReport) -> None:
         self.checked += other.checked
@@ -107,6 +114,7 @@ class PublishReport:
         self.unchanged += other.unchanged
         self.unchanged_streams += other.unchanged_streams
         self.held += other.held
+        self.staged += other.staged
         self.failed.update(other.failed)
         self.pending.update(other.pending)
 
@@ -116,6 +124,7 @@ class PublishReport:
             f"{self.unchanged} unchanged, {len(self.failed)} failed"
         )
         text += f", {len(self.held)} held by a rollback" if self.held else ""
+        text += f", {len(self.staged)} staged by a rollout" if self.staged else ""
         return text + (f", {len(self.pending)} pending" if self.pending else "")
 
 
@@ -154,6 +163,7 @@ class Publisher:
         self._store_seen: dict[Stream, Layer | None] = {}  # the last store layers read
         self._store_down = False
         self._refusals: dict[Stream, str] = {}  # logged once per reason
+        self.stage: Stage | None = None
 
     async def publish(
         self, streams: Iterable[Stream], change: Change, *, release: bool = False
@@ -267,6 +277,10 @@ class Publisher:
             report.unchanged += 1
             report.unchanged_streams.append(stream)
             return None
+        changed = state is None or state.config_hash != config.hash
+        if changed and self.stage is not None and self.stage(stream, config, change):
+            report.staged.append(stream)
+            return None
         prepared = self._sealed(stream, config, change)
         log.debug(
             "%s/%s v%d prepared in %.2f ms",
@@ -359,6 +373,35 @@ class Publisher:
         for failed in report.failed:
             report.pending.pop(failed, None)
         return report
+
+    async def publish_promoted(
+        self, stream: Stream, config: ResolvedConfig, change: Change, extra: Sequence[Outgoing]
+    ) -> PublishReport:
+        """Publish a rollout's candidate as the stream's next snapshot version, with
+        `extra` records (the candidate's closing record) in the same transaction.
+        Raises `BusError` when Kafka fails."""
+        report = PublishReport(checked=1)
+        self._check_size(config)
+        prepared = self._sealed(stream, config, change)
+        prepared = dataclasses.replace(prepared, extra=tuple(extra))
+        await self._ensure_topics([stream[0]])
+        if await self._fits(prepared, report):
+            await self._send_batch([prepared], report)
+        for failed in report.failed:
+            report.pending.pop(failed, None)
+        return report
+
+    async def send_records(self, tenant: str, records: Sequence[Outgoing]) -> None:
+        """Send `records` (a rollout's candidate, on the tenant and audit topics) in
+        one transaction, and wait until Kafka acknowledged them all. Raises `BusError`."""
+        await self._ensure_topics([tenant])
+        headers = (("content-type", CONTENT_TYPE),)
+        async with self.producer.transaction():
+            sent = [
+                await self.producer.send(topic, value, key=key, headers=headers)
+                for topic, key, value in records
+            ]
+            await asyncio.gather(*sent)
 
     def _with_secrets_now(
         self, stream: Stream, config: ResolvedConfig, store_layer: Layer | None
@@ -504,6 +547,7 @@ class Publisher:
                         (self.topics.tenant_topic(tenant), self.topics.record_key(env), item.value),
                         (self.topics.audit, stream_key, item.value),
                         (self.topics.state, stream_key, item.head),
+                        *item.extra,
                     ):
                         try:
                             ack = await self.producer.send(topic, value, key=key, headers=headers)

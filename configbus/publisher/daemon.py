@@ -44,7 +44,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,14 +66,15 @@ from configbus.errors import (
 from configbus.events import Cause, now_ns
 from configbus.limits import DEFAULT_LIMITS
 from configbus.publisher.authors import Authors
-from configbus.publisher.core import Change, Publisher, PublishReport
+from configbus.publisher.core import Change, Outgoing, Publisher, PublishReport
 from configbus.publisher.overrides import OverrideKeeper
+from configbus.publisher.rollouts import RolloutDriver
 from configbus.publisher.secrets import SecretKeeper
 from configbus.publisher.settings import PublisherSettings
 from configbus.publisher.state import WRITER_KEY, WriterBeat, open_signed, recover, seal_signed
 from configbus.store import TenantStore
 from configbus.supervise import Backoff, finish, supervise
-from configbus.tree import EnvironmentTree
+from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.tree import TENANTS_DIR
 
 __all__ = ["Daemon", "StreamIndex", "publish_once", "run"]
@@ -182,7 +183,24 @@ class Daemon:
             self.override_trust,
             actor=settings.actor,
             is_writer=lambda: self.active.is_set(),
+            on_record=lambda record: self.rollouts.received(record),
         )
+        self.rollouts = RolloutDriver(
+            self.bus,
+            settings.topics,
+            self.tree,
+            self.key,
+            self.trust,
+            self.override_trust,
+            actor=settings.actor,
+            is_writer=lambda: self.active.is_set(),
+            caught_up=lambda: self.overrides.rounds > 0,
+            stable=lambda stream: self.publisher.states.get(stream),
+            send=self._send_rollout,
+            promote=self._promote,
+            look_again=lambda stream: self._dirty.add([stream], self._change("rollout armed", ())),
+        )
+        self.publisher.stage = self.rollouts.stage
         self.secrets = SecretKeeper(
             self.bus,
             settings.topics,
@@ -223,6 +241,8 @@ class Daemon:
         self.override_trust = _override_trust(key, trust_file)
         self.publisher.key = key
         self.overrides.key, self.overrides.trust = key, self.override_trust
+        self.rollouts.key, self.rollouts.trust = key, self.trust
+        self.rollouts.operators = self.override_trust
         self.secrets.trust = self.trust
         if key.kid != previous.kid:
             log.info("signing with key %s from now on (was %s)", key.kid, previous.kid)
@@ -255,6 +275,7 @@ class Daemon:
             self._spawn("reconcile", self._reconcile_loop),
             self._spawn("heartbeat", self._heartbeat_loop),
             self._spawn("overrides", self.overrides.run),
+            self._spawn("rollouts", self.rollouts.run),
             self._spawn("secrets", self.secrets.run),
         ]
         if self.store is not None:
@@ -559,6 +580,41 @@ class Daemon:
             self.ready.set()
             if self._stop_watching.is_set() and not dirty.changes:
                 return
+
+    async def _send_rollout(self, tenant: str, records: Sequence[Outgoing]) -> None:
+        """A rollout's records, in one transaction, as the writer."""
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout), self._writing:
+                await self.publisher.send_records(tenant, records)
+        except TimeoutError:
+            self._broken = True
+            raise BusError(
+                f"kafka did not confirm within {self.settings.publish_timeout:g}s"
+            ) from None
+        except FencedError as exc:
+            self._fenced(exc)
+            raise
+        except BusError:
+            self._broken = True
+            raise
+
+    async def _promote(
+        self, stream: Stream, config: ResolvedConfig, change: Change, extra: Sequence[Outgoing]
+    ) -> bool:
+        """A rollout's candidate, published as the stream's next snapshot version."""
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                report = await self.publish_round(
+                    lambda publisher: publisher.publish_promoted(stream, config, change, extra)
+                )
+        except TimeoutError:
+            self._broken = True
+            raise BusError(
+                f"kafka did not confirm within {self.settings.publish_timeout:g}s"
+            ) from None
+        for failed, reason in report.failed.items():
+            log.error("%s/%s: the promoted candidate was refused: %s", *failed, reason)
+        return bool(report.published)
 
     def _requeue(self, taken: dict[Stream, Change]) -> None:
         for stream, change in taken.items():

@@ -52,10 +52,12 @@ class OverrideKeeper:
         *,
         actor: str,
         is_writer: Callable[[], bool],
+        on_record: Callable[[Record], None] | None = None,
     ) -> None:
         self.bus, self.topics, self.key, self.trust = bus, topics, key, trust
         self.actor = actor
         self.is_writer = is_writer
+        self.on_record = on_record  # records of the other channels (the rollout driver's)
         self.states: dict[Stream, OverrideState] = {}
         self.expiries_published = 0
         self.rounds = 0  # polls done: each looks for expiries due
@@ -110,6 +112,8 @@ class OverrideKeeper:
     def _received(self, record: Record) -> None:
         env, channel = self.topics.channel_of(record.key)
         tenant = self.topics.tenant_of(record.topic)
+        if channel != OVERRIDE_CHANNEL and self.on_record is not None:
+            self.on_record(record)
         if channel != OVERRIDE_CHANNEL or tenant is None:
             return
         stream = (tenant, env)

@@ -58,7 +58,16 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from configbus.agent.protocol import Hello
-from configbus.bus import OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, KafkaBus, Record, TopicNames
+from configbus.bus import (
+    CANDIDATE_CHANNEL,
+    OVERRIDE_CHANNEL,
+    PRESENCE_CHANNEL,
+    SNAPSHOT_CHANNEL,
+    Bus,
+    KafkaBus,
+    Record,
+    TopicNames,
+)
 from configbus.bus.base import ReaderAPI
 from configbus.crypto import PUBLISHER, SecretReader, TrustStore
 from configbus.crypto.trust import TrustFile
@@ -95,12 +104,20 @@ from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
 from configbus.tree.values import FrozenDict, view_json
 
-__all__ = ["Callback", "ConfigSubscriber", "NoConfigError", "Snapshot", "Validator"]
+__all__ = [
+    "Callback",
+    "ConfigSubscriber",
+    "HealthCheck",
+    "NoConfigError",
+    "Snapshot",
+    "Validator",
+]
 
 log = logging.getLogger(__name__)
 
 Callback: TypeAlias = Callable[[ResolvedConfig, ResolvedConfig, list[str]], Awaitable[None] | None]
 Validator: TypeAlias = Callable[[ResolvedConfig], object]
+HealthCheck: TypeAlias = Callable[[], object]
 
 
 class _AlreadyApplied(Exception):
@@ -124,6 +141,14 @@ class Snapshot:
     # in effect) would still be believed; else which key and why, e.g. "key_revoked:
     # key 'pub-a' is revoked since 2026-11-03T02:14:00Z: laptop stolen".
     signer_note: str = ""
+    # The candidate a rollout selected this instance for, when its config runs instead
+    # of the snapshot's (`version` and `event` stay the stable snapshot's); else None.
+    candidate: VerifiedEvent | None = None
+
+    @property
+    def candidate_version(self) -> int:
+        """The version of the candidate channel this instance runs; 0: the snapshot."""
+        return self.candidate.body.version if self.candidate is not None else 0
 
     @property
     def signer_trusted(self) -> bool:
@@ -149,11 +174,19 @@ class Snapshot:
             return self.event
         return override
 
+    @property
+    def config_hash(self) -> str:
+        """The hash of the published config that runs (the candidate's, or the
+        snapshot's), before overrides; "" before the first."""
+        event = self.candidate or self.event
+        return event.body.config_hash if event is not None else ""
+
 
 _EMPTY = ResolvedConfig(FrozenDict())
 _ack_encoder = msgspec.msgpack.Encoder()
 BOOTSTRAP_RECORDS = 256  # records of the stream read back at start, at most
 _REASON_LIMIT = 500  # characters of a rejection's reason in an ack
+_HEALTH_TIMEOUT_S = 5.0  # what an async health check gets before it counts as failed
 _UNSENT_ACKS = 1000  # acks held while the agent is away, at most (the oldest go first)
 _AGENT_RETRY_S = 1.0  # while reading Kafka for an absent agent: how often to look for it
 _NO_SPAN = contextlib.nullcontext()
@@ -203,9 +236,16 @@ class ConfigSubscriber:
         self._expiring: asyncio.Task[None] | None = None
         self._applying = asyncio.Lock()  # an apply and its callbacks, or an expiry: one at a time
         self._keys = {
-            TopicNames.record_key(self.env): SNAPSHOT_CHANNEL,
-            TopicNames.record_key(self.env, OVERRIDE_CHANNEL): OVERRIDE_CHANNEL,
+            TopicNames.record_key(self.env, channel): channel
+            for channel in (SNAPSHOT_CHANNEL, OVERRIDE_CHANNEL, CANDIDATE_CHANNEL)
         }
+        self._candidate: VerifiedEvent | None = None  # the candidate channel's latest
+        self._candidate_base: ResolvedConfig | None = None  # its config, while it runs here
+        self._health_checks: list[HealthCheck] = []
+        self.healthy, self.health_note = True, ""
+        self._started_at = 0
+        self._beat_task: asyncio.Task[None] | None = None
+        self._beat_now = asyncio.Event()
         self._callbacks: list[tuple[str, Callback]] = []
         self._validators: list[Validator] = []
         self.applied = 0
@@ -302,6 +342,20 @@ class ConfigSubscriber:
             raise TypeError(f"{_name(validator)}: a validator must be a plain function, not async")
         self._validators.append(validator)
 
+    def add_health_check(self, check: HealthCheck) -> None:
+        """Run `check()` before every heartbeat (every `heartbeat` seconds); returning
+        False or raising marks this instance unhealthy, and its heartbeat says so with
+        the check's name and message. During a staged rollout, an instance that turns
+        unhealthy after applying the candidate aborts the rollout: every instance goes
+        back to the stable version. Sync or async (an async check gets 5 s)."""
+        self._health_checks.append(check)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """What this instance says it is, in its heartbeats (service, host and the
+        labels given): rollouts select instances by them."""
+        return dict(self.settings.labels)
+
     async def wait_for_version(self, version: int, timeout: float | None = None) -> int:  # noqa: ASYNC109 - the documented API
         """Wait until the config is at `version` or later; returns the version.
         Raises TimeoutError after `timeout` seconds, ConfigBusError once stopped."""
@@ -336,6 +390,7 @@ class ConfigSubscriber:
             raise ConfigBusError("a stopped subscriber cannot start again; create a new one")
         self._changed = asyncio.Event()
         self._bootstrapped = asyncio.Event()
+        self._started_at = time.time_ns()
         if self.settings.trust.source is not None and self.settings.trust_reload > 0:
             self._trust_file = TrustFile.shared(self.settings.trust)
             await self._reload_trust()  # what the file says now, not when settings were made
@@ -371,6 +426,11 @@ class ConfigSubscriber:
                 self.version,
             )
         self._state = "started"
+        if self.settings.send_acks and self.settings.heartbeat > 0:
+            self._beat_task = asyncio.create_task(
+                supervise(f"subscriber {self.tenant}/{self.env} heartbeat", self._heartbeats),
+                name="configbus-heartbeat",
+            )
         return self
 
     async def _configured_or_denied(self) -> None:
@@ -408,6 +468,7 @@ class ConfigSubscriber:
             self._expiry.cancel()
         await finish(self._expiring, f"{self.tenant}/{self.env} expiry")
         await finish(self._trust_task, f"{self.tenant}/{self.env} trust")
+        await finish(self._beat_task, f"{self.tenant}/{self.env} heartbeat")
         if self._changed is not None:
             self._changed.set()  # wakes every wait_for_version, to raise: no version will come
         task, self._task = self._task, None
@@ -617,12 +678,20 @@ class ConfigSubscriber:
                 )
                 self._check_version(event, channel)
                 previous = self.version
+                selected = True  # a candidate: whether it runs here now
                 if channel == OVERRIDE_CHANNEL:
                     check_logged(event, record.timestamp_ms)
                     swapped = self._apply_override(event, record, trace_id)
                     if swapped is None:
                         return False  # kept until there is a snapshot to put it on
                     old, new = swapped
+                elif channel == CANDIDATE_CHANNEL:
+                    staged = self._apply_candidate(event, trace_id)
+                    if staged is None:  # not for this instance, and nothing changes here
+                        if not from_cache:
+                            self._write_cache(record, channel)
+                        return False
+                    old, new, selected = staged
                 else:
                     old, new = self._apply(event, trace_id)
                 applied_at = time.time_ns()
@@ -644,13 +713,18 @@ class ConfigSubscriber:
                 span.set_attribute("configbus.version", event.body.version)
                 span.add_event("applied", {"configbus.kid": event.kid})
             if not from_cache:
-                self._ack(event, "applied", "", received_at, applied_at, trace_id, startup, channel)
+                if selected:
+                    self._ack(
+                        event, "applied", "", received_at, applied_at, trace_id, startup, channel
+                    )
                 self._write_cache(record, channel)
+                self._beat_now.set()  # the fleet hears what runs here now, not in 10 s
             # The publisher diffed this version against the one before it; when that is
             # the version we ran, its list saves walking both configs. An empty list
             # (from a producer that did not fill it in) is not trusted to mean "nothing".
             consecutive = channel == SNAPSHOT_CHANNEL and previous == event.body.version - 1
             consecutive = consecutive and not self._current.overrides
+            consecutive = consecutive and self._current.candidate is None
             known = event.body.changed_paths if consecutive and event.body.changed_paths else None
             await self._run_callbacks(old, new, known, span)
             latency_ms = (applied_at - event.body.detected_at) / 1e6
@@ -660,9 +734,10 @@ class ConfigSubscriber:
                 latency_histogram.record(latency_ms, attributes)
             if not from_cache and log.isEnabledFor(logging.INFO):
                 log.info(
-                    "%s/%s: applied %s v%d (%.1f ms after detection)",
+                    "%s/%s: %s %s v%d (%.1f ms after detection)",
                     self.tenant,
                     self.env,
+                    "applied" if selected else "left; back to the stable version from",
                     channel,
                     event.body.version,
                     latency_ms,
@@ -693,6 +768,9 @@ class ConfigSubscriber:
         body = event.body
         if channel == SNAPSHOT_CHANNEL:
             current, running = self._current.event, self.version
+        elif channel == CANDIDATE_CHANNEL:
+            current = self._candidate
+            running = current.body.version if current is not None else 0
         else:
             override = self._current.override or self._pending
             current = override.event if override is not None else None
@@ -708,7 +786,32 @@ class ConfigSubscriber:
             )
 
     def _apply(self, event: VerifiedEvent, trace_id: str) -> tuple[ResolvedConfig, ResolvedConfig]:
-        """Swap in a snapshot, with the overrides in effect on top."""
+        """Swap in a snapshot, with the overrides in effect on top (on top of the
+        candidate instead while one runs here: the snapshot becomes what this instance
+        goes back to)."""
+        override = self._current.override or self._pending
+        base = self._config_of(event)
+        top = self._candidate_base or base
+        try:
+            new, entries = self._composed(top, override)
+            self._validate(new)
+        except VerificationError as exc:
+            if override is None or not override.active(now_ns()):
+                raise
+            # Refused with the overrides on top: when the snapshot alone passes, it is
+            # the overrides that are refused (and said so), not the published config.
+            self._validate(top)
+            self._rejected(exc, override.event, time.time_ns(), "", None, OVERRIDE_CHANNEL)
+            new, entries, override = top, (), None
+        self._base, self._pending = base, None
+        candidate = self._current.candidate if self._candidate_base is not None else None
+        old = self._swap(
+            Snapshot(new, event.body.version, event, trace_id, override, entries, "", candidate)
+        )
+        return old, new
+
+    def _config_of(self, event: VerifiedEvent) -> ResolvedConfig:
+        """The verified event's config, as a lazy read-only view within the limits."""
         try:
             data = view_json(msgspec.json.decode(event.config_json), self.settings.limits)
         except RecursionError:
@@ -719,22 +822,38 @@ class ConfigSubscriber:
             raise VerificationError("malformed", f"config is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise VerificationError("malformed", "config is not a JSON object")
-        override = self._current.override or self._pending
-        base = ResolvedConfig(data, env=self.env, tenant=self.tenant, secrets=self._secrets)
-        try:
-            new, entries = self._composed(base, override)
-            self._validate(new)
-        except VerificationError as exc:
-            if override is None or not override.active(now_ns()):
-                raise
-            # Refused with the overrides on top: when the snapshot alone passes, it is
-            # the overrides that are refused (and said so), not the published config.
-            self._validate(base)
-            self._rejected(exc, override.event, time.time_ns(), "", None, OVERRIDE_CHANNEL)
-            new, entries, override = base, (), None
-        self._base, self._pending = base, None
-        old = self._swap(Snapshot(new, event.body.version, event, trace_id, override, entries))
-        return old, new
+        return ResolvedConfig(data, env=self.env, tenant=self.tenant, secrets=self._secrets)
+
+    def _apply_candidate(
+        self, event: VerifiedEvent, trace_id: str
+    ) -> tuple[ResolvedConfig, ResolvedConfig, bool] | None:
+        """A candidate record: run its config when its rollout selects this instance
+        (by labels and rank), go back to the snapshot when it no longer does (the
+        rollout was promoted or aborted). (old, new, selected), or None when nothing
+        changes here. Refused like any config when a validator says no."""
+        tag = event.body.rollout
+        assert tag is not None  # open_envelope refuses a candidate without one
+        current = self._current
+        if not tag.selects(self.settings.instance_id, self.settings.labels) or self.version == 0:
+            self._candidate = event
+            if self._candidate_base is None:
+                return None
+            self._candidate_base = None
+            new, entries = self._composed(self._base, current.override)
+            old = self._swap(
+                Snapshot(new, current.version, current.event, current.trace_id,
+                         current.override, entries)
+            )  # fmt: skip
+            return old, new, False
+        staged = self._config_of(event)
+        new, entries = self._composed(staged, current.override)
+        self._validate(new)
+        self._candidate, self._candidate_base = event, staged
+        old = self._swap(
+            Snapshot(new, current.version, current.event, trace_id or current.trace_id,
+                     current.override, entries, "", event)
+        )  # fmt: skip
+        return old, new, True
 
     def _apply_override(
         self, event: VerifiedEvent, record: Record, trace_id: str
@@ -753,14 +872,13 @@ class ConfigSubscriber:
         if self.version == 0:
             self._pending = state
             return None
-        new, entries = self._composed(self._base, state)
+        new, entries = self._composed(self._candidate_base or self._base, state)
         self._validate(new)
         current = self._current
         old = self._swap(
-            Snapshot(
-                new, current.version, current.event, trace_id or current.trace_id, state, entries
-            )
-        )
+            Snapshot(new, current.version, current.event, trace_id or current.trace_id,
+                     state, entries, "", current.candidate)
+        )  # fmt: skip
         return old, new
 
     def _composed(
@@ -837,15 +955,14 @@ class ConfigSubscriber:
 
     async def _expire_now(self) -> None:
         current = self._current
-        new, entries = self._composed(self._base, current.override)
+        new, entries = self._composed(self._candidate_base or self._base, current.override)
         if entries == current.overrides:
             return  # woken early: nothing expired yet
         gone = [entry.path for entry in current.overrides if entry not in entries]
         old = self._swap(
-            Snapshot(
-                new, current.version, current.event, current.trace_id, current.override, entries
-            )
-        )
+            Snapshot(new, current.version, current.event, current.trace_id,
+                     current.override, entries, "", current.candidate)
+        )  # fmt: skip
         log.info(
             "%s/%s: override of %s expired; back to v%d",
             self.tenant,
@@ -972,7 +1089,7 @@ class ConfigSubscriber:
         override = snapshot.override.event if snapshot.override is not None else None
         override = override if snapshot.overrides else None
         now = now_ns()
-        for event in (snapshot.event, override):
+        for event in (snapshot.event, override, snapshot.candidate):
             if event is None:
                 continue
             trusted = self._trust.get(event.kid)
@@ -981,10 +1098,66 @@ class ConfigSubscriber:
             elif (standing := trusted.standing(now)) is not None:
                 notes.append(f"{standing[0]}: {standing[1]}")
             elif not trusted.covers(self.tenant, self.env) or (
-                event is snapshot.event and trusted.role != PUBLISHER
+                event is not override and trusted.role != PUBLISHER
             ):
                 notes.append(f"untrusted_scope: key {event.kid!r} no longer covers this stream")
         return "; ".join(notes)
+
+    # -- presence ---------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        """Every `heartbeat` seconds, and at once after an apply: run the health checks
+        and say what this instance is, runs, and how it is (docs/rollouts.md)."""
+        while True:
+            self._beat_now.clear()
+            await self._check_health()
+            self._send_ack(self._heartbeat())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat)
+
+    async def _check_health(self) -> None:
+        healthy, note = True, ""
+        for check in self._health_checks:
+            try:
+                verdict = check()
+                if inspect.isawaitable(verdict):
+                    verdict = await asyncio.wait_for(verdict, _HEALTH_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failing check is an answer, not a crash
+                healthy, note = False, f"{_name(check)}: {_gist(exc) or exc.__class__.__name__}"
+                break
+            if verdict is False:
+                healthy, note = False, f"{_name(check)} says unhealthy"
+                break
+        if (healthy, note) != (self.healthy, self.health_note):
+            (log.info if healthy else log.warning)(
+                "%s/%s: %s", self.tenant, self.env, "healthy again" if healthy else note
+            )
+        self.healthy, self.health_note = healthy, _bounded(note)
+
+    def _heartbeat(self) -> Ack:
+        now = time.time_ns()
+        current = self._current
+        return Ack(
+            tenant=self.tenant,
+            env=self.env,
+            version=current.version,
+            instance=self.settings.instance_id,
+            service=self.settings.service,
+            status="heartbeat",
+            config_hash=current.config_hash,
+            received_at=now,
+            applied_at=now,
+            channel=PRESENCE_CHANNEL,
+            signer_trusted=current.signer_trusted,
+            signer_note=_bounded(current.signer_note),
+            labels=dict(self.settings.labels),
+            started_at=self._started_at,
+            heartbeat_ms=int(self.settings.heartbeat * 1000),
+            healthy=self.healthy,
+            health_note=self.health_note,
+            candidate_version=current.candidate_version,
+        )
 
     # -- acknowledgements -----------------------------------------------------------
     def _ack(

@@ -14,7 +14,7 @@ from configbus.bus import KafkaSettings, TopicNames
 from configbus.crypto import KeyProvider, LocalKeyProvider, TrustStore
 from configbus.errors import SettingsError
 from configbus.limits import DEFAULT_LIMITS, Limits
-from configbus.options import pick
+from configbus.options import parse_labels, pick
 
 __all__ = ["SubscriberOptions", "SubscriberSettings"]
 
@@ -45,6 +45,10 @@ class SubscriberOptions(TypedDict, total=False):
     # CONFIGBUS_SECRET_KEYS: a key file of the tenant's key-encryption keys; without
     # one, CONFIGBUS_KEK_<TENANT> variables; without those, secrets cannot be read.
     secret_keys: KeyProvider | str | os.PathLike[str]
+    # CONFIGBUS_LABELS ("zone=eu-west-1a,color=green"): what this instance is, for
+    # staged rollouts; service and host are always there (given ones win)
+    labels: Mapping[str, str]
+    heartbeat: float  # CONFIGBUS_HEARTBEAT: seconds between heartbeats, default 10; 0 none
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +70,16 @@ class SubscriberSettings:
     agent: Path | None = None  # the host agent's socket: records come through it
     secret_keys: KeyProvider | None = None  # opens the stream's sealed secrets
     trust_reload: float = 5.0  # seconds between looks at the trust file (0: never)
+    labels: Mapping[str, str] = field(default_factory=dict)  # service, host and the given
+    heartbeat: float = 10.0  # seconds between heartbeats (0: none; presence unknown)
 
     def __post_init__(self) -> None:
         if self.trust_reload < 0:
             raise SettingsError(
                 f"trust_reload {self.trust_reload!r}: must not be negative (0: never reload)"
             )
+        if self.heartbeat < 0:
+            raise SettingsError(f"heartbeat {self.heartbeat!r}: must not be negative (0: none)")
         if self.kafka is None and self.agent is None:
             raise SettingsError(
                 "no Kafka cluster and no agent: pass bootstrap_servers or agent, or set "
@@ -102,6 +110,7 @@ class SubscriberSettings:
         send_acks = options.get("send_acks")
         secret_keys = options.get("secret_keys")
         trust_reload = options.get("trust_reload")
+        heartbeat = options.get("heartbeat")
 
         def get(value: object, name: str, default: object, convert: object = str) -> object:
             return pick(value, f"CONFIGBUS_{name}", default, convert, environ)  # type: ignore[arg-type]
@@ -120,6 +129,13 @@ class SubscriberSettings:
         elif keys is None:
             from_env = LocalKeyProvider.from_env(environ)
             keys = from_env if from_env.tenants else None
+        service_name = str(get(service, "SERVICE", _default_service()))
+        given = options.get("labels")
+        if given is None:
+            given = parse_labels([str(get(None, "LABELS", ""))], "CONFIGBUS_LABELS")
+        else:
+            given = parse_labels([f"{k}={v}" for k, v in given.items()], "labels")
+        labels = {"service": service_name, "host": socket.gethostname(), **given}
         return cls(
             tenant=tenant,
             env=env,
@@ -133,7 +149,9 @@ class SubscriberSettings:
             instance_id=str(
                 get(instance_id, "INSTANCE_ID", f"{socket.gethostname()}-{os.getpid()}")
             ),
-            service=str(get(service, "SERVICE", _default_service())),
+            service=service_name,
+            labels=labels,
+            heartbeat=float(get(heartbeat, "HEARTBEAT", 10.0, float)),  # type: ignore[arg-type]
             cache_dir=Path(str(cache)) if cache else None,
             topics=TopicNames.build(topic_prefix, acks=acks_topic, environ=environ),
             start_timeout=float(get(start_timeout, "START_TIMEOUT", 30.0, float)),  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
-from typing import Final
+from typing import Any, Final
 
-from configbus.errors import Problem, SchemaError, TreeError, UnknownNameError
+from configbus.errors import Problem, SchemaError, SettingsError, TreeError, UnknownNameError
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.merge import MergeCache
 from configbus.tree.resolved import ResolvedConfig
@@ -60,6 +60,9 @@ class TenantSpec:
     environments: Mapping[str, tuple[str, ...]]  # environment -> selected overrides
     source: str
     layers: frozenset[str] = frozenset()  # environments whose tenant layer is required
+    # environment -> how every change of the stream is rolled out (a staged rollout's
+    # plan, `configbus.ops.rollouts.Plan`); environments without one publish at once
+    rollouts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +562,7 @@ class EnvironmentTree:
         envs = data.get("environments")
         declared: dict[str, tuple[str, ...]] = {}
         required: set[str] = set()
+        plans: dict[str, Any] = {}
         if not isinstance(envs, Mapping) or not envs:
             problem(
                 ("environments",), "must map each environment the tenant runs in to its overrides"
@@ -571,9 +575,19 @@ class EnvironmentTree:
                 problem(where, f"unknown environment (the tree has: {', '.join(known)})")
                 continue
             selected = spec.get("overrides", ()) if isinstance(spec, Mapping) else None
-            if not isinstance(spec, Mapping) or set(spec) - {"overrides", "layer"}:
-                problem(where, "must be a mapping of overrides: [names] and layer: true|false")
+            if not isinstance(spec, Mapping) or set(spec) - {"overrides", "layer", "rollout"}:
+                problem(
+                    where,
+                    "must be a mapping of overrides: [names], layer: true|false and rollout: "
+                    "{strategy, steps, bake, select, step_timeout}",
+                )
                 continue
+            if "rollout" in spec:
+                plan = _rollout_plan(spec["rollout"])
+                if isinstance(plan, str):
+                    problem((*where, "rollout"), plan)
+                    continue
+                plans[env] = plan
             if not isinstance(spec.get("layer", False), bool):
                 problem((*where, "layer"), "must be true or false")
                 continue
@@ -593,7 +607,7 @@ class EnvironmentTree:
             declared[env] = tuple(str(s) for s in selected)
         if problems:
             raise TreeError(problems)
-        return TenantSpec(tenant_id, str(name), declared, source, frozenset(required))
+        return TenantSpec(tenant_id, str(name), declared, source, frozenset(required), plans)
 
     def _stray_tenant_layers(self, spec: TenantSpec) -> list[Problem]:
         tenant_dir = self.root / TENANTS_DIR / spec.id
@@ -610,3 +624,29 @@ class EnvironmentTree:
                     )
                 )
         return strays
+
+
+_ROLLOUT_KEYS: Final = frozenset({"strategy", "steps", "bake", "select", "step_timeout"})
+
+
+def _rollout_plan(spec: object) -> Any:
+    """A tenant.yml `rollout:` block as a `Plan`, or what is wrong with it."""
+    from configbus.ops.rollouts import Plan  # above the tree; only its parsing is used
+
+    if not isinstance(spec, Mapping):
+        return "must be a mapping: strategy, steps, bake, select, step_timeout"
+    unknown = sorted(set(spec) - _ROLLOUT_KEYS)
+    if unknown:
+        return f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_ROLLOUT_KEYS))})"
+    select = spec.get("select")
+    if select is not None and not isinstance(select, Mapping):
+        return "select: a mapping of label: value"
+    steps = spec.get("steps")
+    if steps is not None and not isinstance(steps, str | tuple | list):
+        return "steps: a list such as [1, 10%, 50%, 100%]"
+    try:
+        return Plan.build(
+            spec.get("strategy"), steps, spec.get("bake"), select, spec.get("step_timeout")
+        )
+    except SettingsError as exc:
+        return str(exc)

@@ -170,7 +170,10 @@ def test_both_decoders_see_every_field_alike() -> None:
     decoded = wire_decoder.decode_and_verify(value, PUBLIC_KEYS)["body"]
     verified = open_envelope(value, TRUST).body
 
-    assert decoded == _lists(msgspec.to_builtins(verified, builtin_types=(bytes,)))
+    expected = _lists(msgspec.to_builtins(verified, builtin_types=(bytes,)))
+    assert expected.pop("rollout") is None  # written on candidates only (§5)
+    assert decoded == expected
+    assert "rollout" not in decoded
     assert decoded["kind"] == "override"
     assert decoded["version"] == 2**64 - 1
     assert decoded["expires_at"] == 1_767_229_200_000_000_000
