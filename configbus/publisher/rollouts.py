@@ -137,6 +137,8 @@ class RolloutDriver:
     def stage(self, stream: Stream, config: ResolvedConfig, change: Change) -> bool:
         """Take the changed config of `stream` as a candidate instead of publishing it;
         False when the stream has no rollout (it is published at once)."""
+        if self.stable(stream) is None:
+            return False  # its first version: nothing runs yet that a canary could protect
         rollout = self.rollouts.get(stream)
         running = rollout is not None and rollout.tag.state == "running"
         arm = self._armed.get(stream)
