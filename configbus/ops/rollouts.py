@@ -15,7 +15,9 @@ step the candidate is *promoted*: published as the stream's next snapshot versio
 A step passes its gate once its bake time is over and every selected live instance
 applied the candidate and stayed healthy. Any of these aborts the rollout at once
 (`judge`): a refusal (a validator said no, or verification failed); an instance that
-applied it and then stopped heartbeating, stopped, or restarted (crash-after-apply);
+applied it and then stopped heartbeating, stopped, or restarted, or that was live when
+the candidate went out and fell silent without an answer (crash-after-apply: a process
+that dies applying a config often dies before its acknowledgement leaves it);
 a health check the service registered turning bad; or a step not applied by every
 selected instance within its step timeout. Aborted, the candidate selects nobody and
 its instances return to the stable version by themselves.
@@ -264,8 +266,16 @@ def judge(
                 selected.append(member.instance)
                 applied.append(member.instance)
             continue
+        if gone == "stopped" or (gone and member.last_heard + member.ttl_ns < tag.step_started_at):
+            continue  # left on purpose, or before the step began: not part of it any more
         if gone:
-            continue  # left before it applied anything: not part of the step any more
+            # Live when the candidate went out, silent since, without a word: a process
+            # that dies applying a config often dies before its answer leaves it.
+            breaches.append(
+                f"crash-after-apply on {member.instance}: {gone} since the candidate "
+                "reached it, without an answer"
+            )
+            continue
         selected.append(member.instance)
         pending.append(member.instance)
     if breaches:

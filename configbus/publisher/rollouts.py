@@ -242,10 +242,23 @@ class RolloutDriver:
         for stream, event, command in commands:
             await self._command(stream, event, command)
         for stream, staged in list(self._staged.items()):
+            if self._known(stream, staged):
+                del self._staged[stream]  # staged before the topics were read: resumed
+                continue
             await self._start(stream, staged)
         for stream, rollout in list(self.rollouts.items()):
             if rollout.tag.state == "running":
                 await self._drive(stream, rollout)
+
+    def _known(self, stream: Stream, staged: _Staged) -> bool:
+        """Whether the stream's latest rollout already stands for `staged`: it stages
+        the same config, running, or aborted and not started again since."""
+        current = self.rollouts.get(stream)
+        if current is None or current.config.hash != staged.config.hash:
+            return False
+        return current.tag.state == "running" or (
+            current.tag.state == "aborted" and staged.command_at <= current.tag.command_at
+        )
 
     async def _command(self, stream: Stream, event: VerifiedEvent, command: Command) -> None:
         body = event.body
