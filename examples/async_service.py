@@ -12,6 +12,11 @@ id), for the demo to read:
      "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "changed": ["database.postgresql..."],
      "startup": false, "password": {"version": 1, "opened": true}}
 
+Its health check says whether the pool fits the database (at most
+``DB_MAX_CONNECTIONS``, 1000): the SDK runs it before every heartbeat, so a staged
+rollout whose candidate oversizes the pool on this instance is rolled back by the
+publisher, for every instance, with no one involved.
+
 The pool's password is a sealed secret (``!secret`` in the tree): the service opens it
 on access with its tenant's key-encryption key (CONFIGBUS_SECRET_KEYS) whenever the
 pool (re)connects, and reports only which version it opened, never the value.
@@ -24,6 +29,8 @@ Settings come from the environment:
     CONFIGBUS_INSTANCE_ID             this instance in acks (SDK; default host-pid)
     CONFIGBUS_SERVICE                 the service name in acks (default recommendations)
     CONFIGBUS_CACHE_DIR               optional: keep the last good config on disk (SDK)
+    CONFIGBUS_LABELS                  optional: zone=eu-west-1a,...: what rollouts select by
+    CONFIGBUS_HEARTBEAT               seconds between heartbeats (SDK; default 10)
     CONFIGBUS_SECRET_KEYS             optional: the tenant's key-encryption keys (SDK)
     OTEL_TRACES_EXPORTER              otlp, console or none (configbus.telemetry)
     LOG_LEVEL                         default INFO; logs go to stderr
@@ -47,6 +54,7 @@ from configbus.telemetry import configure_from_env
 SERVICE = os.environ.get("CONFIGBUS_SERVICE", "recommendations")
 POOL = "database.postgresql.connection_pool"
 PASSWORD = "database.postgresql.password"
+DB_MAX_CONNECTIONS = 1000  # what the database accepts from this service
 
 log = logging.getLogger(SERVICE)
 
@@ -73,6 +81,14 @@ class ConnectionPool:
             return
         self.password_version = config.secret_version(PASSWORD)
         self.opened = bool(password)  # a real pool would pass it to the driver here
+
+    def fits(self) -> bool:
+        """The health check: does the pool fit what the database accepts?"""
+        if self.max_size > DB_MAX_CONNECTIONS:
+            raise RuntimeError(
+                f"pool of {self.max_size} is over the database's {DB_MAX_CONNECTIONS} connections"
+            )
+        return True
 
 
 async def main() -> int:
@@ -101,6 +117,8 @@ async def main() -> int:
             "tenant": tenant,
             "env": env,
             "version": snapshot.version,
+            "candidate_version": snapshot.candidate_version,  # a rollout's canary: > 0
+            "max_size": new.get(f"{POOL}.max_size"),
             "override_version": snapshot.override_version,
             "overrides": [entry.path for entry in snapshot.overrides],
             "latency_ms": round((time.time_ns() - event.body.detected_at) / 1e6, 1),
@@ -115,6 +133,7 @@ async def main() -> int:
     subscriber.on_change(POOL, resize_pool)
     subscriber.on_change(PASSWORD, reconnect)  # a rotation reaches the pool too
     subscriber.on_change("", report)
+    subscriber.add_health_check(pool.fits)  # reported in every heartbeat
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

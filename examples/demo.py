@@ -14,6 +14,13 @@
    publisher starts it, every instance continues it). GET the value from the FastAPI
    app before and after.
 5. Print `configbus rollout status aurora-records prod`, read from the acks.
+5a. A canary that rolls back by itself: an operator arms a staged rollout (`configbus
+   rollout start --steps 1,100% --select service=recommendations`), then the pool is
+   edited to 5000. The asyncio service is the canary: it applies the candidate, its
+   health check (the database accepts 1000 connections) fails in its next heartbeat,
+   and the daemon aborts the rollout. The canary goes back to the stable version by
+   itself; the other two services never saw the candidate. `rollout status` names the
+   gate that fired, and on which instance. The edit is then undone.
 5b. The database password is a sealed secret (set in step 2 with `configbus secret
    set`): the asyncio service opens it on access with the tenant's key-encryption key.
    `configbus secret rotate --retire-after-ack` seals a new version, waits until every
@@ -74,6 +81,7 @@ EDITED_FILE = f"tenants/{TENANT}/{ENV}.yml"
 KID = "demo-publisher"
 OPERATOR = "demo-operator"
 OVERRIDE_TTL_S = 8
+CANARY_POOL = 5000  # more connections than the database takes: the canary turns unhealthy
 PASSWORD = "database.postgresql.password"
 SECRET = f"tenants/{TENANT}/postgres_password"  # its !secret name in the tree
 
@@ -321,6 +329,7 @@ class Demo:
             raise DemoError(f"the app serves {after['value']!r}, expected {new_value}")
 
         self.rollout_status(applies[0]["version"])
+        self.canary_rolls_back(new_value, applies[0]["version"])
         self.rotate_secret()
         self.emergency_override(url, new_value)
         if self.secure:
@@ -473,6 +482,7 @@ class Demo:
                 "CONFIGBUS_ENV": ENV,
                 "CONFIGBUS_INSTANCE_ID": service.instance,
                 "CONFIGBUS_CACHE_DIR": str(self.tmp / "cache" / service.instance),
+                "CONFIGBUS_HEARTBEAT": "2",
                 **({} if self.agent else self.kafka_env(service.principal)),
                 **self.service_env,
             }
@@ -577,6 +587,59 @@ class Demo:
         wait_until("the acks of every instance", ACKS_S, acks_in)
         say(f"\n$ configbus rollout status {TENANT} {ENV}")
         say(self.configbus(*args).rstrip())
+
+    def canary_rolls_back(self, stable_value: int, stable: int) -> None:
+        """Arm a canary on the asyncio service, push a pool its database cannot take,
+        and watch the gate roll it back with no one involved."""
+        risky = CANARY_POOL
+        signer = ["--key", str(self.operator_key), "--bootstrap-servers", self.bootstrap]
+        say(
+            f"\n$ configbus rollout start {TENANT} {ENV} --steps 1,100% --bake 30s "
+            f"--select service=recommendations --reason 'demo: a bigger pool'"
+        )
+        output = self.configbus(
+            "rollout", "start", TENANT, ENV, "--steps", "1,100%", "--bake", "30s",
+            "--select", "service=recommendations", "--reason", "demo: a bigger pool", *signer,
+        )  # fmt: skip
+        say(f"  {output.strip()}")
+        wait_until(
+            "the daemon to take the rollout command",
+            PROPAGATE_S,
+            lambda: "armed by" in self.daemon_log.read_text(),
+            self.daemon_log,
+        )
+        marks = [len(service.applies) for service in self.services]
+        self.edit(stable_value, risky)
+        say(f"edit {EDITED_FILE}: {KEY}: {stable_value} -> {risky}  (the database takes 1000)")
+        canary = self.services[0]
+
+        def back_on_stable() -> dict[str, Any] | None:
+            for service in self.services:
+                service.poll()
+            seen = canary.applies[marks[0] :]
+            took = next((a for a in seen if a.get("candidate_version")), None)
+            after = seen[seen.index(took) + 1 :] if took is not None else []
+            return next((a for a in after if not a.get("candidate_version")), None)
+
+        back = wait_until("the canary to be rolled back", PROPAGATE_S, back_on_stable, canary.err)
+        took = next(a for a in canary.applies[marks[0] :] if a.get("candidate_version"))
+        say(f"  {canary.instance:<18} applied the candidate: max_size {took['max_size']}")
+        say(f"  {canary.instance:<18} back on v{back['version']}: max_size {back['max_size']}")
+        for service, mark in zip(self.services[1:], marks[1:], strict=True):
+            if service.applies[mark:]:
+                raise DemoError(f"{service.instance} applied something during the canary")
+            say(f"  {service.instance:<18} never saw the candidate: still v{stable}")
+        status = self.configbus(
+            "rollout", "status", TENANT, ENV, "--bootstrap-servers", self.bootstrap
+        )
+        staged = status[status.index(f"{TENANT}/{ENV}: rollout ") :]
+        say(f"$ configbus rollout status {TENANT} {ENV}   (the staged part)")
+        for line in staged.rstrip().splitlines():
+            say(f"  {line}")
+        if "ABORTED" not in staged or f"health check failed on {canary.instance}" not in staged:
+            raise DemoError("expected the rollout aborted by the canary's health check")
+        self.edit(risky, stable_value)
+        say(f"edit {EDITED_FILE}: {KEY}: {risky} -> {stable_value}  (undone: nothing to publish)")
 
     def rotate_secret(self) -> None:
         """Rotate the database password: v2 is sealed while v1 stays valid, v1 is retired

@@ -902,9 +902,10 @@ def test_a_heartbeat_says_what_the_instance_is_and_runs() -> None:
 def test_a_later_heartbeat_replaces_what_an_earlier_one_said() -> None:
     fleet = Fleet()
     feed(fleet, heartbeat(healthy=False, health_note="x", labels={"zone": "a"}), T0)
-    feed(fleet, heartbeat(healthy=True, labels={"zone": "c"}, version=8), T0 + sec(2))
+    feed(fleet, heartbeat(healthy=True, labels={"zone": "c"}, version=8, service=""), T0 + sec(2))
 
     m = fleet.members(TENANT, ENV)["a"]
+    assert m.service == "shop"  # an ack that does not say keeps what an earlier one said
     assert (m.healthy, m.health_note, m.labels, m.version) == (True, "", {"zone": "c"}, 8)
     assert m.last_heard == T0 + sec(2)
     assert m.restarted_at == 0  # same started_at: no restart
@@ -958,6 +959,20 @@ def test_a_stop_alone_makes_a_member_that_is_not_live() -> None:
     m = fleet.members(TENANT, ENV)["z"]
     assert m.service == "shop"
     assert not m.live(T0)
+
+
+def test_a_record_timestamped_earlier_does_not_turn_the_clock_back() -> None:
+    # Records come in topic order, but their write times (the producers' clocks) need not.
+    fleet = Fleet()
+    feed(fleet, heartbeat(), T0 + sec(10))
+    feed(fleet, applied("a"), T0 + sec(5))
+    feed(fleet, stopped(), T0 + sec(20))
+    feed(fleet, stopped(), T0 + sec(15))
+
+    m = fleet.members(TENANT, ENV)["a"]
+    assert m.last_heard == T0 + sec(10)
+    assert m.stopped_at == T0 + sec(20)
+    assert m.candidate_applied == applied("a")
 
 
 def test_an_instance_is_live_for_three_heartbeats() -> None:
