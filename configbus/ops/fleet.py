@@ -40,7 +40,7 @@ class Member:
     service: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     started_at: int = 0
-    restarted_at: int = 0  # when a heartbeat last showed a new start (0: never seen)
+    restarted_at: int = 0  # when it last started again, by its own clock (0: never seen)
     last_heard: int = 0
     heartbeat_ms: int = 0
     healthy: bool = True
@@ -117,7 +117,7 @@ class Fleet:
     @staticmethod
     def _beat(member: Member, ack: Ack, at: int) -> None:
         if member.started_at and ack.started_at > member.started_at:
-            member.restarted_at = at
+            member.restarted_at = ack.started_at  # by its clock, as its acks' applied_at
         member.started_at = max(member.started_at, ack.started_at)
         member.labels = dict(ack.labels)
         member.heartbeat_ms = ack.heartbeat_ms

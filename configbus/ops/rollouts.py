@@ -32,6 +32,7 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Final
 
 import msgspec
@@ -94,6 +95,8 @@ class Plan:
             _check_step(step)
         if not 0 <= self.bake_s <= 7 * 86400:
             raise SettingsError(f"bake {self.bake_s!r}: between 0s and 7d")
+        if not math.isfinite(self.bake_s) or not math.isfinite(self.step_timeout_s):
+            raise SettingsError("bake and step timeout: give a duration such as 90s")
         if self.step_timeout_s < 0:
             raise SettingsError("step timeout: must not be negative")
 
@@ -121,6 +124,9 @@ class Plan:
         else:
             parsed = tuple(str(s).strip() for s in steps)
         if isinstance(select, Mapping):
+            for name, value in select.items():
+                if not isinstance(value, str | int) or "," in str(value):
+                    raise SettingsError(f"select {name}: give one value (a string), not {value!r}")
             labels = parse_labels(f"{k}={v}" for k, v in select.items())
         else:
             labels = parse_labels(select or ())
@@ -191,14 +197,15 @@ def step_bound(
     if "=" in spec:
         match.update(parse_labels([spec], "step"))
         return match, RANK_SPACE
-    if spec == "100%":
+    if spec.endswith("%") and Fraction(spec[:-1]) >= 100:
         return match, RANK_SPACE
     ranks = sorted(
         rank(rollout, m.instance)
         for m in live
         if all(m.labels.get(k) == v for k, v in match.items())
     )
-    wanted = math.ceil(float(spec[:-1]) * len(ranks) / 100) if spec.endswith("%") else int(spec)
+    share = Fraction(spec[:-1]) if spec.endswith("%") else None  # exact: 64.4% of 250 is 161
+    wanted = math.ceil(share * len(ranks) / 100) if share is not None else int(spec)
     wanted = min(wanted, len(ranks))
     return match, (ranks[wanted - 1] + 1 if wanted else 0)
 
@@ -254,7 +261,7 @@ def judge(
                 breaches.append(
                     f"crash-after-apply on {member.instance}: {gone} after applying the candidate"
                 )
-            elif member.restarted_at > done.applied_at:
+            elif member.restarted_at > done.applied_at:  # started again after applying it
                 breaches.append(
                     f"crash-after-apply on {member.instance}: restarted after applying it"
                 )

@@ -6,14 +6,19 @@ process: tests/integration/test_rollouts.py."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from configbus.bus import CANDIDATE_CHANNEL, SNAPSHOT_CHANNEL
-from configbus.events import Ack, VerifiedEvent, open_envelope
+from configbus.crypto import SigningKey, generate_keypair
+from configbus.crypto.trust import OPERATOR, TrustedKey
+from configbus.events import Ack, Cause, VerifiedEvent, open_envelope, rank
+from configbus.ops.rollouts import Command, Plan, read_staged, send_command
 from configbus.publisher import Daemon
 from configbus.subscriber import ConfigSubscriber
 
@@ -33,6 +38,18 @@ class Fleet:
         self.world = world
         self.subs: dict[str, ConfigSubscriber] = {}
         self.daemon: Daemon | None = None
+        self.messages: list[str] = []  # the rollout driver's log lines
+        handler = logging.Handler()
+        handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
+        logger = logging.getLogger("configbus.publisher.rollouts")
+        self._level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        self._handler = handler
+
+    @property
+    def daemon_log(self) -> str:
+        return "\n".join(self.messages)
 
     async def start_daemon(self) -> Daemon:
         self.daemon = self.world.daemon()
@@ -68,19 +85,16 @@ class Fleet:
         return [open_envelope(r.value or b"", self.world.trust) for r in records if r.key == key]
 
     def snapshot_versions(self) -> list[int]:
-        return [
-            e.body.version
-            for e in self.world.events(AURORA[0])
-            if e.body.env == AURORA[1] and e.body.kind.channel == SNAPSHOT_CHANNEL
-        ]
+        records = self.world.bus.records(self.world.topics.tenant_topic(AURORA[0]))
+        key = self.world.topics.record_key(AURORA[1], SNAPSHOT_CHANNEL)
+        events = [open_envelope(r.value or b"", self.world.trust) for r in records if r.key == key]
+        return [e.body.version for e in events]
 
     def state(self) -> str:
         found = self.candidates()
         return found[-1].body.rollout.state if found and found[-1].body.rollout else ""
 
     def acks(self, channel: str, status: str) -> list[Ack]:
-        import msgspec
-
         decoder = msgspec.msgpack.Decoder(Ack)
         found = [decoder.decode(r.value or b"") for r in self.world.bus.records("acks")]
         return [a for a in found if a.channel == channel and a.status == status]
@@ -90,6 +104,9 @@ class Fleet:
             await sub.stop()
         if self.daemon is not None:
             await self.daemon.stop()
+        logger = logging.getLogger("configbus.publisher.rollouts")
+        logger.removeHandler(self._handler)
+        logger.setLevel(self._level)
 
 
 def declare(world: World, rollout: str) -> None:
@@ -178,3 +195,211 @@ async def test_a_validator_refusing_the_candidate_aborts_and_the_canary_goes_bac
     assert "refuse_260 refused the config" in tag.breaches[0]
     assert set(fleet.pools().values()) == {250}
     assert fleet.snapshot_versions() == [1]
+
+
+async def test_a_canary_that_stops_right_after_applying_aborts_the_rollout(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 5s}")
+    await fleet.start_daemon()
+    await six(fleet)
+    stopping: list[ConfigSubscriber] = []
+
+    def leave_on_260(old: Any, new: Any, paths: list[str]) -> None:
+        if new.get(POOL) == 260:
+            stopping.append(fleet.subs[next(n for n, s in fleet.subs.items() if s.config is new)])
+
+    for sub in fleet.subs.values():
+        sub.on_change(POOL, leave_on_260)
+    change_pool(world, 250, 260)
+    await eventually(lambda: stopping, "the canary to apply the candidate", timeout=5)
+    canary = stopping[0]
+    await canary.stop()  # as a service does when its main task dies and `async with` exits
+
+    await eventually(lambda: fleet.state() == "aborted", "the rollout to be aborted", timeout=5)
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None
+    name = canary.settings.instance_id
+    assert tag.breaches == (f"crash-after-apply on {name}: stopped after applying the candidate",)
+    others = [s for s in fleet.subs.values() if s is not canary]
+    await eventually(lambda: all(s.config.get(POOL) == 250 for s in others), "the rest on 250")
+    assert fleet.snapshot_versions() == [1]
+
+
+async def test_a_failing_health_check_aborts_and_the_canary_returns_by_itself(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 5s}")
+    await fleet.start_daemon()
+    await six(fleet)
+    for sub in fleet.subs.values():
+
+        def small_pool(sub: ConfigSubscriber = sub) -> bool:
+            if sub.config.get(POOL) > 255:
+                raise RuntimeError(f"pool of {sub.config.get(POOL)} is too big for the database")
+            return True
+
+        sub.add_health_check(small_pool)
+    change_pool(world, 250, 260)
+
+    await eventually(lambda: fleet.state() == "aborted", "the rollout to be aborted", timeout=5)
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None and len(tag.breaches) == 1
+    assert tag.breaches[0].startswith("health check failed on i")
+    assert tag.breaches[0].endswith("small_pool: pool of 260 is too big for the database")
+    await eventually(lambda: set(fleet.pools().values()) == {250}, "every instance on 250")
+    assert all(s.snapshot.candidate is None for s in fleet.subs.values())
+    await eventually(lambda: all(s.healthy for s in fleet.subs.values()), "all healthy again")
+
+    view = await read_staged(world.bus, world.topics, *AURORA, world.trust)
+    assert view is not None and view.tag.state == "aborted"
+    table = view.table()
+    assert "ABORTED" in table and f"gate fired: {tag.breaches[0]}" in table
+    assert view.to_dict()["breaches"] == list(tag.breaches)
+
+
+async def test_blue_green_goes_to_the_green_instances_first_then_to_everyone(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: blue-green, bake: 0s}")
+    await fleet.start_daemon()
+    for number in range(4):
+        color = "green" if number % 2 else "blue"
+        await fleet.start(f"i{number}", labels={"color": color})
+    on_green: list[set[str]] = []
+
+    def green_first() -> bool:
+        on = {n for n, s in fleet.subs.items() if s.snapshot.candidate is not None}
+        if on and (not on_green or on_green[-1] != on):
+            on_green.append(on)
+        return fleet.state() == "promoted"
+
+    change_pool(world, 250, 260)
+    await eventually(green_first, "the rollout to be promoted")
+    await eventually(lambda: set(fleet.pools().values()) == {260}, "every instance at 260")
+
+    first = fleet.candidates()[0].body.rollout
+    assert first is not None and first.match == {"color": "green"}
+    assert on_green and on_green[0] <= {"i1", "i3"}  # the blue ones waited
+    assert fleet.snapshot_versions() == [1, 2]
+
+
+async def test_an_instance_starting_mid_canary_runs_stable_unless_selected(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s, select: {zone: a}}")
+    await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None
+    canary = next(n for n, pool in fleet.pools().items() if pool == 260)
+    assert canary in ("i0", "i1", "i2")  # zone a
+
+    late_b = await fleet.start("late-b", "b")
+    late_a = await fleet.start(
+        next(f"late{n}" for n in range(100) if rank(tag.id, f"late{n}") >= tag.below), "a"
+    )
+    chosen = await fleet.start(
+        next(f"new{n}" for n in range(100) if rank(tag.id, f"new{n}") < tag.below), "a"
+    )
+
+    assert late_b.config.get(POOL) == 250 and late_b.snapshot.candidate is None
+    assert late_a.config.get(POOL) == 250 and late_a.snapshot.candidate is None
+    assert chosen.config.get(POOL) == 260 and chosen.snapshot.candidate is not None
+    assert chosen.version == 1  # the stable snapshot stays what it composes over
+
+
+async def test_a_change_during_a_rollout_supersedes_it(world: World, fleet: Fleet) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    first = fleet.candidates()[-1].body.rollout
+    assert first is not None
+
+    change_pool(world, 260, 270)
+    await eventually(lambda: list(fleet.pools().values()).count(270) == 1, "the new canary")
+
+    latest = fleet.candidates()[-1]
+    assert latest.body.rollout is not None and latest.body.rollout.id != first.id
+    assert latest.body.rollout.step == 0
+    assert f"supersedes rollout {first.id}" in latest.body.cause.reason
+    assert 260 not in fleet.pools().values()
+    assert fleet.snapshot_versions() == [1]
+
+
+async def test_operators_arm_promote_and_abort_with_signed_commands(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    private, _ = generate_keypair("oncall", tmp_path / "operators")
+    operator = SigningKey.load(private, "oncall")
+    outsider = SigningKey.load(generate_keypair("outsider", tmp_path / "operators")[0], "outsider")
+    world.trust = world.trust.with_key(
+        TrustedKey(operator.public, frozenset({AURORA[0]}), frozenset({AURORA[1]}), OPERATOR, 3600)
+    ).with_key(
+        TrustedKey(outsider.public, frozenset({"helix-audio"}), frozenset({"prod"}), OPERATOR, 3600)
+    )
+    trust_path = tmp_path / "trust.yml"
+    world.trust.save(trust_path)
+    fleet.daemon = world.daemon(trust=trust_path)
+    await fleet.daemon.start()
+    await fleet.daemon.ready.wait()
+    await six(fleet)
+
+    async def command(action: str, key: SigningKey = operator, **fields: Any) -> None:
+        await send_command(
+            world.bus, world.topics, *AURORA, Command(action=action, **fields), key=key,
+            cause=Cause(actor=key.kid, reason=f"CHG-1 {action}"),
+        )  # fmt: skip
+
+    plan = Plan.build("canary", "1,50%,100%", "1h", {"zone": "a"})
+    await command("start", key=outsider, plan=plan.to_dict())  # not aurora's operator
+    change_pool(world, 250, 260)
+    await eventually(lambda: fleet.snapshot_versions() == [1, 2], "published at once")
+    await eventually(lambda: set(fleet.pools().values()) == {260}, "every instance at 260")
+
+    await command("start", plan=plan.to_dict())
+    await eventually(lambda: "armed" in fleet.daemon_log, "the daemon to arm the stream")
+    change_pool(world, 260, 270)
+    await eventually(lambda: list(fleet.pools().values()).count(270) == 1, "one canary")
+    await command("promote", step_only=True)
+    await eventually(lambda: list(fleet.pools().values()).count(270) == 2, "two: half of zone a")
+    await command("promote")
+    await eventually(lambda: fleet.state() == "promoted", "the rollout to be promoted")
+    await eventually(lambda: set(fleet.pools().values()) == {270}, "every instance at 270")
+    assert fleet.snapshot_versions() == [1, 2, 3]
+
+    await command("start", plan=plan.to_dict())
+    await eventually(lambda: fleet.daemon_log.count("armed") == 2, "armed again")
+    change_pool(world, 270, 280)
+    await eventually(lambda: list(fleet.pools().values()).count(280) == 1, "one canary")
+    await command("abort")
+    await eventually(lambda: fleet.state() == "aborted", "the rollout to be aborted")
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None and tag.breaches == ("aborted by oncall: CHG-1 abort",)
+    await eventually(lambda: set(fleet.pools().values()) == {270}, "every instance back on 270")
+    assert fleet.snapshot_versions() == [1, 2, 3]  # held: the tree says 280, nobody runs it
+    await command("promote")  # nothing runs: ignored, said so
+    await eventually(lambda: "no rollout runs" in fleet.daemon_log, "the refusal in the log")
+
+
+async def test_a_restarted_daemon_resumes_the_rollout_it_finds(world: World, fleet: Fleet) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 1s}")
+    daemon = await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    await daemon.stop()
+    running = fleet.candidates()[-1].body.rollout
+    assert running is not None and running.state == "running"
+
+    await fleet.start_daemon()
+    await eventually(lambda: fleet.state() == "promoted", "the rollout to be promoted")
+
+    tags = [e.body.rollout for e in fleet.candidates() if e.body.rollout]
+    assert {t.id for t in tags} == {running.id}
+    assert [(t.step, t.state) for t in tags] == [(0, "running"), (1, "running"), (1, "promoted")]
+    assert fleet.snapshot_versions() == [1, 2]

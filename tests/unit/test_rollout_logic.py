@@ -283,6 +283,7 @@ def test_a_count_above_the_fleet_selects_every_matching_instance() -> None:
         ("25%", 8, 2),  # exact: not rounded further up
         ("12.5%", 16, 2),
         ("99%", 10, 10),
+        ("64.4%", 250, 161),  # exactly 161: no float rounding up to 162
     ],
 )
 def test_a_share_step_rounds_up(share: str, fleet: int, expected: int) -> None:
@@ -291,6 +292,32 @@ def test_a_share_step_rounds_up(share: str, fleet: int, expected: int) -> None:
     match, below = step_bound(ROLLOUT, Plan.build(steps=share), 0, members)
 
     assert chosen(ROLLOUT, match, below, members) == set(by_rank(names(fleet))[:expected])
+
+
+@pytest.mark.parametrize("whole", ["100%", "100.0%", "100.00%"])
+def test_a_whole_share_however_written_selects_every_instance_to_come(whole: str) -> None:
+    assert step_bound(ROLLOUT, Plan.build(steps=whole), 0, fleet_of(names(3))) == ({}, RANK_SPACE)
+
+
+@pytest.mark.parametrize(
+    ("select", "message"),
+    [
+        ({"zone": "a,tier=web"}, "select zone: give one value (a string), not 'a,tier=web'"),
+        ({"zone": None}, "select zone: give one value (a string), not None"),
+    ],
+)
+def test_a_select_mapping_takes_one_value_per_label(select: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Plan.build(select=select)
+
+    assert str(caught.value) == message
+
+
+def test_a_step_timeout_that_is_not_a_number_of_seconds_is_refused() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Plan(step_timeout_s=float("nan"))
+
+    assert str(caught.value) == "bake and step timeout: give a duration such as 90s"
 
 
 def test_the_whole_fleet_and_label_steps_select_by_labels_alone() -> None:
@@ -917,12 +944,28 @@ def test_a_heartbeat_with_a_later_start_is_a_restart() -> None:
     feed(fleet, heartbeat(started_at=T0 + sec(30)), T0 + sec(31))
 
     m = fleet.members(TENANT, ENV)["a"]
-    assert m.restarted_at == T0 + sec(31)
+    assert m.restarted_at == T0 + sec(30)  # its own start time, the clock of its acks
     assert m.started_at == T0 + sec(30)
 
     feed(fleet, heartbeat(started_at=T0), T0 + sec(32))  # an older start changes nothing
-    assert m.restarted_at == T0 + sec(31)
+    assert m.restarted_at == T0 + sec(30)
     assert m.started_at == T0 + sec(30)
+
+
+def test_an_instance_that_restarted_then_applied_at_start_up_is_not_a_crash() -> None:
+    """A pod replaced mid-rollout applies the candidate inside start(), before its
+    first heartbeat is written: what counts is when it started, not when it said so."""
+    fleet = Fleet()
+    feed(fleet, heartbeat(started_at=T0), T0 + sec(1))
+    restart = T0 + sec(5)
+    at_start_up = applied("a", applied_at=restart + sec(0.5))
+    fleet.observe(at_start_up.key, msgspec.msgpack.encode(at_start_up), restart + sec(0.5))
+    feed(fleet, heartbeat(started_at=restart), restart + sec(1))
+
+    members = list(fleet.members(TENANT, ENV).values())
+    assert members[0].restarted_at == restart
+    verdict = judge(canary(bake=0), HASH, FIRST, members, restart + sec(1))
+    assert (verdict.action, verdict.breaches) == ("next", [])
 
 
 def test_a_first_start_time_after_none_is_not_a_restart() -> None:
