@@ -105,7 +105,7 @@ def rank(rollout: str, instance: str) -> int:
 
 
 class RolloutTag(msgspec.Struct, frozen=True, kw_only=True):
-    """What a candidate record says of its rollout (docs/wire-format.md §2.5): which
+    """What a candidate record says of its rollout (docs/wire-format.md §5.2): which
     instances apply the candidate now, and enough of the plan for anyone to read the
     rollout back (`rollout status`, a daemon resuming after a restart)."""
 

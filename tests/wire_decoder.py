@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 CONTENT_TYPE = b"application/vnd.configbus.event+msgpack; v=1"  # §2.5
-KINDS = frozenset({"snapshot", "override", "rollback"})  # §5
+KINDS = frozenset({"snapshot", "override", "rollback", "candidate", "command"})  # §5
 BODY_FIELDS: dict[str, type] = {  # §5: the required body fields and their msgpack types
     "schema": int,
     "tenant": str,
@@ -98,6 +98,8 @@ def decode_and_verify(
         raise WireError("malformed", "changed_paths or cause holds a non-string")
     if body["kind"] not in KINDS or not (expires_at is None or _is_int(expires_at)):
         raise WireError("malformed", f"kind {body['kind']!r} or expires_at is not valid")
+    if body["kind"] == "candidate" and not isinstance(body.get("rollout"), dict):
+        raise WireError("malformed", "a candidate without its rollout map (§5.2)")
     tenant, env = body["tenant"], body["env"]
     tenants, envs = (scopes or {}).get(kid, (("*",), ("*",)))  # 6
     if not ({"*", tenant} & set(tenants) and {"*", env} & set(envs)):
@@ -131,6 +133,21 @@ def decode_and_verify(
     except ValueError as exc:
         raise WireError("malformed", f"config is not JSON: {exc}") from None
     return {"kid": kid, "body": body, "config_json": config_json, "config": config}
+
+
+def rank(rollout_id: str, instance: str) -> int:
+    """§5.2: an instance's rank in a rollout."""
+    digest = hashlib.sha256(f"{rollout_id}/{instance}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def selects(rollout: Mapping[str, Any], instance: str, labels: Mapping[str, str]) -> bool:
+    """§5.2: whether a candidate's rollout map selects an instance with `labels`."""
+    if rollout.get("state") != "running":
+        return False
+    if any(labels.get(name) != value for name, value in rollout.get("match", {}).items()):
+        return False
+    return rank(rollout["id"], instance) < rollout["below"]
 
 
 def open_sealed(

@@ -86,6 +86,19 @@ class Fleet:
     def live(self, tenant: str, env: str, now: int) -> Iterator[Member]:
         return (m for m in self.members(tenant, env).values() if m.live(now))
 
+    def prune(self, before: int) -> int:
+        """Forget instances not heard of since `before` (ns): pods come and go under
+        new names, and a daemon that follows the topic for months must not keep them
+        all. Returns how many were forgotten."""
+        forgotten = 0
+        for stream, members in list(self.streams.items()):
+            for name in [n for n, m in members.items() if max(m.last_heard, m.stopped_at) < before]:
+                del members[name]
+                forgotten += 1
+            if not members:
+                del self.streams[stream]
+        return forgotten
+
     def observe(self, key: bytes | None, value: bytes | None, at: int) -> None:
         """One record of the acks topic, written at `at` (ns). Anything that is not an
         ack under its own key is ignored: a record cannot speak for another instance."""

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]
 TICK_S: Final = 0.25
+PRUNE_EVERY_NS: Final = 60 * 10**9
+FORGET_AFTER_NS: Final = 3600 * 10**9  # instances gone this long are forgotten
 
 
 @dataclass(slots=True)
@@ -119,6 +121,7 @@ class RolloutDriver:
     _staged: dict[Stream, _Staged] = field(default_factory=dict)
     _commands: list[tuple[Stream, VerifiedEvent, Command]] = field(default_factory=list)
     _fleet_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _pruned: int = 0
 
     # -- what the publisher hands over -------------------------------------------------
     def plan_for(self, stream: Stream) -> Plan | None:
@@ -181,7 +184,10 @@ class RolloutDriver:
             log.warning("%s/%s: a rollout command is ignored: %s", tenant, env, exc)
             return
         if channel == CANDIDATE_CHANNEL:
-            self._learn(stream, event)
+            try:
+                self._learn(stream, event)
+            except (msgspec.DecodeError, ConfigBusError, RecursionError) as exc:
+                log.warning("%s/%s: a candidate record is ignored: %s", tenant, env, exc)
         else:
             self._commands.append((stream, event, command))
 
@@ -238,6 +244,10 @@ class RolloutDriver:
     async def tick(self) -> None:
         """One round: commands, new candidates, then every running rollout's gate.
         A failure to send leaves the state as it was: the next tick tries again."""
+        now = now_ns()
+        if now - self._pruned > PRUNE_EVERY_NS:
+            self._pruned = now
+            self.fleet.prune(now - FORGET_AFTER_NS)
         commands, self._commands = self._commands, []
         for stream, event, command in commands:
             await self._command(stream, event, command)

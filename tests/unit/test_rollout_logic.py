@@ -1177,3 +1177,15 @@ def test_a_bad_rollout_block_is_a_problem_at_its_line(
     assert problem.key == "environments.prod.rollout"
     assert message in problem.message
     assert f"tenant.yml:{problem.line}: environments.prod.rollout: " in str(caught.value)
+
+
+def test_instances_not_heard_of_for_long_are_forgotten() -> None:
+    fleet = Fleet()
+    feed(fleet, heartbeat("old", started_at=T0), T0)
+    feed(fleet, heartbeat("new", started_at=T0), T0 + sec(100))
+
+    assert fleet.prune(T0 + sec(50)) == 1
+
+    assert set(fleet.members(TENANT, ENV)) == {"new"}
+    assert fleet.prune(T0 + sec(200)) == 1
+    assert fleet.streams == {}

@@ -30,7 +30,7 @@ from configbus.bus.topics import CONTENT_TYPE, TopicNames
 from configbus.crypto import SigningKey, TrustedKey, TrustStore
 from configbus.crypto.secrets import LocalKeyProvider, seal_secret
 from configbus.errors import SettingsError, VerificationError
-from configbus.events import Cause, EventKind, build_body, open_envelope, seal
+from configbus.events import Cause, EventKind, RolloutTag, build_body, open_envelope, rank, seal
 from configbus.tree.values import Value, canonical_json, config_hash, freeze, thaw
 
 try:  # tests/ is on sys.path (pytest's default "prepend" import mode)
@@ -590,3 +590,76 @@ def test_a_sealed_secret_in_an_event_opens_with_the_spec_alone() -> None:
     relabelled = texts[0].replace("cbsec1.2.", "cbsec1.3.", 1)
     with pytest.raises(wire_decoder.WireError, match="does not open"):
         wire_decoder.open_sealed(relabelled, keks, "acme", "prod", "db/password")
+
+
+# -- candidates (§5.2) ---------------------------------------------------------------------
+
+
+def _candidate(**tag: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "id": "r1",
+        "state": "running",
+        "strategy": "canary",
+        "steps": ("1", "100%"),
+        "step": 0,
+        "match": {"zone": "a"},
+        "below": 2**62,
+    }
+    rollout = RolloutTag(**{**fields, **tag})
+    body = build_body(
+        tenant="acme",
+        env="prod",
+        version=3,
+        config_json=b'{"app":{"workers":4}}',
+        kind=EventKind.CANDIDATE,
+        detected_at=1,
+        cause=Cause(),
+        rollout=rollout,
+    )
+    return seal(body, SIGNER)
+
+
+def test_a_candidate_carries_its_rollout_map_and_both_decoders_select_alike() -> None:
+    value = _candidate()
+    decoded = wire_decoder.decode_and_verify(value, PUBLIC_KEYS)["body"]
+    verified = open_envelope(value, TRUST).body
+
+    assert decoded["kind"] == "candidate"
+    assert decoded["rollout"]["below"] == 2**62 and decoded["rollout"]["match"] == {"zone": "a"}
+    assert verified.rollout is not None
+    instances = [f"web-{n}" for n in range(200)]
+    for labels in ({"zone": "a"}, {"zone": "b"}, {}):
+        ours = [i for i in instances if verified.rollout.selects(i, labels)]
+        theirs = [i for i in instances if wire_decoder.selects(decoded["rollout"], i, labels)]
+        assert ours == theirs
+    chosen = [i for i in instances if verified.rollout.selects(i, {"zone": "a"})]
+    assert 60 < len(chosen) < 140  # a bound of 2^62 selects about half of the ranks
+    assert all(rank("r1", i) == wire_decoder.rank("r1", i) for i in instances)
+
+
+def test_a_candidate_without_its_rollout_is_malformed_for_both_decoders() -> None:
+    body = build_body(
+        tenant="acme",
+        env="prod",
+        version=3,
+        config_json=b"{}",
+        kind=EventKind.CANDIDATE,
+        detected_at=1,
+        cause=Cause(),
+    )
+    value = seal(body, SIGNER)
+
+    with pytest.raises(VerificationError) as ours:
+        open_envelope(value, TRUST)
+    with pytest.raises(wire_decoder.WireError) as theirs:
+        wire_decoder.decode_and_verify(value, PUBLIC_KEYS)
+    assert ours.value.reason == theirs.value.reason == "malformed"
+
+
+def test_an_ended_rollout_selects_nobody_for_both_decoders() -> None:
+    value = _candidate(state="aborted", below=2**63)
+    decoded = wire_decoder.decode_and_verify(value, PUBLIC_KEYS)["body"]
+    verified = open_envelope(value, TRUST).body
+
+    assert verified.rollout is not None and not verified.rollout.selects("web-1", {"zone": "a"})
+    assert not wire_decoder.selects(decoded["rollout"], "web-1", {"zone": "a"})
