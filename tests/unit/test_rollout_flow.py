@@ -403,3 +403,26 @@ async def test_a_restarted_daemon_resumes_the_rollout_it_finds(world: World, fle
     assert {t.id for t in tags} == {running.id}
     assert [(t.step, t.state) for t in tags] == [(0, "running"), (1, "running"), (1, "promoted")]
     assert fleet.snapshot_versions() == [1, 2]
+
+
+async def test_a_canary_lost_while_no_daemon_ran_is_judged_by_the_next_one(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    daemon = await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    await daemon.stop()
+    canary = next(s for s in fleet.subs.values() if s.config.get(POOL) == 260)
+    await canary.stop()  # it goes while nobody drives the rollout
+
+    await fleet.start_daemon()
+    await eventually(lambda: fleet.state() == "aborted", "the next daemon to abort")
+
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None
+    assert tag.breaches == (
+        f"crash-after-apply on {canary.settings.instance_id}: stopped after applying the candidate",
+    )
+    assert fleet.snapshot_versions() == [1]
