@@ -197,6 +197,9 @@ class RolloutDriver:
             return  # our own record coming back, or an older one
         tag = event.body.rollout
         assert tag is not None
+        Plan.of_tag(tag)  # a plan this daemon cannot drive is refused here, not in a tick
+        if not 0 <= tag.step < len(tag.steps):
+            raise ConfigBusError(f"rollout {tag.id}: step {tag.step} of {len(tag.steps)}")
         config = ResolvedConfig(
             msgspec.json.decode(event.config_json), env=stream[1], tenant=stream[0]
         )

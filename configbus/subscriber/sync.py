@@ -23,7 +23,7 @@ from typing import Any, TypeVar, Unpack
 from configbus.errors import ConfigBusError
 from configbus.events import VerifiedEvent
 from configbus.ops.overrides import OverrideEntry
-from configbus.subscriber.core import Callback, ConfigSubscriber, Snapshot, Validator
+from configbus.subscriber.core import Callback, ConfigSubscriber, HealthCheck, Snapshot, Validator
 from configbus.subscriber.settings import SubscriberOptions, SubscriberSettings
 from configbus.tree.resolved import ResolvedConfig
 
@@ -105,6 +105,12 @@ class SyncSubscriber:
 
     def add_validator(self, validator: Validator) -> None:
         self._subscriber.add_validator(validator)
+
+    def add_health_check(self, check: HealthCheck) -> None:
+        """As `ConfigSubscriber.add_health_check`; the check runs on this subscriber's
+        thread, before every heartbeat: keep it quick, or make it read a value your
+        own threads keep up to date."""
+        self._subscriber.add_health_check(check)
 
     def start(self) -> SyncSubscriber:
         """Start the thread and block until the first config is applied (or raise the

@@ -17,7 +17,18 @@ import pytest
 from configbus.bus import CANDIDATE_CHANNEL, SNAPSHOT_CHANNEL
 from configbus.crypto import SigningKey, generate_keypair
 from configbus.crypto.trust import OPERATOR, TrustedKey
-from configbus.events import Ack, Cause, VerifiedEvent, open_envelope, rank
+from configbus.events import (
+    Ack,
+    Cause,
+    EventKind,
+    RolloutTag,
+    VerifiedEvent,
+    build_body,
+    now_ns,
+    open_envelope,
+    rank,
+    seal,
+)
 from configbus.ops.rollouts import Command, Plan, read_staged, send_command
 from configbus.publisher import Daemon
 from configbus.subscriber import ConfigSubscriber
@@ -426,3 +437,24 @@ async def test_a_canary_lost_while_no_daemon_ran_is_judged_by_the_next_one(
         f"crash-after-apply on {canary.settings.instance_id}: stopped after applying the candidate",
     )
     assert fleet.snapshot_versions() == [1]
+
+
+async def test_a_candidate_record_the_daemon_cannot_drive_is_ignored_and_said_so(
+    world: World, fleet: Fleet
+) -> None:
+    await fleet.start_daemon()
+    bad = RolloutTag(id="x", state="running", strategy="canary", steps=(), step=0)
+    body = build_body(
+        tenant=AURORA[0], env=AURORA[1], version=1, config_json=b"{}",
+        kind=EventKind.CANDIDATE, detected_at=now_ns(), cause=Cause(), rollout=bad,
+    )  # fmt: skip
+    topic = world.topics.tenant_topic(AURORA[0])
+    await world.put(
+        topic, world.topics.record_key(AURORA[1], CANDIDATE_CHANNEL), seal(body, world.key)
+    )
+
+    await eventually(
+        lambda: "a candidate record is ignored: steps: give 1 to 20 steps" in fleet.daemon_log,
+        "the daemon to refuse the record",
+    )
+    assert fleet.daemon is not None and AURORA not in fleet.daemon.rollouts.rollouts
