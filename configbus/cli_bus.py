@@ -174,8 +174,9 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
         "--wait",
         type=float,
         metavar="SECONDS",
-        help="wait until every live instance is at the target; exit 1 on a refusal or on "
-        "stragglers when the time is up",
+        help="wait until every live instance is at the target, and a staged rollout that "
+        "runs has ended; exit 1 on a refusal, on stragglers when the time is up, or when "
+        "the staged rollout aborted",
     )
     status.add_argument(
         "--instance-ttl",
@@ -419,9 +420,11 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
 
     bus = KafkaBus(kafka)
 
+    watched = ""  # a staged rollout that ran while we waited
+
     async def status() -> tuple[RolloutReport, StagedView | None, int]:
+        nonlocal watched
         deadline = time.monotonic() + (args.wait or 0.0)
-        watched = ""
         while True:
             report = await rollout_status(
                 kafka,
@@ -462,7 +465,7 @@ def _rollout_status(args: argparse.Namespace, out: TextIO) -> int:
             print(staged.table(), file=out)
     if code:
         why = "refused" if report.rejections else f"not at the target within {args.wait:g}s"
-        if staged is not None and staged.tag.state == "aborted":
+        if staged is not None and staged.tag.state == "aborted" and staged.tag.id == watched:
             why = (
                 f"the staged rollout {staged.tag.id} was aborted: {'; '.join(staged.tag.breaches)}"
             )

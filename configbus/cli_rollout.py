@@ -91,7 +91,7 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
     except ValueError as exc:
         raise SettingsError(f"--within: {exc}") from None
     command = Command(action="start", plan=plan.to_dict())
-    _send(args, command, within)
+    _send(args, command, within, strict=True)
     print(
         f"armed {args.tenant}/{args.env}: its next change rolls out {plan.describe()} "
         f"(if it comes within {format_duration(within)}); "
@@ -118,8 +118,21 @@ def _abort(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _send(args: argparse.Namespace, command: Command, ttl_s: float = 600.0) -> None:
-    bus, topics, _trust, key = _signer(args)
+def _send(
+    args: argparse.Namespace, command: Command, ttl_s: float = 600.0, *, strict: bool = False
+) -> None:
+    """Sign and send `command`, to be acted on within `ttl_s` seconds: at most the
+    operator key's max_ttl (the daemon refuses longer), an error when `strict`."""
+    bus, topics, trust, key = _signer(args)
+    entry = trust.get(key.kid)
+    longest = entry.max_ttl if entry is not None and entry.max_ttl is not None else None
+    if longest is not None and ttl_s > longest:
+        if strict:
+            raise SettingsError(
+                f"--within {format_duration(ttl_s)} is longer than key {key.kid!r}'s max_ttl "
+                f"({format_duration(longest)}): the daemon would refuse the command"
+            )
+        ttl_s = longest
     cause = Cause(
         sources=(f"rollout {command.action}",), actor=_actor(args, key), reason=args.reason
     )

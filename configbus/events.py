@@ -124,6 +124,7 @@ class RolloutTag(msgspec.Struct, frozen=True, kw_only=True):
     first_version: int = 0  # the candidate channel version the rollout started at
     command_at: int = 0  # issued_at of the last operator command acted on
     breaches: tuple[str, ...] = ()  # why it was aborted: which gate, on which instance
+    note: str = ""  # the decision this record makes: the step begun, passed, why it ended
 
     def selects(self, instance: str, labels: Mapping[str, str]) -> bool:
         """Whether the instance applies the candidate now."""

@@ -27,6 +27,7 @@ __all__ = ["DEFAULT_TTL_S", "Fleet", "Member"]
 
 DEFAULT_TTL_S: Final = 30.0  # an instance that sends no heartbeat: live this long after an ack
 TTL_BEATS: Final = 3  # heartbeats an instance may miss before it leaves the live set
+APPLIES_KEPT: Final = 16  # candidate applies remembered per instance
 
 _decoder = msgspec.msgpack.Decoder(Ack)
 Stream = tuple[str, str]
@@ -50,6 +51,10 @@ class Member:
     config_hash: str = ""  # of the config it runs
     stopped_at: int = 0
     candidate_applied: Ack | None = None  # its last applied ack of the candidate channel
+    # Its last few applied acks of the candidate channel, oldest first: when it FIRST
+    # applied a candidate tells a crash loop (restarted after that) from a pod that
+    # restarted for its own reasons and then applied it at start-up.
+    candidate_applies: list[Ack] = field(default_factory=list)
     candidate_refused: Ack | None = None  # its last rejected one
 
     @property
@@ -63,6 +68,18 @@ class Member:
         if self.stopped_at and self.stopped_at >= self.last_heard:
             return False
         return now - self.last_heard <= self.ttl_ns
+
+    def first_applied(self, config_hash: str, since_version: int) -> int:
+        """When it first applied the candidate of `config_hash` (at or after candidate
+        channel version `since_version`), among the applies remembered; 0: never."""
+        return min(
+            (
+                a.applied_at
+                for a in self.candidate_applies
+                if a.config_hash == config_hash and a.version >= since_version
+            ),
+            default=0,
+        )
 
     def gone_why(self, now: int) -> str:
         """Why it is not live ("" when it is): stopped, or silent for how long."""
@@ -124,6 +141,7 @@ class Fleet:
             self._beat(member, ack, at)
         elif ack.channel == CANDIDATE_CHANNEL and ack.status == "applied":
             member.candidate_applied = ack
+            member.candidate_applies = [*member.candidate_applies[-(APPLIES_KEPT - 1) :], ack]
         elif ack.channel == CANDIDATE_CHANNEL and ack.status == "rejected":
             member.candidate_refused = ack
 

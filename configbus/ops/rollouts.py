@@ -261,7 +261,9 @@ def judge(
                 breaches.append(
                     f"crash-after-apply on {member.instance}: {gone} after applying the candidate"
                 )
-            elif member.restarted_at > done.applied_at:  # started again after applying it
+            elif member.restarted_at > (
+                member.first_applied(candidate_hash, first_version) or done.applied_at
+            ):  # started again after it first applied it: a crash loop applies it anew
                 breaches.append(
                     f"crash-after-apply on {member.instance}: restarted after applying it"
                 )
@@ -435,11 +437,9 @@ class StagedView:
         plan = Plan.of_tag(tag)
         head = f"{self.tenant}/{self.env}: rollout {tag.id} ({plan.describe()})"
         if tag.state == "running":
-            left = self.bake_left_s or 0.0
             head += (
                 f": step {tag.step + 1}/{len(tag.steps)} ({tag.steps[tag.step]}), "
                 f"{self.verdict.note or 'passed, promoting'}"
-                + (f" [bake {left:.0f}s left]" if left else "")
             )
         else:
             head += f": {tag.state.upper()} - {self.reason}"
@@ -502,7 +502,7 @@ async def read_staged(
         tag,
         best.body.version,
         best.body.config_hash,
-        best.body.cause.reason,
+        tag.note or best.body.cause.reason,
         sorted(members, key=lambda m: m.instance),
         verdict,
         now,

@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 Stream = tuple[str, str]  # (tenant, env)
 Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
 # Takes a changed stream's config instead of publishing it (a staged rollout): True
-# when it did. Called while a round publishes: it must only take note, never send.
-Stage = Callable[[Stream, ResolvedConfig, "Change"], bool]
+# when it did, False to publish it, or why it can be neither (the stream is refused).
+# Called while a round publishes: it must only take note, never send.
+Stage = Callable[[Stream, ResolvedConfig, "Change"], bool | str]
 # What a record costs in a batch beyond its value: batch header, record framing, key,
 # headers (content-type, traceparent). Generous, so "fits" means fits.
 RECORD_OVERHEAD = 512
@@ -164,6 +165,7 @@ class Publisher:
         self._store_down = False
         self._refusals: dict[Stream, str] = {}  # logged once per reason
         self.stage: Stage | None = None
+        self.settled: Callable[[Stream], None] | None = None  # resolves to what Kafka has
 
     async def publish(
         self, streams: Iterable[Stream], change: Change, *, release: bool = False
@@ -272,13 +274,19 @@ class Publisher:
         elif state is not None and state.config_hash == config.hash and resign:
             change = _resigned(change, self.key.kid)  # same content, this key's signature
         elif state is not None and state.config_hash == config.hash:
+            if self.settled is not None:
+                self.settled(stream)
             if state.data is None:
                 state.data, state.config_json = config.data, None  # share, drop the copy
             report.unchanged += 1
             report.unchanged_streams.append(stream)
             return None
         changed = state is None or state.config_hash != config.hash
-        if changed and self.stage is not None and self.stage(stream, config, change):
+        verdict = self.stage(stream, config, change) if changed and self.stage else False
+        if isinstance(verdict, str):
+            self._refuse(report, stream, verdict, code="needs_daemon")
+            return None
+        if verdict:
             report.staged.append(stream)
             return None
         prepared = self._sealed(stream, config, change)

@@ -201,6 +201,7 @@ class Daemon:
             look_again=lambda stream: self._dirty.add([stream], self._change("rollout armed", ())),
         )
         self.publisher.stage = self.rollouts.stage
+        self.publisher.settled = self.rollouts.settled
         self.secrets = SecretKeeper(
             self.bus,
             settings.topics,
@@ -262,6 +263,7 @@ class Daemon:
         watching. Returns once the first reconcile is queued. Cancellable."""
         if self._worker is not None:
             return self
+        self.rollouts.driving = True  # before the first round: it may stage
         await self._connect()
         self.index.rebuild()
         start = self._change("start", ())

@@ -122,6 +122,8 @@ class RolloutDriver:
     _commands: list[tuple[Stream, VerifiedEvent, Command]] = field(default_factory=list)
     _fleet_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _pruned: int = 0
+    _undone: set[Stream] = field(default_factory=set)  # running, but the change is undone
+    driving: bool = False  # a daemon runs `run()`; one-shot writers cannot stage
 
     # -- what the publisher hands over -------------------------------------------------
     def plan_for(self, stream: Stream) -> Plan | None:
@@ -137,23 +139,45 @@ class RolloutDriver:
             return None
         return plan if isinstance(plan, Plan) else None
 
-    def stage(self, stream: Stream, config: ResolvedConfig, change: Change) -> bool:
+    def settled(self, stream: Stream) -> None:
+        """The stream resolves to its published version again: a rollout of another
+        config running for it is no longer wanted (the change was undone)."""
+        rollout = self.rollouts.get(stream)
+        if rollout is not None and rollout.tag.state == "running":
+            self._undone.add(stream)
+        self._staged.pop(stream, None)
+
+    def stage(self, stream: Stream, config: ResolvedConfig, change: Change) -> bool | str:
         """Take the changed config of `stream` as a candidate instead of publishing it;
-        False when the stream has no rollout (it is published at once)."""
-        if self.stable(stream) is None:
+        False when the stream has no rollout (it is published at once); why not, when
+        it has one and no daemon drives rollouts here (a one-shot writer)."""
+        stable = self.stable(stream)
+        if stable is None:
             return False  # its first version: nothing runs yet that a canary could protect
+        self._undone.discard(stream)
         rollout = self.rollouts.get(stream)
         running = rollout is not None and rollout.tag.state == "running"
         arm = self._armed.get(stream)
         fresh = arm is not None and arm.expires_at > now_ns()
         fresh = fresh and arm is not None and (rollout is None or arm.at > rollout.tag.command_at)
+        # Running: nothing new. Aborted (and nothing published since): held until the
+        # tree changes again or an operator starts it again, whether a tree plan or an
+        # armed command staged it. Promoted: the snapshot is on its way.
+        same = rollout is not None and rollout.config.hash == config.hash and not fresh
+        if (
+            same
+            and rollout is not None
+            and (running or rollout.tag.stable_version == stable.version)
+        ):
+            return True
         plan = self.plan_for(stream)
         if plan is None and not running:
             return False
-        if rollout is not None and rollout.config.hash == config.hash and not fresh:
-            # Running: nothing new. Aborted: held until the tree changes again or an
-            # operator starts it again. Promoted: the snapshot is on its way.
-            return True
+        if not self.driving:
+            return (
+                "it rolls out in stages (a rollout: in tenant.yml, or `configbus rollout "
+                "start`), which only a running daemon drives: start `configbus daemon`"
+            )
         staged = self._staged.get(stream)
         if staged is not None and staged.config.hash == config.hash:
             return True
@@ -259,6 +283,12 @@ class RolloutDriver:
                 del self._staged[stream]  # staged before the topics were read: resumed
                 continue
             await self._start(stream, staged)
+        for stream in list(self._undone):
+            self._undone.discard(stream)
+            rollout = self.rollouts.get(stream)
+            if rollout is not None and rollout.tag.state == "running":
+                why = "the change was undone: the stream resolves to its stable version again"
+                await self._abort(stream, rollout, [why], rollout.tag.command_at)
         for stream, rollout in list(self.rollouts.items()):
             if rollout.tag.state == "running":
                 await self._drive(stream, rollout)
@@ -367,8 +397,8 @@ class RolloutDriver:
             await self._next_step(stream, rollout, _passed(tag, verdict), tag.command_at)
         elif verdict.action == "next":
             await self._promote(stream, rollout, _passed(tag, verdict), tag.command_at)
-        elif verdict.note != rollout.note:
-            rollout.note = verdict.note
+        elif verdict.note.split(",")[0] != rollout.note:  # "baking, 41s left": said once
+            rollout.note = verdict.note.split(",")[0]
             log.info("%s/%s: rollout %s step %d/%d: %s", tenant, env, tag.id, tag.step + 1,
                      len(tag.steps), verdict.note)  # fmt: skip
 
@@ -435,7 +465,8 @@ class RolloutDriver:
         tenant, env = stream
         version = self._next_version(stream, rollout)
         stable = self.stable(stream)
-        cause = rollout.change.cause
+        cause = rollout.change.cause  # the change's own: who made it and why, unchanged
+        tag = msgspec.structs.replace(tag, note=reason[:500])
         body = build_body(
             tenant=tenant,
             env=env,
@@ -443,7 +474,9 @@ class RolloutDriver:
             config_json=rollout.config.canonical_json,
             kind=EventKind.CANDIDATE,
             detected_at=rollout.change.detected_at,
-            cause=Cause(sources=cause.sources, actor=cause.actor or self.actor, reason=reason),
+            cause=Cause(
+                sources=cause.sources, actor=cause.actor or self.actor, reason=cause.reason
+            ),
             changed_paths=tuple(
                 changed_paths(stable.config() if stable else None, rollout.config.data)
             ),

@@ -834,7 +834,10 @@ class ConfigSubscriber:
         tag = event.body.rollout
         assert tag is not None  # open_envelope refuses a candidate without one
         current = self._current
-        if not tag.selects(self.settings.instance_id, self.settings.labels) or self.version == 0:
+        # An instance the gates cannot see (no heartbeats, no acks) never takes part.
+        seen = self.settings.send_acks and self.settings.heartbeat > 0
+        selected = seen and tag.selects(self.settings.instance_id, self.settings.labels)
+        if not selected or self.version == 0:
             self._candidate = event
             if self._candidate_base is None:
                 return None
@@ -1021,7 +1024,7 @@ class ConfigSubscriber:
             "%s/%s: rejected %s, keeping v%d: %s",
             self.tenant,
             self.env,
-            "an event" if channel == SNAPSHOT_CHANNEL else "an override",
+            "an event" if channel == SNAPSHOT_CHANNEL else f"a record of the {channel} channel",
             self.version,
             exc,
             extra={"tenant": self.tenant, "env": self.env, "reason": exc.reason},
@@ -1111,8 +1114,11 @@ class ConfigSubscriber:
             self._beat_now.clear()
             await self._check_health()
             self._send_ack(self._heartbeat())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that comes as its timeout fires, and stop() would wait for nothing.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat)
+                async with asyncio.timeout(self.settings.heartbeat):
+                    await self._beat_now.wait()
 
     async def _check_health(self) -> None:
         healthy, note = True, ""
@@ -1120,7 +1126,8 @@ class ConfigSubscriber:
             try:
                 verdict = check()
                 if inspect.isawaitable(verdict):
-                    verdict = await asyncio.wait_for(verdict, _HEALTH_TIMEOUT_S)
+                    async with asyncio.timeout(_HEALTH_TIMEOUT_S):
+                        verdict = await verdict
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failing check is an answer, not a crash

@@ -31,6 +31,8 @@ from configbus.events import (
 )
 from configbus.ops.rollouts import Command, Plan, read_staged, send_command
 from configbus.publisher import Daemon
+from configbus.publisher.core import now_change
+from configbus.publisher.daemon import publish_once
 from configbus.subscriber import ConfigSubscriber
 
 from .helpers import eventually
@@ -78,7 +80,7 @@ class Fleet:
             topic_prefix=self.world.topics.prefix,
             acks_topic=self.world.topics.acks,
             labels={"zone": zone, **options.pop("labels", {})},
-            heartbeat=0.05,
+            heartbeat=options.pop("heartbeat", 0.05),
             start_timeout=5,
             bootstrap_servers="memory:9092",
             **options,
@@ -182,7 +184,10 @@ async def test_a_declared_canary_goes_step_by_step_and_is_promoted(
     ]
     assert states == [(0, "running"), (1, "running"), (2, "running"), (2, "promoted")]
     assert max(on for _, on in seen) >= 1
-    assert all(sub.version == 2 and sub.snapshot.candidate is None for sub in fleet.subs.values())
+    await eventually(
+        lambda: all(s.version == 2 and s.snapshot.candidate is None for s in fleet.subs.values()),
+        "every instance on the promoted snapshot v2, off the candidate",
+    )
 
 
 async def test_a_validator_refusing_the_candidate_aborts_and_the_canary_goes_back(
@@ -337,14 +342,14 @@ async def test_a_change_during_a_rollout_supersedes_it(world: World, fleet: Flee
     latest = fleet.candidates()[-1]
     assert latest.body.rollout is not None and latest.body.rollout.id != first.id
     assert latest.body.rollout.step == 0
-    assert f"supersedes rollout {first.id}" in latest.body.cause.reason
+    assert f"supersedes rollout {first.id}" in latest.body.rollout.note
     assert 260 not in fleet.pools().values()
     assert fleet.snapshot_versions() == [1]
 
 
-async def test_operators_arm_promote_and_abort_with_signed_commands(
-    world: World, fleet: Fleet, tmp_path: Path
-) -> None:
+def with_operator(world: World, tmp_path: Path) -> SigningKey:
+    """Trust file tmp_path/trust.yml: the world's key, "oncall" (an operator of
+    aurora-records/prod) and "outsider" (of helix-audio only); oncall's key."""
     private, _ = generate_keypair("oncall", tmp_path / "operators")
     operator = SigningKey.load(private, "oncall")
     outsider = SigningKey.load(generate_keypair("outsider", tmp_path / "operators")[0], "outsider")
@@ -353,9 +358,16 @@ async def test_operators_arm_promote_and_abort_with_signed_commands(
     ).with_key(
         TrustedKey(outsider.public, frozenset({"helix-audio"}), frozenset({"prod"}), OPERATOR, 3600)
     )
-    trust_path = tmp_path / "trust.yml"
-    world.trust.save(trust_path)
-    fleet.daemon = world.daemon(trust=trust_path)
+    world.trust.save(tmp_path / "trust.yml")
+    return operator
+
+
+async def test_operators_arm_promote_and_abort_with_signed_commands(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    operator = with_operator(world, tmp_path)
+    outsider = SigningKey.load(tmp_path / "operators" / "outsider.key", "outsider")
+    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
     await fleet.daemon.start()
     await fleet.daemon.ready.wait()
     await six(fleet)
@@ -458,3 +470,83 @@ async def test_a_candidate_record_the_daemon_cannot_drive_is_ignored_and_said_so
         "the daemon to refuse the record",
     )
     assert fleet.daemon is not None and AURORA not in fleet.daemon.rollouts.rollouts
+
+
+async def test_undoing_the_change_aborts_its_rollout(world: World, fleet: Fleet) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+
+    change_pool(world, 260, 250)
+    await eventually(lambda: fleet.state() == "aborted", "the rollout to be aborted")
+
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None
+    assert tag.breaches == (
+        "the change was undone: the stream resolves to its stable version again",
+    )
+    await eventually(lambda: set(fleet.pools().values()) == {250}, "the canary back")
+    assert fleet.snapshot_versions() == [1]  # nothing to publish: 250 is what runs
+
+
+async def test_an_aborted_change_stays_held_across_reconciles_until_the_tree_changes(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    operator = with_operator(world, tmp_path)
+    daemon = fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
+    await daemon.start()
+    await daemon.ready.wait()
+    await six(fleet)
+
+    def refuse_260(config: Any) -> bool:
+        return config.get(POOL) != 260
+
+    for sub in fleet.subs.values():
+        sub.add_validator(refuse_260)
+    plan = Plan.build("canary", "1,100%", "1h")
+    await send_command(
+        world.bus, world.topics, *AURORA, Command(action="start", plan=plan.to_dict()),
+        key=operator, cause=Cause(actor="oncall", reason="CHG-2"),
+    )  # fmt: skip
+    await eventually(lambda: "armed" in fleet.daemon_log, "the daemon to arm the stream")
+    change_pool(world, 250, 260)
+    await eventually(lambda: fleet.state() == "aborted", "the rollout to be aborted")
+
+    report = await daemon.publish_round(
+        lambda publisher: publisher.publish([AURORA], now_change((), "unit", "reconcile"))
+    )
+    assert report.staged == [AURORA] and not report.published  # held, not published
+    assert fleet.snapshot_versions() == [1]
+
+    change_pool(world, 260, 270)  # a new change, and no rollout armed: published at once
+    await eventually(lambda: fleet.snapshot_versions() == [1, 2], "the new change published")
+    await eventually(lambda: set(fleet.pools().values()) == {270}, "every instance on 270")
+
+
+async def test_a_one_shot_publish_refuses_a_stream_that_rolls_out_in_stages(world: World) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    first = await publish_once(world.settings(), bus=world.bus, deadline=5)
+    assert first.published  # a first version: nothing runs that a canary could protect
+    change_pool(world, 250, 260)
+
+    report = await publish_once(world.settings(), bus=world.bus, deadline=5)
+
+    assert not report.published and not report.staged
+    assert report.failed[AURORA].startswith("it rolls out in stages")
+    assert "only a running daemon drives" in report.failed[AURORA]
+
+
+async def test_an_instance_without_heartbeats_never_takes_part(world: World, fleet: Fleet) -> None:
+    declare(world, "{strategy: canary, steps: [100%], bake: 60s}")
+    await fleet.start_daemon()
+    unseen = await fleet.start("unseen", heartbeat=0)
+    for number in range(3):
+        await fleet.start(f"i{number}")
+    change_pool(world, 250, 260)
+
+    await eventually(
+        lambda: all(fleet.pools()[f"i{n}"] == 260 for n in range(3)), "the seen ones on 260"
+    )
+    assert unseen.config.get(POOL) == 250 and unseen.snapshot.candidate is None

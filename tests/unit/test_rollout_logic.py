@@ -1189,3 +1189,18 @@ def test_instances_not_heard_of_for_long_are_forgotten() -> None:
     assert set(fleet.members(TENANT, ENV)) == {"new"}
     assert fleet.prune(T0 + sec(200)) == 1
     assert fleet.streams == {}
+
+
+def test_a_crash_loop_that_applies_the_candidate_again_at_each_start_is_caught() -> None:
+    fleet = Fleet()
+    feed(fleet, heartbeat(started_at=T0), T0 + sec(1))
+    first = applied("a", applied_at=T0 + sec(5))
+    fleet.observe(first.key, msgspec.msgpack.encode(first), T0 + sec(5))
+    again = applied("a", applied_at=T0 + sec(7))  # died, started at T0+6, applied again
+    fleet.observe(again.key, msgspec.msgpack.encode(again), T0 + sec(7))
+    feed(fleet, heartbeat(started_at=T0 + sec(6)), T0 + sec(8))
+
+    verdict = judge(canary(bake=0), HASH, FIRST, fleet.members(TENANT, ENV).values(), T0 + sec(8))
+
+    assert verdict.action == "abort"
+    assert verdict.breaches == ["crash-after-apply on a: restarted after applying it"]
