@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
+import msgspec
+
 from configbus.cli_override import _actor, _run, _signer
 from configbus.errors import SettingsError
 from configbus.events import Cause
-from configbus.ops.rollouts import COMMAND_TTL_S, Command, Plan, send_command
+from configbus.ops.rollouts import COMMAND_TTL_S, Command, Plan, latest_candidate, send_command
 from configbus.options import format_duration, parse_duration
 
 __all__ = ["register"]
@@ -90,6 +92,8 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
         within = parse_duration(args.within)
     except ValueError as exc:
         raise SettingsError(f"--within: {exc}") from None
+    if within <= 0:
+        raise SettingsError("--within: must be positive (how long the change may take to come)")
     command = Command(action="start", plan=plan.to_dict())
     _send(args, command, within, strict=True)
     print(
@@ -102,17 +106,20 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _promote(args: argparse.Namespace, out: TextIO) -> int:
-    _send(args, Command(action="promote", step_only=args.step))
+    rollout = _send(args, Command(action="promote", step_only=args.step))
     what = "to its next step" if args.step else "to every instance"
-    print(f"asked the publisher to promote {args.tenant}/{args.env}'s rollout {what}", file=out)
+    print(
+        f"asked the publisher to promote {args.tenant}/{args.env}'s rollout {rollout} {what}",
+        file=out,
+    )
     return 0
 
 
 def _abort(args: argparse.Namespace, out: TextIO) -> int:
-    _send(args, Command(action="abort"))
+    rollout = _send(args, Command(action="abort"))
     print(
-        f"asked the publisher to abort {args.tenant}/{args.env}'s rollout: its instances go "
-        "back to the stable version",
+        f"asked the publisher to abort {args.tenant}/{args.env}'s rollout {rollout}: its "
+        "instances go back to the stable version",
         file=out,
     )
     return 0
@@ -120,9 +127,11 @@ def _abort(args: argparse.Namespace, out: TextIO) -> int:
 
 def _send(
     args: argparse.Namespace, command: Command, ttl_s: float = 600.0, *, strict: bool = False
-) -> None:
+) -> str:
     """Sign and send `command`, to be acted on within `ttl_s` seconds: at most the
-    operator key's max_ttl (the daemon refuses longer), an error when `strict`."""
+    operator key's max_ttl (the daemon refuses longer), an error when `strict`. A
+    promote or abort names the rollout running now, so that the daemon never applies
+    it to another; a start is refused while one runs. Returns the rollout's id."""
     bus, topics, trust, key = _signer(args)
     entry = trust.get(key.kid)
     longest = entry.max_ttl if entry is not None and entry.max_ttl is not None else None
@@ -136,6 +145,23 @@ def _send(
     cause = Cause(
         sources=(f"rollout {command.action}",), actor=_actor(args, key), reason=args.reason
     )
-    _run(
-        send_command(bus, topics, args.tenant, args.env, command, key=key, cause=cause, ttl_s=ttl_s)
-    )
+
+    async def send() -> str:
+        latest = await latest_candidate(bus, topics, args.tenant, args.env, trust)
+        tag = latest.body.rollout if latest is not None else None
+        name = f"{args.tenant}/{args.env}"
+        if command.action == "start":
+            if tag is not None and tag.state == "running":
+                raise SettingsError(f"rollout {tag.id} of {name} runs: promote or abort it first")
+            meant = command
+        elif tag is None or tag.state != "running":
+            last = f" (the last, {tag.id}, was {tag.state})" if tag is not None else ""
+            raise SettingsError(f"no rollout of {name} runs{last}")
+        else:
+            meant = msgspec.structs.replace(command, rollout=tag.id)
+        await send_command(
+            bus, topics, args.tenant, args.env, meant, key=key, cause=cause, ttl_s=ttl_s
+        )
+        return meant.rollout
+
+    return _run(send())

@@ -10,7 +10,7 @@ transactional producers fenced by a newer producer with the same id.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -107,7 +107,7 @@ class Bus(Protocol):
     def topics_reader(self) -> TopicsReaderAPI: ...
     def read_to_end(
         self, topics: Sequence[str], *, max_seconds: float = 60.0
-    ) -> AsyncIterator[Record]: ...
+    ) -> AsyncGenerator[Record, None]: ...
     def follow(
         self, topics: Sequence[str], *, from_beginning: bool = True
-    ) -> AsyncIterator[Record]: ...
+    ) -> AsyncGenerator[Record, None]: ...

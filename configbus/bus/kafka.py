@@ -13,7 +13,15 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -633,7 +641,7 @@ async def read_to_end(
     *,
     isolation: str = "read_committed",
     max_seconds: float = 60.0,
-) -> AsyncIterator[Record]:
+) -> AsyncGenerator[Record, None]:
     """Every record of `topics` from the beginning to the end they had when the call
     started. Topics that do not exist are skipped. Raises `BusError` on timeout."""
     consumer = _consumer(settings, isolation)
@@ -670,7 +678,7 @@ async def follow(
     *,
     from_beginning: bool = True,
     isolation: str = "read_committed",
-) -> AsyncIterator[Record]:
+) -> AsyncGenerator[Record, None]:
     """Every record of `topics`, then every new one, until cancelled."""
     consumer = _consumer(settings, isolation, fetch_max_wait_ms=50)
     try:
@@ -923,12 +931,12 @@ class KafkaBus:
 
     def read_to_end(
         self, topics: Sequence[str], *, max_seconds: float = 60.0
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         return read_to_end(self.settings, topics, max_seconds=max_seconds)
 
     def follow(
         self, topics: Sequence[str], *, from_beginning: bool = True
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         return follow(self.settings, topics, from_beginning=from_beginning)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
@@ -192,7 +192,7 @@ class MemoryBus:
 
     async def read_to_end(
         self, topics: Sequence[str], *, max_seconds: float = 60.0
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         self._check("connect")
         ends = [(t, t.stable_end()) for name in topics if (t := self._topics.get(name))]
         for found, end in ends:
@@ -202,7 +202,7 @@ class MemoryBus:
 
     async def follow(
         self, topics: Sequence[str], *, from_beginning: bool = True
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         self._check("connect")
         cursors = [self._cursor(name, from_beginning) for name in topics if name in self._topics]
         while True:

@@ -14,20 +14,25 @@ the CLI reads it once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
 
 from configbus.bus import CANDIDATE_CHANNEL, PRESENCE_CHANNEL
+from configbus.errors import SettingsError
 from configbus.events import Ack
+from configbus.options import parse_labels
 
 __all__ = ["DEFAULT_TTL_S", "Fleet", "Member"]
 
 DEFAULT_TTL_S: Final = 30.0  # an instance that sends no heartbeat: live this long after an ack
 TTL_BEATS: Final = 3  # heartbeats an instance may miss before it leaves the live set
 APPLIES_KEPT: Final = 16  # candidate applies remembered per instance
+MAX_LABELS: Final = 32  # labels a heartbeat may carry; one with more is ignored
+MAX_HEARTBEAT_MS: Final = 300_000  # a longer interval counts as this: gone within 15 min
+MAX_MEMBERS: Final = 20_000  # instances per stream; more are not tracked (said once)
 
 _decoder = msgspec.msgpack.Decoder(Ack)
 Stream = tuple[str, str]
@@ -91,11 +96,15 @@ class Member:
 
 
 class Fleet:
-    """Every instance of every stream heard of, fed record by record."""
+    """Every instance of every stream heard of, fed record by record. `accept`, when
+    given, says which streams to track (the daemon's: those of its tree): anyone may
+    write the acks topic, and records for streams nobody follows cost nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, accept: Callable[[Stream], bool] | None = None) -> None:
         self.streams: dict[Stream, dict[str, Member]] = {}
         self.records = 0  # records observed, readable or not
+        self.ignored = 0  # records not taken: another stream, bad labels, over a limit
+        self.accept = accept
 
     def members(self, tenant: str, env: str) -> dict[str, Member]:
         return self.streams.get((tenant, env), {})
@@ -128,9 +137,19 @@ class Fleet:
             return
         if key != ack.key:
             return
-        members = self.streams.setdefault((ack.tenant, ack.env), {})
+        stream = (ack.tenant, ack.env)
+        if self.accept is not None and not self.accept(stream):
+            self.ignored += 1
+            return
+        if ack.labels and not _good_labels(ack.labels):
+            self.ignored += 1
+            return
+        members = self.streams.setdefault(stream, {})
         member = members.get(ack.instance)
         if member is None:
+            if len(members) >= MAX_MEMBERS:
+                self.ignored += 1
+                return
             member = members[ack.instance] = Member(ack.instance)
         member.service = ack.service or member.service
         if ack.status == "stopped":
@@ -151,7 +170,19 @@ class Fleet:
             member.restarted_at = ack.started_at  # by its clock, as its acks' applied_at
         member.started_at = max(member.started_at, ack.started_at)
         member.labels = dict(ack.labels)
-        member.heartbeat_ms = ack.heartbeat_ms
+        member.heartbeat_ms = min(max(ack.heartbeat_ms, 0), MAX_HEARTBEAT_MS)
         member.healthy, member.health_note = ack.healthy, ack.health_note
         member.version, member.candidate_version = ack.version, ack.candidate_version
         member.config_hash = ack.config_hash
+
+
+def _good_labels(labels: Mapping[str, str]) -> bool:
+    """Whether a heartbeat's labels are what a subscriber sends: at most MAX_LABELS,
+    each a label name and value as `parse_labels` reads them."""
+    if len(labels) > MAX_LABELS:
+        return False
+    try:
+        parsed = parse_labels((f"{k}={v}" for k, v in labels.items()), "label")
+    except SettingsError:
+        return False
+    return parsed == labels

@@ -28,6 +28,7 @@ Everything here is pure: the daemon (configbus/publisher/rollouts.py) drives it,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,7 +38,7 @@ from typing import Any, Final
 
 import msgspec
 
-from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Bus, TopicNames
+from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, SNAPSHOT_CHANNEL, Bus, TopicNames
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import SettingsError, VerificationError
 from configbus.events import (
@@ -45,6 +46,7 @@ from configbus.events import (
     Cause,
     EventKind,
     RolloutTag,
+    VerifiedEvent,
     build_body,
     now_ns,
     open_envelope,
@@ -61,7 +63,9 @@ __all__ = [
     "Plan",
     "StagedView",
     "Verdict",
+    "follows",
     "judge",
+    "latest_candidate",
     "read_staged",
     "send_command",
     "step_bound",
@@ -210,6 +214,18 @@ def step_bound(
     return match, (ranks[wanted - 1] + 1 if wanted else 0)
 
 
+def follows(member: Member, stable_hash: str, candidate_hash: str) -> bool:
+    """Whether `member` proves it follows the stream (see `judge`): it sends heartbeats
+    (an instance without them never runs a candidate), and runs the stable config or
+    the candidate, or answered the candidate by its hash."""
+    if member.heartbeat_ms <= 0:
+        return False
+    if not stable_hash or member.config_hash in (stable_hash, candidate_hash):
+        return True
+    answers = (member.candidate_applied, member.candidate_refused)
+    return any(a is not None and a.config_hash == candidate_hash for a in answers)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -232,10 +248,18 @@ def judge(
     first_version: int,
     members: Iterable[Member],
     now: int,
+    *,
+    stable_hash: str = "",
 ) -> Verdict:
     """The gate of the step `tag` runs, over every instance the fleet knows of the
     stream. `first_version`: the candidate channel's version that started this
-    rollout (answers to older candidates are another rollout's)."""
+    rollout (answers to older candidates are another rollout's).
+
+    Only instances that prove they follow the stream count: they send heartbeats,
+    and run its stable config (`stable_hash`, when given) or the candidate, or
+    answered the candidate by its hash. Acks are not signed and every service may
+    write the acks topic, but no other tenant can read these hashes: a heartbeat
+    forged for a phantom instance is not waited for, selected or blamed."""
     breaches: list[str] = []
     selected: list[str] = []
     applied: list[str] = []
@@ -243,11 +267,13 @@ def judge(
     for member in sorted(members, key=lambda m: m.instance):
         if not tag.selects(member.instance, member.labels):
             continue
+        if not follows(member, stable_hash, candidate_hash):
+            continue
         refused = member.candidate_refused
         if (
             refused is not None
             and refused.version >= first_version
-            and refused.config_hash in ("", candidate_hash)
+            and refused.config_hash == candidate_hash
             and not refused.reason.startswith("stale_version")
         ):
             breaches.append(f"refused on {member.instance}: {refused.reason}")
@@ -320,6 +346,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     action: str  # "start", "promote" or "abort"
     plan: dict[str, Any] = {}  # start: Plan.to_dict()
     step_only: bool = False  # promote: the next step only, not the whole rollout
+    rollout: str = ""  # promote, abort: the id of the rollout meant (no other is touched)
 
     def __post_init__(self) -> None:
         if self.action not in _COMMAND_ACTIONS:
@@ -465,11 +492,34 @@ class StagedView:
         return "\n".join(lines)
 
 
-async def read_staged(
+async def _stable_hash(
     bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
-) -> StagedView | None:
-    """The stream's latest staged rollout (the newest candidate record that verifies
-    with `trust`), or None when it never had one."""
+) -> str:
+    """The config hash of the stream's latest verified snapshot; "" when none."""
+    reader = bus.reader(topics.tenant_topic(tenant))
+    try:
+        if not await reader.start():
+            return ""
+        records = await reader.recent(topics.record_key(env), limit=16)
+    finally:
+        await reader.stop()
+    best: tuple[int, str] = (0, "")
+    for record in records:
+        try:
+            event = open_envelope(
+                record.value or b"", trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL
+            )
+        except VerificationError:
+            continue
+        best = max(best, (event.body.version, event.body.config_hash))
+    return best[1]
+
+
+async def latest_candidate(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> VerifiedEvent | None:
+    """The stream's newest candidate record that verifies with `trust`; None when it
+    never had one (or its tenant has no topic)."""
     reader = bus.reader(topics.tenant_topic(tenant))
     try:
         if not await reader.start():
@@ -487,15 +537,26 @@ async def read_staged(
             continue
         if best is None or event.body.version > best.body.version:
             best = event
+    return best
+
+
+async def read_staged(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> StagedView | None:
+    """The stream's latest staged rollout (the newest candidate record that verifies
+    with `trust`), or None when it never had one."""
+    best = await latest_candidate(bus, topics, tenant, env, trust)
     if best is None or best.body.rollout is None:
         return None
     fleet = Fleet()
-    async for record in bus.read_to_end([topics.acks]):
-        fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
+    async with contextlib.aclosing(bus.read_to_end([topics.acks])) as records:
+        async for record in records:
+            fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
     now = now_ns()
     tag = best.body.rollout
     members = list(fleet.members(tenant, env).values())
-    verdict = judge(tag, best.body.config_hash, tag.first_version, members, now)
+    stable = await _stable_hash(bus, topics, tenant, env, trust)
+    verdict = judge(tag, best.body.config_hash, tag.first_version, members, now, stable_hash=stable)
     return StagedView(
         tenant,
         env,

@@ -51,7 +51,7 @@ from typing import Any
 
 import watchfiles
 
-from configbus.bus import Bus, KafkaBus
+from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Bus, KafkaBus
 from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
 from configbus.crypto.keys import check_kid, load_private_key
 from configbus.errors import (
@@ -91,6 +91,7 @@ class StreamIndex:
     def __init__(self, tree: EnvironmentTree) -> None:
         self.tree = tree
         self.streams: list[Stream] = []
+        self.known: frozenset[Stream] = frozenset()  # the same, to look up
         self._by_file: dict[str, set[Stream]] = {}
 
     def rebuild(self) -> None:
@@ -105,6 +106,7 @@ class StreamIndex:
             for layer in layers:
                 by_file.setdefault(layer.source, set()).add((tenant, env))
         self.streams, self._by_file = streams, by_file
+        self.known = frozenset(streams)
 
     def affected(self, paths: Iterable[str]) -> tuple[set[Stream], bool]:
         """The streams the changed `paths` feed, and whether the index must be rebuilt
@@ -198,8 +200,11 @@ class Daemon:
             stable=lambda stream: self.publisher.states.get(stream),
             send=self._send_rollout,
             promote=self._promote,
-            look_again=lambda stream: self._dirty.add([stream], self._change("rollout armed", ())),
+            look_again=lambda stream, change: self._dirty.add(
+                [stream], change or self._change("rollout armed", ())
+            ),
         )
+        self.rollouts.fleet.accept = lambda stream: stream in self.index.known
         self.publisher.stage = self.rollouts.stage
         self.publisher.settled = self.rollouts.settled
         self.secrets = SecretKeeper(
@@ -298,6 +303,8 @@ class Daemon:
                 await self.admin.ensure_topics([topics.acks, topics.state], compact=True)
                 await (claim or self._claim)()
                 await self._recover()
+                if self.rollouts.driving:  # a daemon, not a one-shot writer
+                    await self._recover_rollouts()
                 break
             except BusError as exc:
                 if not exc.retriable:
@@ -349,6 +356,20 @@ class Daemon:
         self.publisher.states = recovery.states
         self.publisher.forget_topics()
         (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
+
+    async def _recover_rollouts(self) -> None:
+        """Read the staged rollouts and operators' rollout commands back from the tenant
+        topics before the first round: a change staged, held after an abort or armed
+        by `rollout start` must not be published at once because this daemon is new."""
+        names = self.settings.topics
+        tenant_topics = sorted(t for t in await self.admin.topics() if names.tenant_of(t))
+        wanted = (CANDIDATE_CHANNEL, ROLLOUT_CHANNEL)
+        if tenant_topics:  # none on a new cluster
+            async with contextlib.aclosing(self.bus.read_to_end(tenant_topics)) as records:
+                async for record in records:
+                    if names.channel_of(record.key)[1] in wanted:
+                        self.rollouts.received(record)
+        self.rollouts.recovered()
 
     async def claim_once(self, *, take_over: bool = False) -> None:
         """For a one-shot writer (`publish_once`, `configbus rollback`), instead of

@@ -45,8 +45,8 @@ from configbus.events import (
     open_envelope,
     seal,
 )
-from configbus.ops.fleet import Fleet
-from configbus.ops.rollouts import Command, Plan, Verdict, judge, new_id, step_bound
+from configbus.ops.fleet import Fleet, Member
+from configbus.ops.rollouts import Command, Plan, Verdict, follows, judge, new_id, step_bound
 from configbus.publisher.core import Change, Outgoing
 from configbus.publisher.state import StreamState
 from configbus.tree import EnvironmentTree, ResolvedConfig
@@ -113,8 +113,8 @@ class RolloutDriver:
     stable: Callable[[Stream], StreamState | None]
     send: Send
     promote: Promote
-    look_again: Callable[[Stream], None]  # have the daemon resolve the stream again
-    fleet: Fleet = field(default_factory=Fleet)
+    look_again: Callable[[Stream, Change | None], None]  # have the daemon resolve it again
+    fleet: Fleet = field(default_factory=Fleet)  # the daemon gives it its tree's streams
     rollouts: dict[Stream, _Rollout] = field(default_factory=dict)
     decisions: int = 0  # candidate records published by this driver
     _armed: dict[Stream, _Arm] = field(default_factory=dict)
@@ -123,6 +123,7 @@ class RolloutDriver:
     _fleet_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _pruned: int = 0
     _undone: set[Stream] = field(default_factory=set)  # running, but the change is undone
+    _versions: dict[Stream, int] = field(default_factory=dict)  # candidate channel, seen
     driving: bool = False  # a daemon runs `run()`; one-shot writers cannot stage
 
     # -- what the publisher hands over -------------------------------------------------
@@ -208,6 +209,8 @@ class RolloutDriver:
             log.warning("%s/%s: a rollout command is ignored: %s", tenant, env, exc)
             return
         if channel == CANDIDATE_CHANNEL:
+            versions = self._versions
+            versions[stream] = max(versions.get(stream, 0), event.body.version)
             try:
                 self._learn(stream, event)
             except (msgspec.DecodeError, ConfigBusError, RecursionError) as exc:
@@ -258,8 +261,10 @@ class RolloutDriver:
         await reader.start()
         try:
             await reader.add([self.topics.acks])
-            async for record in self.bus.read_to_end([self.topics.acks]):
-                self.fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
+            # aclosing: cancelled half way, the reader under it is closed now, not by the GC
+            async with contextlib.aclosing(self.bus.read_to_end([self.topics.acks])) as records:
+                async for record in records:
+                    self.fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
             self._fleet_ready.set()
             while True:
                 for record in await reader.poll(200):
@@ -299,37 +304,73 @@ class RolloutDriver:
         current = self.rollouts.get(stream)
         if current is None or current.config.hash != staged.config.hash:
             return False
-        return current.tag.state == "running" or (
+        return current.tag.state in ("running", "promoted") or (
             current.tag.state == "aborted" and staged.command_at <= current.tag.command_at
         )
 
-    async def _command(self, stream: Stream, event: VerifiedEvent, command: Command) -> None:
+    def recovered(self) -> None:
+        """The tenant topics were read to their end (`received`, before the daemon's
+        first round): arm the streams whose `rollout start` is still to be used, so
+        that the first round already stages their changes."""
+        kept = []
+        for stream, event, command in self._commands:
+            if command.action == "start":
+                self._arm(stream, event, command, look_again=False)
+            else:
+                kept.append((stream, event, command))
+        self._commands = kept
+        self.caught_up = lambda: True
+
+    def _fresh(self, stream: Stream, event: VerifiedEvent) -> bool:
+        """Whether a command is still to be acted on: newer than the last acted on,
+        and not expired."""
         body = event.body
         rollout = self.rollouts.get(stream)
         done = rollout.tag.command_at if rollout is not None else 0
         arm = self._armed.get(stream)
         if body.issued_at <= done or (arm is not None and body.issued_at <= arm.at):
-            return  # acted on already (read again after a restart)
-        if body.expires_at is not None and body.expires_at <= now_ns():
-            return  # too old to act on
+            return False  # acted on already (read again after a restart)
+        return body.expires_at is None or body.expires_at > now_ns()
+
+    def _arm(
+        self, stream: Stream, event: VerifiedEvent, command: Command, *, look_again: bool = True
+    ) -> None:
+        if not self._fresh(stream, event):
+            return
+        body, (tenant, env) = event.body, stream
+        who = f"{body.cause.actor or event.kid}: {body.cause.reason}"
+        rollout = self.rollouts.get(stream)
+        if rollout is not None and rollout.tag.state == "running":
+            log.warning("%s/%s: rollout %s runs already; `start` by %s ignored",
+                        tenant, env, rollout.tag.id, who)  # fmt: skip
+            return
+        plan = command.the_plan()
+        expires = body.expires_at or 0
+        self._armed[stream] = _Arm(plan, body.issued_at, expires, body.cause.actor, who)
+        log.info("%s/%s: armed by %s; its next change rolls out %s",
+                 tenant, env, who, plan.describe())  # fmt: skip
+        if look_again:
+            self.look_again(stream, None)
+
+    async def _command(self, stream: Stream, event: VerifiedEvent, command: Command) -> None:
+        if command.action == "start":
+            self._arm(stream, event, command)
+            return
+        if not self._fresh(stream, event):
+            return
+        body = event.body
+        rollout = self.rollouts.get(stream)
         who = f"{body.cause.actor or event.kid}: {body.cause.reason}"
         tenant, env = stream
-        if command.action == "start":
-            if rollout is not None and rollout.tag.state == "running":
-                log.warning("%s/%s: rollout %s runs already; `start` by %s ignored",
-                            tenant, env, rollout.tag.id, who)  # fmt: skip
-                return
-            plan = command.the_plan()
-            expires = body.expires_at or 0
-            self._armed[stream] = _Arm(plan, body.issued_at, expires, body.cause.actor, who)
-            log.info("%s/%s: armed by %s; its next change rolls out %s",
-                     tenant, env, who, plan.describe())  # fmt: skip
-            self.look_again(stream)
-            return
         if rollout is None or rollout.tag.state != "running":
             log.warning(
                 "%s/%s: no rollout runs; `%s` by %s ignored", tenant, env, command.action, who
             )
+            return
+        if command.rollout != rollout.tag.id:  # an old command, read again after a restart
+            log.warning("%s/%s: `%s` by %s names rollout %s, not the running %s; ignored",
+                        tenant, env, command.action, who, command.rollout or "none",
+                        rollout.tag.id)  # fmt: skip
             return
         if command.action == "abort":
             await self._abort(stream, rollout, [f"aborted by {who}"], body.issued_at)
@@ -344,7 +385,9 @@ class RolloutDriver:
         stable = self.stable(stream)
         rollout_id = new_id()
         plan = staged.plan
-        match, below = step_bound(rollout_id, plan, 0, self.fleet.live(tenant, env, now_ns()))
+        # Instances still on the candidate it supersedes are real ones, and count.
+        live = self._live(stream, staged.config.hash, current.config.hash if current else "")
+        match, below = step_bound(rollout_id, plan, 0, live)
         command_at = max(staged.command_at, current.tag.command_at if current else 0)
         tag = RolloutTag(
             id=rollout_id,
@@ -375,22 +418,22 @@ class RolloutDriver:
         tag = rollout.tag
         stable = self.stable(stream)
         if stable is not None and stable.version > tag.stable_version:
-            if stable.config_hash == rollout.config.hash:  # promoted, its record not back yet
-                return
             why = f"the stable version moved to v{stable.version} (a rollback or another writer)"
             await self._abort(stream, rollout, [why], tag.command_at)
             return
         now = now_ns()
         if tag.below == 0:  # nobody to select when the step began: look again
             match, below = step_bound(
-                tag.id, Plan.of_tag(tag), tag.step, self.fleet.live(tenant, env, now)
+                tag.id, Plan.of_tag(tag), tag.step, self._live(stream, rollout.config.hash)
             )
             if below:
                 fresh = msgspec.structs.replace(tag, match=match, below=below, step_started_at=now)
                 await self._publish(stream, rollout, fresh, f"step {tag.step + 1}: instances came")
                 return
-        verdict = judge(tag, rollout.config.hash, rollout.first_version,
-                        self.fleet.members(tenant, env).values(), now)  # fmt: skip
+        members = self.fleet.members(tenant, env).values()
+        stable_hash = stable.config_hash if stable is not None else ""
+        verdict = judge(tag, rollout.config.hash, rollout.first_version, members, now,
+                        stable_hash=stable_hash)  # fmt: skip
         if verdict.action == "abort":
             await self._abort(stream, rollout, verdict.breaches, tag.command_at)
         elif verdict.action == "next" and tag.step + 1 < len(tag.steps):
@@ -408,7 +451,8 @@ class RolloutDriver:
         tenant, env = stream
         tag, step = rollout.tag, rollout.tag.step + 1
         now = now_ns()
-        match, below = step_bound(tag.id, Plan.of_tag(tag), step, self.fleet.live(tenant, env, now))
+        live = self._live(stream, rollout.config.hash)
+        match, below = step_bound(tag.id, Plan.of_tag(tag), step, live)
         below = max(below, tag.below) if match == tag.match else below  # never narrower
         fresh = msgspec.structs.replace(
             tag, step=step, match=match, below=below, step_started_at=now, command_at=command_at
@@ -455,7 +499,19 @@ class RolloutDriver:
     # -- records -------------------------------------------------------------------------
     def _next_version(self, stream: Stream, rollout: _Rollout) -> int:
         known = self.rollouts.get(stream)
-        return max(known.version if known is not None else 0, rollout.version) + 1
+        seen = self._versions.get(stream, 0)  # every verified record, even one refused
+        return max(known.version if known is not None else 0, rollout.version, seen) + 1
+
+    def _live(self, stream: Stream, candidate_hash: str, also: str = "") -> list[Member]:
+        """The stream's live instances that prove they follow it (`follows`), or run
+        the config of hash `also` (a candidate being superseded)."""
+        stable = self.stable(stream)
+        stable_hash = stable.config_hash if stable is not None else ""
+        return [
+            m
+            for m in self.fleet.live(*stream, now_ns())
+            if follows(m, stable_hash, candidate_hash) or (also and m.config_hash == also)
+        ]
 
     def _record(
         self, stream: Stream, rollout: _Rollout, tag: RolloutTag, reason: str

@@ -624,15 +624,22 @@ class ConfigSubscriber:
         first = self._bootstrapped is not None and not self._bootstrapped.is_set()
         for key, records in found.items():
             claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
-            running = self._running_version(self._keys[key])
+            channel = self._keys[key]
             for claimed, record in claims:
+                running = self._running_version(channel)
                 if running > 0 and claimed <= running:
                     break  # nothing newer than what runs (the cache, or a previous connection)
                 if await self._handle(record, startup=first):
                     break
 
     def _running_version(self, channel: str) -> int:
-        return self.version if channel == SNAPSHOT_CHANNEL else self._current.override_version
+        """The version this instance holds of `channel`: of a candidate, the latest it
+        verified, selected or not (its selection is in that record, not in what runs)."""
+        if channel == SNAPSHOT_CHANNEL:
+            return self.version
+        if channel == CANDIDATE_CHANNEL:
+            return self._candidate.body.version if self._candidate is not None else 0
+        return self._current.override_version
 
     def _mark_bootstrapped(self, source: str) -> None:
         """Let start() return, once there is a verified config: a rejected record (a
@@ -792,6 +799,8 @@ class ConfigSubscriber:
         override = self._current.override or self._pending
         base = self._config_of(event)
         top = self._candidate_base or base
+        if top is not base:  # on a candidate: the snapshot is what it goes back to, so
+            self._validate(self._composed(base, override)[0])  # it must pass here too
         try:
             new, entries = self._composed(top, override)
             self._validate(new)

@@ -29,6 +29,7 @@ from configbus.events import (
     rank,
     seal,
 )
+from configbus.ops.overrides import OverrideEntry, write_overrides
 from configbus.ops.rollouts import Command, Plan, read_staged, send_command
 from configbus.publisher import Daemon
 from configbus.publisher.core import now_change
@@ -373,6 +374,9 @@ async def test_operators_arm_promote_and_abort_with_signed_commands(
     await six(fleet)
 
     async def command(action: str, key: SigningKey = operator, **fields: Any) -> None:
+        if action != "start":  # promote and abort name the rollout they mean, as the CLI does
+            tag = fleet.candidates()[-1].body.rollout if fleet.candidates() else None
+            fields.setdefault("rollout", tag.id if tag is not None else "")
         await send_command(
             world.bus, world.topics, *AURORA, Command(action=action, **fields), key=key,
             cause=Cause(actor=key.kid, reason=f"CHG-1 {action}"),
@@ -550,3 +554,59 @@ async def test_an_instance_without_heartbeats_never_takes_part(world: World, fle
         lambda: all(fleet.pools()[f"i{n}"] == 260 for n in range(3)), "the seen ones on 260"
     )
     assert unseen.config.get(POOL) == 250 and unseen.snapshot.candidate is None
+
+
+async def test_a_selected_newcomer_gets_the_candidate_though_overrides_are_at_a_higher_version(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    operator = with_operator(world, tmp_path)
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
+    await fleet.daemon.start()
+    await fleet.daemon.ready.wait()
+    for n in range(5):  # override channel at v5, above any candidate version to come
+
+        def one_more(kept: Any, now: int, n: int = n) -> tuple[OverrideEntry, ...]:
+            entry = OverrideEntry(
+                path=f"feature_flags.probe_{n}", value=True, set_at=now,
+                expires_at=now + 600 * 10**9, actor="oncall", reason="probe",
+            )  # fmt: skip
+            return (*kept, entry)
+
+        await write_overrides(
+            world.bus, world.topics, *AURORA, key=operator, trust=world.trust,
+            change=one_more, cause=Cause(actor="oncall", reason="probe"),
+        )  # fmt: skip
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None and fleet.candidates()[-1].body.version < 5
+
+    chosen = await fleet.start(
+        next(f"new{n}" for n in range(200) if rank(tag.id, f"new{n}") < tag.below)
+    )
+
+    assert chosen.config.get(POOL) == 260 and chosen.snapshot.candidate is not None
+    assert chosen.snapshot.override_version == 5
+
+
+async def test_a_promote_naming_another_rollout_is_not_acted_on(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    operator = with_operator(world, tmp_path)
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
+    await fleet.daemon.start()
+    await fleet.daemon.ready.wait()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+
+    await send_command(
+        world.bus, world.topics, *AURORA, Command(action="promote", rollout="0ld0ne"),
+        key=operator, cause=Cause(actor="oncall", reason="CHG-9 replayed"),
+    )  # fmt: skip
+
+    await eventually(lambda: "names rollout 0ld0ne" in fleet.daemon_log, "the refusal logged")
+    assert fleet.state() == "running" and fleet.snapshot_versions() == [1]

@@ -15,7 +15,7 @@ import pytest
 from configbus.errors import SettingsError, TreeError
 from configbus.events import RANK_SPACE, Ack, RolloutTag, rank
 from configbus.ops.fleet import DEFAULT_TTL_S, Fleet, Member
-from configbus.ops.rollouts import MAX_STEPS, Command, Plan, judge, step_bound
+from configbus.ops.rollouts import MAX_STEPS, Command, Plan, follows, judge, step_bound
 from configbus.tree.tree import EnvironmentTree
 
 from .helpers import TreeFactory, line_of
@@ -471,7 +471,7 @@ def applied(
 
 
 def refused(
-    instance: str, *, version: int = FIRST, reason: str = "refused: v: no", config_hash: str = ""
+    instance: str, *, version: int = FIRST, reason: str = "refused: v: no", config_hash: str = HASH
 ) -> Ack:
     return Ack(
         tenant=TENANT,
@@ -575,7 +575,7 @@ def test_an_apply_of_something_else_is_not_an_apply_of_the_candidate(ack: Ack) -
     assert verdict.applied == []
 
 
-@pytest.mark.parametrize("config_hash", ["", HASH])
+@pytest.mark.parametrize("config_hash", [HASH])
 def test_a_refusal_aborts_naming_the_instance_and_why(config_hash: str) -> None:
     members = [
         member("a", NOW, **_applied("a")),
@@ -641,14 +641,18 @@ def test_three_missed_heartbeats_are_not_yet_silence() -> None:
     assert judge(canary(), HASH, FIRST, members, NOW).action == "next"
 
 
-def test_an_instance_without_heartbeats_is_silent_after_the_default_ttl() -> None:
+def test_an_instance_without_heartbeats_takes_no_part_in_the_gate() -> None:
+    """It never runs a candidate (the SDK will not, unseen), so it is neither waited
+    for nor blamed when it falls silent."""
     quiet = NOW - sec(DEFAULT_TTL_S) - 1
-    members = [member("a", NOW, heartbeat_ms=0, last_heard=quiet, **_applied("a"))]
+    members = [
+        member("a", NOW, heartbeat_ms=0, last_heard=quiet, **_applied("a")),
+        member("b", NOW, **_applied("b")),
+    ]
 
     verdict = judge(canary(), HASH, FIRST, members, NOW)
 
-    assert verdict.action == "abort"
-    assert "silent" in verdict.breaches[0]
+    assert (verdict.action, verdict.breaches, verdict.selected) == ("next", [], ["b"])
 
 
 def test_an_instance_stopped_after_applying_is_a_crash_after_apply() -> None:
@@ -1204,3 +1208,43 @@ def test_a_crash_loop_that_applies_the_candidate_again_at_each_start_is_caught()
 
     assert verdict.action == "abort"
     assert verdict.breaches == ["crash-after-apply on a: restarted after applying it"]
+
+
+def test_a_refusal_without_the_candidates_hash_is_nobodys_answer() -> None:
+    """A refusal of a record that did not verify carries no hash: the instance could
+    not know it was selected, and anyone may write such an ack."""
+    members = [
+        member("a", NOW, **_applied("a")),
+        member("b", NOW, candidate_refused=refused("b", config_hash=""), **_applied("b")),
+    ]
+
+    assert judge(canary(), HASH, FIRST, members, NOW).action == "next"
+
+
+STABLE = "f" * 64
+
+
+def test_phantoms_that_do_not_run_the_streams_config_are_neither_waited_for_nor_blamed() -> None:
+    real = member("a", NOW, config_hash=HASH, **_applied("a"))
+    phantom = member("ghost", NOW - sec(100), config_hash="0" * 64)  # forged, then silent
+    forged = member("mimic", NOW, config_hash="1" * 64, healthy=False, health_note="forged")
+
+    verdict = judge(canary(), HASH, FIRST, [real, phantom, forged], NOW, stable_hash=STABLE)
+
+    assert (verdict.action, verdict.breaches, verdict.selected) == ("next", [], ["a"])
+    assert follows(member("b", NOW, config_hash=STABLE), STABLE, HASH)
+    assert not follows(member("c", NOW, config_hash=STABLE, heartbeat_ms=0), STABLE, HASH)
+
+
+def test_a_heartbeat_with_bad_labels_or_another_stream_is_not_taken() -> None:
+    fleet = Fleet(accept=lambda stream: stream == (TENANT, ENV))
+    feed(fleet, heartbeat("a", labels={"zone": "a,b"}), T0)  # not a label value
+    feed(fleet, heartbeat("b", labels={f"l{n}": "x" for n in range(40)}), T0)  # too many
+    other = msgspec.structs.replace(heartbeat("c"), tenant="other")
+    fleet.observe(other.key, msgspec.msgpack.encode(other), T0)
+    feed(fleet, heartbeat("d", heartbeat_ms=10**12), T0)
+
+    assert set(fleet.members(TENANT, ENV)) == {"d"}
+    assert fleet.members("other", ENV) == {}
+    assert fleet.ignored == 3
+    assert not fleet.members(TENANT, ENV)["d"].live(T0 + sec(16 * 60))  # clamped to 5 min
