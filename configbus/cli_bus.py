@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import yaml
 
 from configbus.bus import (
+    CANDIDATE_CHANNEL,
     OVERRIDE_CHANNEL,
+    ROLLOUT_CHANNEL,
     Admin,
     KafkaBus,
     KafkaSettings,
@@ -369,10 +371,20 @@ def _tail_line(
         if body.version <= seen:
             raise VerificationError("stale_version", f"v{body.version} after v{seen}")
         details = _overrides_line(event) if channel == OVERRIDE_CHANNEL else _changed_line(event)
+        if body.rollout is not None:  # a candidate: its rollout's decision
+            tag = body.rollout
+            details = (
+                f"rollout {shown(tag.id, quote=False)} {shown(tag.state, quote=False)} "
+                f"step {tag.step + 1}/{len(tag.steps)}: {shown(tag.note, 200, quote=False)}"
+            )
     except VerificationError as exc:
         return f"{where:<7} {key:<8} REJECTED {shown(str(exc), 300, quote=False)}", False
     last[(env, channel)] = body.version
-    version = f"override v{body.version}" if channel == OVERRIDE_CHANNEL else f"v{body.version:<5}"
+    version = {
+        OVERRIDE_CHANNEL: f"override v{body.version}",
+        CANDIDATE_CHANNEL: f"candidate v{body.version}",
+        ROLLOUT_CHANNEL: "command",
+    }.get(channel, f"v{body.version:<5}")
     when = datetime.datetime.fromtimestamp(body.issued_at / 1e9, datetime.UTC)
     cause = shown(body.cause.reason, 200, quote=False) if body.cause.reason else body.kind
     if body.cause.actor:

@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from configbus.bus import SNAPSHOT_CHANNEL, KafkaBus
+from configbus.bus import CANDIDATE_CHANNEL, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, KafkaBus
 from configbus.errors import SettingsError, UnknownNameError
 from configbus.events import shown
 from configbus.ops import StreamHistory, diff, stream_history
@@ -75,15 +75,20 @@ def _history(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=2), file=out)
         return _unverified(history)
-    overrides = len(history.versions) - len(history.snapshots)
+    overrides = sum(1 for e in history.versions if e.channel == OVERRIDE_CHANNEL)
+    staged = len(history.versions) - len(history.snapshots) - overrides
     count = f"{len(history.snapshots)} version(s)" + (
         f" and {overrides} override change(s)" if overrides else ""
     )
+    count += f" and {staged} rollout record(s)" if staged else ""
     print(f"{history.tenant}/{history.env}: {count}", file=out)
     for entry in entries:
         who = shown(entry.actor or "?", 60, quote=False)
         why = shown(entry.reason or "-", 80, quote=False)
-        number = f"v{entry.version}" if entry.channel == SNAPSHOT_CHANNEL else f"o{entry.version}"
+        number = {SNAPSHOT_CHANNEL: "v", OVERRIDE_CHANNEL: "o", CANDIDATE_CHANNEL: "c"}.get(
+            entry.channel, ""
+        )
+        number = f"{number}{entry.version}" if number else "command"
         print(
             f"  {number:<6} {entry.issued:%Y-%m-%dT%H:%M:%S}Z  {entry.kind:<9} by {who}: {why}",
             file=out,

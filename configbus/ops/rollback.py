@@ -39,6 +39,7 @@ from configbus.errors import (
     UnknownNameError,
 )
 from configbus.ops.history import HistoryEntry, stream_history
+from configbus.ops.rollouts import latest_candidate
 from configbus.publisher import Daemon, PublisherSettings, PublishReport
 from configbus.publisher.core import now_change
 from configbus.tree import EnvironmentTree, ResolvedConfig
@@ -68,14 +69,21 @@ class RollbackReport:
     version: int = 0
     held: bool = False
     problems: tuple[Problem, ...] = ()
+    staged: str = ""  # the id of a staged rollout of another config that runs
 
     def summary(self) -> str:
         stream = f"{self.tenant}/{self.env}"
         if not self.version:
-            return (
+            text = (
                 f"{stream}: v{self.to_version}'s content is the current config "
                 f"(v{self.current}); nothing published"
             )
+            if self.staged:
+                text += (
+                    f". A staged rollout of another config runs ({self.staged}): "
+                    f"`configbus rollout abort {self.tenant} {self.env}` sends its canaries back"
+                )
+            return text
         return f"rolled back {stream} to v{self.to_version}'s content as v{self.version}"
 
 
@@ -127,13 +135,15 @@ async def rollback(
                 raise SchemaError(_refusal(entry, stream, problems))
             latest = history.latest
             if latest is not None and latest.config_hash == entry.config_hash:
-                return RollbackReport(tenant, env, to_version, latest.version)
+                staged = await _running_rollout(daemon, stream)
+                return RollbackReport(tenant, env, to_version, latest.version, staged=staged)
 
             await daemon.claim_once(take_over=True)
             state = daemon.publisher.states.get(stream)
             current = state.version if state is not None else 0
             if state is not None and state.config_hash == entry.config_hash:
-                return RollbackReport(tenant, env, to_version, current)
+                staged = await _running_rollout(daemon, stream)
+                return RollbackReport(tenant, env, to_version, current, staged=staged)
             for problem in problems:
                 log.warning("rolling back to a config that fails today's schema: %s", problem)
             change = now_change((f"rollback to v{to_version}",), actor, reason)
@@ -147,6 +157,16 @@ async def rollback(
             )
     finally:
         await daemon.stop()
+
+
+async def _running_rollout(daemon: Daemon, stream: Stream) -> str:
+    """The id of the stream's staged rollout that runs, or "" (none, or unreadable)."""
+    try:
+        latest = await latest_candidate(daemon.bus, daemon.settings.topics, *stream, daemon.trust)
+    except ConfigBusError:
+        return ""
+    tag = latest.body.rollout if latest is not None else None
+    return tag.id if tag is not None and tag.state == "running" else ""
 
 
 async def release(

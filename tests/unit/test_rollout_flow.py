@@ -30,6 +30,7 @@ from configbus.events import (
     seal,
 )
 from configbus.ops.overrides import OverrideEntry, write_overrides
+from configbus.ops.rollback import rollback
 from configbus.ops.rollouts import Command, Plan, read_staged, send_command
 from configbus.publisher import Daemon
 from configbus.publisher.core import now_change
@@ -610,3 +611,26 @@ async def test_a_promote_naming_another_rollout_is_not_acted_on(
 
     await eventually(lambda: "names rollout 0ld0ne" in fleet.daemon_log, "the refusal logged")
     assert fleet.state() == "running" and fleet.snapshot_versions() == [1]
+
+
+async def test_a_rollback_to_what_runs_points_at_the_staged_rollout(
+    world: World, fleet: Fleet
+) -> None:
+    declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
+    await fleet.start_daemon()
+    await six(fleet)
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    tag = fleet.candidates()[-1].body.rollout
+    assert tag is not None
+
+    report = await rollback(
+        world.settings(), *AURORA, to_version=1, reason="bad pool", actor="oncall",
+        bus=world.bus, deadline=5,
+    )  # fmt: skip
+
+    assert report.version == 0 and report.staged == tag.id
+    assert report.summary().endswith(
+        f"A staged rollout of another config runs ({tag.id}): "
+        "`configbus rollout abort aurora-records prod` sends its canaries back"
+    )
