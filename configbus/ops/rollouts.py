@@ -98,7 +98,7 @@ class Plan:
         for step in self.steps:
             _check_step(step)
         if not 0 <= self.bake_s <= 7 * 86400:
-            raise SettingsError(f"bake {self.bake_s!r}: between 0s and 7d")
+            raise SettingsError(f"bake {self.bake_s:g}s: between 0s and 7d")
         if not math.isfinite(self.bake_s) or not math.isfinite(self.step_timeout_s):
             raise SettingsError("bake and step timeout: give a duration such as 90s")
         if self.step_timeout_s < 0:

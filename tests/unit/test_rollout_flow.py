@@ -634,3 +634,30 @@ async def test_a_rollback_to_what_runs_points_at_the_staged_rollout(
         f"A staged rollout of another config runs ({tag.id}): "
         "`configbus rollout abort aurora-records prod` sends its canaries back"
     )
+
+
+async def test_a_restart_during_an_armed_rollout_does_not_publish_the_candidate(
+    world: World, fleet: Fleet, tmp_path: Path
+) -> None:
+    operator = with_operator(world, tmp_path)
+    daemon = fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
+    await daemon.start()
+    await daemon.ready.wait()
+    await six(fleet)
+    plan = Plan.build("canary", "1,100%", "1h")
+    await send_command(
+        world.bus, world.topics, *AURORA, Command(action="start", plan=plan.to_dict()),
+        key=operator, cause=Cause(actor="oncall", reason="CHG-3"),
+    )  # fmt: skip
+    await eventually(lambda: "armed" in fleet.daemon_log, "the daemon to arm the stream")
+    change_pool(world, 250, 260)
+    await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
+    await daemon.stop()
+
+    again = fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
+    await again.start()
+    await again.ready.wait()  # its first round is done: it found the rollout first
+
+    assert again.rollouts.rollouts[AURORA].tag.state == "running"
+    assert fleet.snapshot_versions() == [1]
+    assert list(fleet.pools().values()).count(260) == 1
