@@ -258,8 +258,8 @@ class RolloutDriver:
     async def _follow_fleet(self) -> None:
         """The acks topic: read to its end, then followed."""
         reader = self.bus.topics_reader()
-        await reader.start()
-        try:
+        try:  # started inside: cancelled while it connects, it is still stopped
+            await reader.start()
             await reader.add([self.topics.acks])
             # aclosing: cancelled half way, the reader under it is closed now, not by the GC
             async with contextlib.aclosing(self.bus.read_to_end([self.topics.acks])) as records:
