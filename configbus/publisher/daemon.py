@@ -186,6 +186,7 @@ class Daemon:
             actor=settings.actor,
             is_writer=lambda: self.active.is_set(),
             on_record=lambda record: self.rollouts.received(record),
+            on_ack=lambda record: self.rollouts.observe(record),
         )
         self.rollouts = RolloutDriver(
             self.bus,

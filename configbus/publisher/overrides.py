@@ -53,11 +53,13 @@ class OverrideKeeper:
         actor: str,
         is_writer: Callable[[], bool],
         on_record: Callable[[Record], None] | None = None,
+        on_ack: Callable[[Record], None] | None = None,
     ) -> None:
         self.bus, self.topics, self.key, self.trust = bus, topics, key, trust
         self.actor = actor
         self.is_writer = is_writer
         self.on_record = on_record  # records of the other channels (the rollout driver's)
+        self.on_ack = on_ack  # when given, the acks topic is followed too, for it
         self.states: dict[Stream, OverrideState] = {}
         self.expiries_published = 0
         self.rounds = 0  # polls done: each looks for expiries due
@@ -102,7 +104,10 @@ class OverrideKeeper:
             existing = await admin.topics()
         finally:
             await admin.stop()
-        new = {t for t in existing if self.topics.tenant_of(t) is not None} - reader.topics
+        wanted = {t for t in existing if self.topics.tenant_of(t) is not None}
+        if self.on_ack is not None and self.topics.acks in existing:
+            wanted.add(self.topics.acks)  # one reader for both: one consumer fewer
+        new = wanted - reader.topics
         if not new:
             return
         added = await reader.add(new)
@@ -110,6 +115,10 @@ class OverrideKeeper:
             self._received(record)
 
     def _received(self, record: Record) -> None:
+        if record.topic == self.topics.acks:
+            if self.on_ack is not None:
+                self.on_ack(record)
+            return
         env, channel = self.topics.channel_of(record.key)
         tenant = self.topics.tenant_of(record.topic)
         if channel != OVERRIDE_CHANNEL and self.on_record is not None:

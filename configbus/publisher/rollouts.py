@@ -24,7 +24,6 @@ each rollout through its steps, gates and promotion (see `configbus.ops.rollouts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ class RolloutDriver:
     operators: TrustStore  # operator keys too: commands
     actor: str
     is_writer: Callable[[], bool]
-    caught_up: Callable[[], bool]  # the tenant topics were read to their end once
+    caught_up: Callable[[], bool]  # the tenant topics and the acks topic were read once
     stable: Callable[[Stream], StreamState | None]
     send: Send
     promote: Promote
@@ -120,7 +119,6 @@ class RolloutDriver:
     _armed: dict[Stream, _Arm] = field(default_factory=dict)
     _staged: dict[Stream, _Staged] = field(default_factory=dict)
     _commands: list[tuple[Stream, VerifiedEvent, Command]] = field(default_factory=list)
-    _fleet_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _pruned: int = 0
     _undone: set[Stream] = field(default_factory=set)  # running, but the change is undone
     _versions: dict[Stream, int] = field(default_factory=dict)  # candidate channel, seen
@@ -242,36 +240,17 @@ class RolloutDriver:
 
     # -- the loop ----------------------------------------------------------------------
     async def run(self) -> None:
-        follower = asyncio.create_task(self._follow_fleet(), name="rollouts-fleet")
-        try:
-            while True:
-                await asyncio.sleep(TICK_S)
-                if follower.done():
-                    follower.result()  # raises what ended it: the supervisor restarts us
-                if self.is_writer() and self.caught_up() and self._fleet_ready.is_set():
-                    await self.tick()
-        finally:
-            follower.cancel()
-            with contextlib.suppress(BaseException):
-                await follower
+        """Tick while this daemon is the writer and the tenant topics and the acks
+        topic were read to their end (the override keeper's reader follows them all,
+        and hands the acks to `observe`)."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self.is_writer() and self.caught_up():
+                await self.tick()
 
-    async def _follow_fleet(self) -> None:
-        """The acks topic: read to its end, then followed."""
-        reader = self.bus.topics_reader()
-        try:  # started inside: cancelled while it connects, it is still stopped
-            await reader.start()
-            await reader.add([self.topics.acks])
-            # aclosing: cancelled half way, the reader under it is closed now, not by the GC
-            async with contextlib.aclosing(self.bus.read_to_end([self.topics.acks])) as records:
-                async for record in records:
-                    self.fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
-            self._fleet_ready.set()
-            while True:
-                for record in await reader.poll(200):
-                    self.fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
-        finally:
-            with contextlib.suppress(Exception):
-                await reader.stop()
+    def observe(self, record: Record) -> None:
+        """A record of the acks topic: an instance's answer or heartbeat."""
+        self.fleet.observe(record.key, record.value, record.timestamp_ms * 10**6)
 
     async def tick(self) -> None:
         """One round: commands, new candidates, then every running rollout's gate.
@@ -319,7 +298,6 @@ class RolloutDriver:
             else:
                 kept.append((stream, event, command))
         self._commands = kept
-        self.caught_up = lambda: True
 
     def _fresh(self, stream: Stream, event: VerifiedEvent) -> bool:
         """Whether a command is still to be acted on: newer than the last acted on,

@@ -430,11 +430,15 @@ async def produce(setup: Setup, tenant: str, env: str, *values: bytes) -> None:
 _acks = msgspec.msgpack.Decoder(Ack)
 
 
-async def read_acks(setup: Setup, topic: str | None = None) -> list[tuple[Record, Ack]]:
-    """Every record on the acks topic, decoded."""
+async def read_acks(
+    setup: Setup, topic: str | None = None, *, heartbeats: bool = False
+) -> list[tuple[Record, Ack]]:
+    """Every answer to an event on the acks topic, decoded; the instances' heartbeats
+    too when `heartbeats` (wire format §2.4: readers of answers skip them)."""
     name = topic or setup.topics.acks
     records = (await setup.records([name], settled=False))[name]
-    return [(r, _acks.decode(r.value or b"")) for r in records]
+    decoded = [(r, _acks.decode(r.value or b"")) for r in records]
+    return [(r, a) for r, a in decoded if heartbeats or a.status != "heartbeat"]
 
 
 async def call_main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
