@@ -492,27 +492,27 @@ class StagedView:
         return "\n".join(lines)
 
 
-async def _stable_hash(
-    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
-) -> str:
-    """The config hash of the stream's latest verified snapshot; "" when none."""
+async def newest(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore, channel: str
+) -> VerifiedEvent | None:
+    """The newest of the stream's recent records on `channel` that verifies with
+    `trust`; None when none does (or the tenant has no topic)."""
     reader = bus.reader(topics.tenant_topic(tenant))
     try:
         if not await reader.start():
-            return ""
-        records = await reader.recent(topics.record_key(env), limit=16)
+            return None
+        records = await reader.recent(topics.record_key(env, channel), limit=64)
     finally:
         await reader.stop()
-    best: tuple[int, str] = (0, "")
+    best = None
     for record in records:
         try:
-            event = open_envelope(
-                record.value or b"", trust, stream=(tenant, env), channel=SNAPSHOT_CHANNEL
-            )
+            event = open_envelope(record.value or b"", trust, stream=(tenant, env), channel=channel)
         except VerificationError:
             continue
-        best = max(best, (event.body.version, event.body.config_hash))
-    return best[1]
+        if best is None or event.body.version > best.body.version:
+            best = event
+    return best
 
 
 async def latest_candidate(
@@ -520,24 +520,7 @@ async def latest_candidate(
 ) -> VerifiedEvent | None:
     """The stream's newest candidate record that verifies with `trust`; None when it
     never had one (or its tenant has no topic)."""
-    reader = bus.reader(topics.tenant_topic(tenant))
-    try:
-        if not await reader.start():
-            return None
-        records = await reader.recent(topics.record_key(env, CANDIDATE_CHANNEL), limit=64)
-    finally:
-        await reader.stop()
-    best = None
-    for record in records:
-        try:
-            event = open_envelope(
-                record.value or b"", trust, stream=(tenant, env), channel=CANDIDATE_CHANNEL
-            )
-        except VerificationError:
-            continue
-        if best is None or event.body.version > best.body.version:
-            best = event
-    return best
+    return await newest(bus, topics, tenant, env, trust, CANDIDATE_CHANNEL)
 
 
 async def read_staged(
@@ -555,7 +538,8 @@ async def read_staged(
     now = now_ns()
     tag = best.body.rollout
     members = list(fleet.members(tenant, env).values())
-    stable = await _stable_hash(bus, topics, tenant, env, trust)
+    snapshot = await newest(bus, topics, tenant, env, trust, SNAPSHOT_CHANNEL)
+    stable = snapshot.body.config_hash if snapshot is not None else ""
     verdict = judge(tag, best.body.config_hash, tag.first_version, members, now, stable_hash=stable)
     return StagedView(
         tenant,

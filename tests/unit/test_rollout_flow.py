@@ -66,8 +66,8 @@ class Fleet:
     def daemon_log(self) -> str:
         return "\n".join(self.messages)
 
-    async def start_daemon(self) -> Daemon:
-        self.daemon = self.world.daemon()
+    async def start_daemon(self, trust: Path | None = None) -> Daemon:
+        self.daemon = self.world.daemon(**({"trust": trust} if trust else {}))
         await self.daemon.start()
         await self.daemon.ready.wait()
         return self.daemon
@@ -369,9 +369,7 @@ async def test_operators_arm_promote_and_abort_with_signed_commands(
 ) -> None:
     operator = with_operator(world, tmp_path)
     outsider = SigningKey.load(tmp_path / "operators" / "outsider.key", "outsider")
-    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
-    await fleet.daemon.start()
-    await fleet.daemon.ready.wait()
+    await fleet.start_daemon(tmp_path / "trust.yml")
     await six(fleet)
 
     async def command(action: str, key: SigningKey = operator, **fields: Any) -> None:
@@ -500,9 +498,7 @@ async def test_an_aborted_change_stays_held_across_reconciles_until_the_tree_cha
     world: World, fleet: Fleet, tmp_path: Path
 ) -> None:
     operator = with_operator(world, tmp_path)
-    daemon = fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
-    await daemon.start()
-    await daemon.ready.wait()
+    daemon = await fleet.start_daemon(tmp_path / "trust.yml")
     await six(fleet)
 
     def refuse_260(config: Any) -> bool:
@@ -562,9 +558,7 @@ async def test_a_selected_newcomer_gets_the_candidate_though_overrides_are_at_a_
 ) -> None:
     operator = with_operator(world, tmp_path)
     declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
-    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
-    await fleet.daemon.start()
-    await fleet.daemon.ready.wait()
+    await fleet.start_daemon(tmp_path / "trust.yml")
     for n in range(5):  # override channel at v5, above any candidate version to come
 
         def one_more(kept: Any, now: int, n: int = n) -> tuple[OverrideEntry, ...]:
@@ -597,9 +591,7 @@ async def test_a_promote_naming_another_rollout_is_not_acted_on(
 ) -> None:
     operator = with_operator(world, tmp_path)
     declare(world, "{strategy: canary, steps: [1, 100%], bake: 60s}")
-    fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
-    await fleet.daemon.start()
-    await fleet.daemon.ready.wait()
+    await fleet.start_daemon(tmp_path / "trust.yml")
     await six(fleet)
     change_pool(world, 250, 260)
     await eventually(lambda: list(fleet.pools().values()).count(260) == 1, "one canary")
@@ -640,9 +632,7 @@ async def test_a_restart_during_an_armed_rollout_does_not_publish_the_candidate(
     world: World, fleet: Fleet, tmp_path: Path
 ) -> None:
     operator = with_operator(world, tmp_path)
-    daemon = fleet.daemon = world.daemon(trust=tmp_path / "trust.yml")
-    await daemon.start()
-    await daemon.ready.wait()
+    daemon = await fleet.start_daemon(tmp_path / "trust.yml")
     await six(fleet)
     plan = Plan.build("canary", "1,100%", "1h")
     await send_command(
