@@ -24,7 +24,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -81,6 +81,8 @@ aiokafka.producer.sender.BACKOFF_OVERRIDE = 0.002
 
 ABORT_TIMEOUT_S = 5.0  # aborting a failed transaction, at most
 CLOSE_TIMEOUT_S = 2.0  # a refused connection's socket closing, at most
+CONNECT_GRACE_S = 5.0  # a connection cancelled while it opens: time to finish first
+_T = TypeVar("_T")
 RECENT_MAX_BYTES = 32 * 1024 * 1024  # records `PartitionReader.recent` holds, at most
 STOP_TIMEOUT_S = 10.0  # closing a producer (it flushes what is queued), at most
 
@@ -525,7 +527,7 @@ async def _started(
 ) -> Any:
     """`client` once started; else closed, and a `BusError` saying what failed."""
     try:
-        await client.start()
+        await _connecting(client.start())
     except KafkaError as exc:
         await close()
         raise await _start_error(exc, settings, doing) from exc
@@ -533,6 +535,23 @@ async def _started(
         await close()  # cancelled while connecting: leave no client open
         raise
     return client
+
+
+async def _connecting(opening: Awaitable[_T]) -> _T:
+    """`opening` (a step that may open a broker connection), not cut off half way:
+    aiokafka loses track of a connection cancelled while it opens, and leaves its
+    socket to the garbage collector. Cancelled, this lets it finish (briefly), so that
+    the client that owns the connection closes it, then raises the cancellation."""
+    step = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait({step}, timeout=CONNECT_GRACE_S)
+        if not step.done():
+            step.cancel()
+        elif not step.cancelled():
+            step.exception()  # retrieved: it is not logged as never retrieved
+        raise
 
 
 async def _start_error(exc: KafkaError, settings: KafkaSettings, doing: str) -> BusError:
@@ -623,7 +642,7 @@ async def _partitions(consumer: Any, topics: Sequence[str]) -> list[Any]:
     if node is None:
         raise KafkaConnectionError("no broker known")
     request = MetadataRequest(list(topics), allow_auto_topic_creation=False)
-    response = await client.send(node, request)
+    response = await _connecting(client.send(node, request))
     found = []
     for entry in response.topics:
         error_code, topic = entry[0], entry[1]
