@@ -6,13 +6,27 @@ tests/integration/test_rollouts.py (Kafka)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, MemoryBus, TopicNames
 from configbus.cli import main
 from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.crypto.trust import OPERATOR, TrustedKey
+from configbus.events import (
+    Cause,
+    Envelope,
+    EventBody,
+    EventKind,
+    RolloutTag,
+    build_body,
+    now_ns,
+    seal,
+)
+from configbus.ops.rollouts import Command, Plan
 
 CLOSED = "127.0.0.1:9"  # nothing listens: a command that got as far as sending would hang
 
@@ -87,3 +101,127 @@ def test_a_command_without_a_reason_is_a_usage_error(
 
     assert exited.value.code == 2
     assert "--reason" in capsys.readouterr().err
+
+
+# -- against an in-memory bus: what the commands write -------------------------------------
+
+
+@pytest.fixture
+def bus_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[MemoryBus, list[str], SigningKey]:
+    """The CLI on a MemoryBus: an operator of acme/prod, and the publisher key whose
+    candidates the CLI reads (both in the trust file); the publisher's key."""
+    bus = MemoryBus()
+    bus.create_topic(TopicNames().audit, compact=False)  # as any published cluster has
+    monkeypatch.setattr("configbus.cli_override.KafkaBus", lambda settings: bus)
+    operator, _ = generate_keypair("oncall", tmp_path / "keys")
+    publisher_path, _ = generate_keypair("pub", tmp_path / "keys")
+    publisher = SigningKey.load(publisher_path, "pub")
+    trust = TrustStore(
+        [
+            TrustedKey(publisher.public, frozenset({"*"}), frozenset({"*"})),
+            TrustedKey(
+                SigningKey.load(operator, "oncall").public,
+                frozenset({"acme"}),
+                frozenset({"prod"}),
+                OPERATOR,
+                3600,
+            ),
+        ]
+    )
+    (tmp_path / "trust.yml").write_text(trust.dump())
+    options = ["--trust", str(tmp_path / "trust.yml"), "--key", str(operator)]
+    return bus, [*options, "--bootstrap-servers", CLOSED], publisher
+
+
+def commands(bus: MemoryBus) -> list[tuple[str, Command]]:
+    topics = TopicNames()
+    records = bus.records(topics.tenant_topic("acme"))
+    found = []
+    for record in records:
+        if record.key == topics.record_key("prod", ROLLOUT_CHANNEL):
+            body = msgspec.msgpack.decode(
+                msgspec.msgpack.decode(record.value or b"", type=Envelope).body, type=EventBody
+            )
+            found.append((body.cause.actor, msgspec.json.decode(body.config, type=Command)))
+    return found
+
+
+def running(bus: MemoryBus, key: SigningKey, state: str = "running") -> str:
+    """A candidate record of acme/prod whose rollout is in `state`; its id."""
+    topics = TopicNames()
+    tag = RolloutTag(id="r-42", state=state, strategy="canary", steps=("1", "100%"), step=0)
+    body = build_body(
+        tenant="acme", env="prod", version=1, config_json=b"{}", kind=EventKind.CANDIDATE,
+        detected_at=now_ns(), cause=Cause(), rollout=tag,
+    )  # fmt: skip
+    bus.create_topic(topics.tenant_topic("acme"), compact=True)
+
+    async def put() -> None:
+        async with bus.producer() as producer:
+            await producer.send_and_wait(
+                topics.tenant_topic("acme"),
+                seal(body, key),
+                key=topics.record_key("prod", CANDIDATE_CHANNEL),
+            )
+
+    asyncio.run(put())
+    return tag.id
+
+
+def test_start_writes_a_signed_command_that_arms_the_stream(
+    capsys: pytest.CaptureFixture[str], bus_world: tuple[MemoryBus, list[str], SigningKey]
+) -> None:
+    bus, signer, _ = bus_world
+    bus.create_topic(TopicNames().tenant_topic("acme"), compact=True)
+
+    code = main(["rollout", "start", "acme", "prod", "--steps", "1,100%", "--bake", "30s",
+                 "--reason", "CHG-7", "--within", "10m", *signer])  # fmt: skip
+
+    assert code == 0
+    assert "armed acme/prod: its next change rolls out canary 1,100%, bake 30s" in (
+        capsys.readouterr().out
+    )
+    [(actor, command)] = commands(bus)
+    assert actor == "oncall" and command.action == "start"
+    assert command.the_plan() == Plan.build("canary", "1,100%", "30s")
+
+
+def test_promote_and_abort_name_the_running_rollout_and_start_is_refused_meanwhile(
+    capsys: pytest.CaptureFixture[str], bus_world: tuple[MemoryBus, list[str], SigningKey]
+) -> None:
+    bus, signer, publisher = bus_world
+    rollout = running(bus, publisher)
+
+    assert main(["rollout", "promote", "acme", "prod", "--step", "--reason", "ok", *signer]) == 0
+    assert main(["rollout", "abort", "acme", "prod", "--reason", "no", *signer]) == 0
+    out = capsys.readouterr().out
+    assert f"promote acme/prod's rollout {rollout} to its next step" in out
+    assert f"abort acme/prod's rollout {rollout}: its instances go back" in out
+    assert [(c.action, c.rollout, c.step_only) for _, c in commands(bus)] == [
+        ("promote", rollout, True),
+        ("abort", rollout, False),
+    ]
+    code = main(
+        ["rollout", "start", "acme", "prod", "--reason", "again", "--within", "5m", *signer]
+    )
+    assert code == 2
+    assert f"rollout {rollout} of acme/prod runs: promote or abort it first" in (
+        capsys.readouterr().err
+    )
+
+
+def test_promote_or_abort_with_no_rollout_running_is_refused_naming_the_last(
+    capsys: pytest.CaptureFixture[str], bus_world: tuple[MemoryBus, list[str], SigningKey]
+) -> None:
+    bus, signer, publisher = bus_world
+    rollout = running(bus, publisher, state="aborted")
+
+    code = main(["rollout", "abort", "acme", "prod", "--reason", "no", *signer])
+
+    assert code == 2
+    assert f"no rollout of acme/prod runs (the last, {rollout}, was aborted)" in (
+        capsys.readouterr().err
+    )
+    assert commands(bus) == []
