@@ -9,6 +9,7 @@ version unless it is selected; and a daemon killed mid-rollout resumes it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -347,7 +348,9 @@ async def test_an_instance_starting_mid_canary_gets_the_stable_version_unless_se
     canary = next(n for n in NAMES if world.pools([n])[n] == 260)
     assert canary.startswith("svc-a")  # selected among zone=eu-west-1a only
     # Two newcomers: one in the other zone, one in the canary's zone ranked after it.
-    late_a = next(f"late-a{n}" for n in range(100) if rank(tag.id, f"late-a{n}") >= tag.below)
+    late_a = next(
+        f"late-a{n}" for n in itertools.count() if rank(tag.id, f"late-a{n}") >= tag.below
+    )
     world.start_service("late-b", "eu-west-1b")
     world.start_service(late_a, "eu-west-1a")
     await wait_until(

@@ -6,6 +6,7 @@ process: tests/integration/test_rollouts.py."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -317,10 +318,10 @@ async def test_an_instance_starting_mid_canary_runs_stable_unless_selected(
 
     late_b = await fleet.start("late-b", "b")
     late_a = await fleet.start(
-        next(f"late{n}" for n in range(100) if rank(tag.id, f"late{n}") >= tag.below), "a"
+        next(f"late{n}" for n in itertools.count() if rank(tag.id, f"late{n}") >= tag.below), "a"
     )
     chosen = await fleet.start(
-        next(f"new{n}" for n in range(100) if rank(tag.id, f"new{n}") < tag.below), "a"
+        next(f"new{n}" for n in itertools.count() if rank(tag.id, f"new{n}") < tag.below), "a"
     )
 
     assert late_b.config.get(POOL) == 250 and late_b.snapshot.candidate is None
@@ -579,7 +580,7 @@ async def test_a_selected_newcomer_gets_the_candidate_though_overrides_are_at_a_
     assert tag is not None and fleet.candidates()[-1].body.version < 5
 
     chosen = await fleet.start(
-        next(f"new{n}" for n in range(200) if rank(tag.id, f"new{n}") < tag.below)
+        next(f"new{n}" for n in itertools.count() if rank(tag.id, f"new{n}") < tag.below)
     )
 
     assert chosen.config.get(POOL) == 260 and chosen.snapshot.candidate is not None
