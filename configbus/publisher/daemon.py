@@ -189,7 +189,6 @@ class Daemon:
             on_ack=lambda record: self.rollouts.observe(record),
         )
         self.rollouts = RolloutDriver(
-            self.bus,
             settings.topics,
             self.tree,
             self.key,

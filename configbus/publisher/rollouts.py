@@ -31,7 +31,7 @@ from typing import Final
 
 import msgspec
 
-from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Bus, Record, TopicNames
+from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Record, TopicNames
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, VerificationError
 from configbus.events import (
@@ -100,7 +100,6 @@ Promote = Callable[[Stream, ResolvedConfig, Change, Sequence[Outgoing]], Awaitab
 class RolloutDriver:
     """Stages changes and drives rollouts; `run()` until cancelled."""
 
-    bus: Bus
     topics: TopicNames
     tree: EnvironmentTree
     key: SigningKey
