@@ -20,6 +20,7 @@ import yaml
 
 from configbus.bus import (
     CANDIDATE_CHANNEL,
+    CHAIN_CHANNEL,
     OVERRIDE_CHANNEL,
     ROLLOUT_CHANNEL,
     Admin,
@@ -139,10 +140,11 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
-    from configbus import cli_acl, cli_ops, cli_override, cli_rollback, cli_secret
+    from configbus import cli_acl, cli_audit, cli_ops, cli_override, cli_rollback, cli_secret
 
     cli_acl.register(commands, root, kafka)
     cli_ops.register(commands, kafka)
+    cli_audit.register(commands, kafka)
     cli_override.register(commands, kafka)
     cli_secret.register(commands, kafka)
     cli_rollback.register(commands, publisher)
@@ -330,8 +332,9 @@ async def _tail_topic(
     last: dict[tuple[str, str], int] = {}
     rejected = 0
     async for record in records:
-        if env is not None and TopicNames.channel_of(record.key)[0] != env:
-            continue  # the stream's every channel: its snapshots and its overrides
+        record_env, channel = TopicNames.channel_of(record.key)
+        if (env is not None and record_env != env) or channel == CHAIN_CHANNEL:
+            continue  # the stream's every channel but the audit chain's bookkeeping
         line, ok = _tail_line(record, trust, last, tenant)
         rejected += not ok
         print(line, file=out, flush=True)

@@ -45,7 +45,7 @@ from configbus.tree.layer import Layer
 from configbus.tree.resolved import ResolvedConfig, parse_key
 from configbus.tree.values import SECRET_KEY
 
-__all__ = ["override_layers", "register"]
+__all__ = ["operator_signer", "override_layers", "register"]
 
 T = TypeVar("T")
 _ack_decoder = msgspec.msgpack.Decoder(Ack)
@@ -113,7 +113,7 @@ def _set(args: argparse.Namespace, out: TextIO) -> int:
     ttl = _ttl(args.ttl)
     values = dict(_assignment(text) for text in args.assignments)
     tree = None if args.no_check else _tree(args.root)
-    bus, topics, trust, key = _signer(args)
+    bus, topics, trust, key = operator_signer(args)
     actor = _actor(args, key)
 
     def change(kept: tuple[OverrideEntry, ...], now: int) -> tuple[OverrideEntry, ...]:
@@ -152,7 +152,7 @@ def _clear(args: argparse.Namespace, out: TextIO) -> int:
     if bool(args.keys) == args.all:
         raise UnknownNameError("name the KEYs to clear, or --all for every override")
     paths = [_path(key) for key in args.keys]
-    bus, topics, trust, key = _signer(args)
+    bus, topics, trust, key = operator_signer(args)
     actor = _actor(args, key)
     missing: list[str] = []
 
@@ -451,7 +451,10 @@ def _tenant(topics: TopicNames, tenant: str) -> str:
     return tenant
 
 
-def _signer(args: argparse.Namespace) -> tuple[Bus, TopicNames, TrustStore, SigningKey]:
+def operator_signer(args: argparse.Namespace) -> tuple[Bus, TopicNames, TrustStore, SigningKey]:
+    """Kafka, the trust file and the operator's key (`--key`, `--kid`) from `args`,
+    checked: the key is in the trust file and covers the stream (`args.tenant`,
+    `args.env`), and its `max_ttl` allows `args.ttl` when there is one."""
     bus, topics, trust = _connection(args)
     _tenant(topics, args.tenant)
     path = pick(args.key, "CONFIGBUS_OPERATOR_KEY", "", str)

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import msgspec
 
-from configbus.cli_override import _actor, _run, _signer
+from configbus.cli_override import _actor, _run, operator_signer
 from configbus.errors import SettingsError
 from configbus.events import Cause
 from configbus.ops.rollouts import COMMAND_TTL_S, Command, Plan, latest_candidate, send_command
@@ -132,7 +132,7 @@ def _send(
     operator key's max_ttl (the daemon refuses longer), an error when `strict`. A
     promote or abort names the rollout running now, so that the daemon never applies
     it to another; a start is refused while one runs. Returns the rollout's id."""
-    bus, topics, trust, key = _signer(args)
+    bus, topics, trust, key = operator_signer(args)
     entry = trust.get(key.kid)
     longest = entry.max_ttl if entry is not None and entry.max_ttl is not None else None
     if longest is not None and ttl_s > longest:
@@ -160,7 +160,15 @@ def _send(
         else:
             meant = msgspec.structs.replace(command, rollout=tag.id)
         await send_command(
-            bus, topics, args.tenant, args.env, meant, key=key, cause=cause, ttl_s=ttl_s
+            bus,
+            topics,
+            args.tenant,
+            args.env,
+            meant,
+            key=key,
+            trust=trust,
+            cause=cause,
+            ttl_s=ttl_s,
         )
         return meant.rollout
 

@@ -153,8 +153,16 @@ def register(commands: Any, kafka: argparse.ArgumentParser) -> None:
     get = actions.add_parser(
         "get",
         parents=[named, where, keys, who, kafka],
-        help="print a secret's value (an audit note is written first)",
+        help="print a secret's value (a signed audit note is written first)",
     )
+    get.add_argument("--trust", metavar="FILE", help="trust file (default $CONFIGBUS_TRUST)")
+    get.add_argument(
+        "--key",
+        metavar="FILE",
+        help="your operator key, KID.key, which signs the audit note "
+        "(default $CONFIGBUS_OPERATOR_KEY)",
+    )
+    get.add_argument("--kid", help="its key id (default: the file's name without .key)")
     get.add_argument("--version", type=int, metavar="N", help="an older live version")
     get.set_defaults(func=_get)
 
@@ -545,8 +553,7 @@ def _get(args: argparse.Namespace, out: TextIO) -> int:
         raise UnknownNameError("--reason: say why you read it (it goes to the audit trail)")
 
     async def read() -> bytes:
-        from configbus.bus import KafkaBus
-        from configbus.cli_bus import _kafka
+        from configbus.cli_override import operator_signer
         from configbus.crypto.secrets import SecretReader
 
         async with _book(args) as book:
@@ -555,9 +562,9 @@ def _get(args: argparse.Namespace, out: TextIO) -> int:
             raise UnknownNameError(f"{tenant}/{env} has no secret {name!r}")
         reader = SecretReader(_provider(args), tenant, env)
         value = reader.open(name, record.versions, args.version)
-        kafka, topics = _kafka(args)
+        bus, topics, trust, key = operator_signer(args)
         await _secrets().audit_read(
-            KafkaBus(kafka),
+            bus,
             topics,
             tenant,
             env,
@@ -565,6 +572,8 @@ def _get(args: argparse.Namespace, out: TextIO) -> int:
             args.version or record.version,
             actor=_actor(args),
             reason=args.reason,
+            key=key,
+            trust=trust,
         )
         return value
 

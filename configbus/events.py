@@ -57,8 +57,11 @@ __all__ = [
     "config_json_of",
     "now_ns",
     "open_envelope",
+    "open_note",
+    "peek_body",
     "rank",
     "seal",
+    "seal_note",
     "shown",
 ]
 
@@ -246,6 +249,33 @@ class AuditNote(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.tenant}/{self.env}/note".encode()
 
 
+def seal_note(note: AuditNote, key: SigningKey) -> bytes:
+    """The audit record value of `note`: encoded, signed with `key`, enveloped."""
+    body = _note_encoder.encode(note)
+    return _envelope_encoder.encode(Envelope(ENVELOPE_VERSION, key.kid, key.sign(body), body))
+
+
+def open_note(value: bytes, trust: TrustStore) -> tuple[AuditNote, TrustedKey]:
+    """Verify and decode an audit note: signed by a key trusted for its stream when
+    it was written. Raises `VerificationError`."""
+    try:
+        envelope = _envelope_decoder.decode(value)
+        note = _note_decoder.decode(envelope.body)
+    except (msgspec.DecodeError, TypeError, ValueError):
+        raise VerificationError("malformed", "not an audit note") from None
+    trusted = check_signature(envelope, trust, now=note.at)
+    if not trusted.covers(note.tenant, note.env):
+        raise VerificationError(
+            "untrusted_scope",
+            f"key {envelope.kid!r} may not write notes of {note.tenant}/{note.env}",
+        )
+    return note, trusted
+
+
+_note_encoder: Final = msgspec.msgpack.Encoder()
+_note_decoder: Final = msgspec.msgpack.Decoder(AuditNote)
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedEvent:
     """An event whose signature, scope, schema and hash have all been checked."""
@@ -421,6 +451,17 @@ def _check_role(kid: str, trusted: TrustedKey, body: EventBody) -> None:
             f"{body.kind} of {(body.expires_at - body.issued_at) / 1e9:.0f}s, over key {kid!r}'s "
             f"max_ttl of {trusted.max_ttl}s",
         )
+
+
+def peek_body(value: bytes) -> tuple[str, EventBody]:
+    """The key id and body an event record claims, NOT verified: for listing records
+    whose bytes something else vouches for (an audit chain link pins them). Raises
+    `VerificationError` ("malformed") when it is no event."""
+    try:
+        envelope = _envelope_decoder.decode(value)
+        return envelope.kid, _body_decoder.decode(envelope.body)
+    except (msgspec.DecodeError, TypeError, ValueError):
+        raise VerificationError("malformed", "not an event") from None
 
 
 def claimed_version(value: bytes | None) -> int:

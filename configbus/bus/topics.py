@@ -38,11 +38,13 @@ from configbus.tree.tree import TENANT_ID
 
 __all__ = [
     "CANDIDATE_CHANNEL",
+    "CHAIN_CHANNEL",
     "CONTENT_TYPE",
     "OVERRIDE_CHANNEL",
     "PRESENCE_CHANNEL",
     "ROLLOUT_CHANNEL",
     "SNAPSHOT_CHANNEL",
+    "WAIVER_CHANNEL",
     "TopicNames",
 ]
 
@@ -51,6 +53,9 @@ SNAPSHOT_CHANNEL: Final = "snapshot"
 OVERRIDE_CHANNEL: Final = "override"
 CANDIDATE_CHANNEL: Final = "candidate"
 ROLLOUT_CHANNEL: Final = "rollout"
+WAIVER_CHANNEL: Final = "waiver"  # compliance waivers in effect (operator-signed)
+# The head of the stream's operator audit chain (a sealed link, configbus/chain.py).
+CHAIN_CHANNEL: Final = "chain"
 # Not a record key of the tenant topic: the channel of instances' heartbeats on the
 # acks topic (``<tenant>/<env>/<instance>/presence/heartbeat``).
 PRESENCE_CHANNEL: Final = "presence"

@@ -29,9 +29,17 @@ from typing import Any, Final
 import msgspec
 from opentelemetry import trace
 
-from configbus.bus import CONTENT_TYPE, OVERRIDE_CHANNEL, SNAPSHOT_CHANNEL, Bus, TopicNames
+from configbus.bus import (
+    CONTENT_TYPE,
+    OVERRIDE_CHANNEL,
+    SNAPSHOT_CHANNEL,
+    Bus,
+    ProducerAPI,
+    ReaderAPI,
+    TopicNames,
+)
 from configbus.crypto import SigningKey, TrustStore
-from configbus.errors import ConfigBusError, FencedError, LimitError, VerificationError
+from configbus.errors import ConfigBusError, LimitError, VerificationError
 from configbus.events import (
     CLOCK_SKEW_NS,
     MAX_VERSION,
@@ -46,6 +54,13 @@ from configbus.events import (
     shown,
 )
 from configbus.limits import DEFAULT_LIMITS, Limits
+from configbus.ops.trail import (
+    as_stream_writer,
+    linked,
+    read_stream_head,
+    send_linked,
+    stream_writer_id,
+)
 from configbus.telemetry import headers_with_context, tracer
 from configbus.tree.layer import Layer, LayerKind
 from configbus.tree.resolved import parse_key
@@ -280,8 +295,9 @@ def layers_of(state: OverrideState, now: int, source: str) -> list[Layer]:
 
 def override_transactional_id(topics: TopicNames, tenant: str, env: str) -> str:
     """The transactional id every writer of this stream's overrides uses: a writer
-    fences the others before it reads, so their writes are serialised."""
-    return f"configbus-override.{topics.prefix}{tenant}.{env}"
+    fences the others before it reads, so their writes are serialised. It is the
+    stream's operator writer's (configbus/ops/trail.py), whose audit chain they extend."""
+    return stream_writer_id(topics, tenant, env)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,14 +328,19 @@ async def _read(
     forgeries, records those subscribers refused) are skipped and said why; their
     claimed versions count for nothing, so no record can push a writer's next version
     out of reach."""
-    topic = topics.tenant_topic(tenant)
-    reader = bus.reader(topic)
+    reader = bus.reader(topics.tenant_topic(tenant))
     try:
         if not await reader.start():
             return _Current(None, topic_exists=False)
-        records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
+        return await _read_from(reader, topics, tenant, env, trust, limits)
     finally:
         await reader.stop()
+
+
+async def _read_from(
+    reader: ReaderAPI, topics: TopicNames, tenant: str, env: str, trust: TrustStore, limits: Limits
+) -> _Current:
+    records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
     skipped: list[str] = []
     claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
     for claimed, record in claims:
@@ -372,27 +393,18 @@ async def write_overrides(
     topic in one transaction. Entries found expired are dropped (and named in the
     result). Publishes nothing when the set stays as it is. Raises `ConfigBusError`."""
     topics.tenant_topic(tenant)  # a legal tenant id, or SettingsError
-    producer = bus.producer(transactional_id=override_transactional_id(topics, tenant, env))
-    try:
-        await producer.start()  # fences every other writer of this stream's overrides
-        for attempt in range(attempts):
-            try:
-                return await _write_once(
-                    bus, producer, topics, tenant, env, key, trust, change, cause, limits
-                )
-            except FencedError:
-                if attempt == attempts - 1:
-                    raise
-                log.info("%s/%s: another override writer went first; reading again", tenant, env)
-                await producer.restart()
-        raise AssertionError("unreachable")
-    finally:
-        await producer.stop()
+
+    async def once(producer: ProducerAPI, reader: ReaderAPI) -> OverrideWrite:
+        return await _write_once(
+            reader, producer, topics, tenant, env, key, trust, change, cause, limits
+        )
+
+    return await as_stream_writer(bus, topics, tenant, env, once, attempts=attempts)
 
 
 async def _write_once(
-    bus: Bus,
-    producer: Any,
+    reader: ReaderAPI,
+    producer: ProducerAPI,
     topics: TopicNames,
     tenant: str,
     env: str,
@@ -402,7 +414,7 @@ async def _write_once(
     cause: Cause,
     limits: Limits,
 ) -> OverrideWrite:
-    current = await _read(bus, topics, tenant, env, trust, limits)
+    current = await _read_from(reader, topics, tenant, env, trust, limits)
     for why in current.skipped:
         log.warning("%s/%s: skipped %s", tenant, env, why)
     now = now_ns()
@@ -437,10 +449,7 @@ async def _write_once(
         raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
     _check_own(value, trust, tenant, env, limits, entries, key)
     topic = topics.tenant_topic(tenant)
-    if not current.topic_exists:  # learned by the read above: no second round trip
-        raise ConfigBusError(
-            f"{topic} does not exist: nothing was ever published for tenant {tenant}"
-        )
+    head = await read_stream_head(reader, topics, tenant, env, trust)
     with tracer.start_as_current_span(
         f"override {topic}",
         kind=trace.SpanKind.PRODUCER,
@@ -452,18 +461,19 @@ async def _write_once(
             "configbus.override_version": version,
         },
     ):
-        headers = headers_with_context((("content-type", CONTENT_TYPE),))
-        async with producer.transaction():
-            acks = [
-                await producer.send(
-                    topic, value, key=topics.record_key(env, OVERRIDE_CHANNEL), headers=headers
-                ),
-                await producer.send(
-                    topics.audit, value, key=topics.audit_key(tenant, env), headers=headers
-                ),
-            ]
-            for ack in acks:
-                await ack
+        records, _ = linked(
+            head,
+            key,
+            topics,
+            tenant,
+            env,
+            [
+                (topic, topics.record_key(env, OVERRIDE_CHANNEL), value),
+                (topics.audit, topics.audit_key(tenant, env), value),
+            ],
+            headers_with_context((("content-type", CONTENT_TYPE),)),
+        )
+        await send_linked(producer, records)
     return OverrideWrite(version, entries, expired, changed)
 
 

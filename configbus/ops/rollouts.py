@@ -54,6 +54,7 @@ from configbus.events import (
     seal,
 )
 from configbus.ops.fleet import Fleet, Member
+from configbus.ops.trail import write_chained
 from configbus.options import format_duration, parse_duration, parse_labels
 
 __all__ = [
@@ -375,6 +376,7 @@ async def send_command(
     command: Command,
     *,
     key: SigningKey,
+    trust: TrustStore,
     cause: Cause,
     ttl_s: float = COMMAND_TTL_S,
 ) -> int:
@@ -394,16 +396,18 @@ async def send_command(
         issued_at=now,
     )
     value = seal(body, key)
-    producer = bus.producer()
-    await producer.start()
-    try:
-        for topic, record_key in (
-            (topics.tenant_topic(tenant), topics.record_key(env, ROLLOUT_CHANNEL)),
-            (topics.audit, topics.audit_key(tenant, env)),
-        ):
-            await producer.send_and_wait(topic, value, key=record_key)
-    finally:
-        await producer.stop()
+    await write_chained(
+        bus,
+        topics,
+        tenant,
+        env,
+        trust=trust,
+        signer=key,
+        build=lambda: [
+            (topics.tenant_topic(tenant), topics.record_key(env, ROLLOUT_CHANNEL), value),
+            (topics.audit, topics.audit_key(tenant, env), value),
+        ],
+    )
     return now
 
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.exceptions import RedisError
 
 from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
-from configbus.crypto import KeyProvider, TrustStore
+from configbus.crypto import KeyProvider, SigningKey, TrustStore
 from configbus.crypto.secrets import (
     SealedSecret,
     data_key_of,
@@ -46,7 +46,8 @@ from configbus.crypto.secrets import (
     seal_secret,
 )
 from configbus.errors import BusError, SecretError, VerificationError
-from configbus.events import Ack, AuditNote, open_envelope, shown
+from configbus.events import Ack, AuditNote, open_envelope, seal_note, shown
+from configbus.ops.trail import write_chained
 from configbus.store import TenantStore
 from configbus.tree.sealed import (
     SecretRecord,
@@ -637,9 +638,12 @@ async def audit_read(
     *,
     actor: str,
     reason: str,
+    key: SigningKey,
+    trust: TrustStore,
 ) -> None:
-    """Write an audit note that `actor` read version `version` of secret `name`, and wait
-    for Kafka to take it: a read that cannot be audited does not happen."""
+    """Write an audit note, signed with the operator's `key` and linked into the
+    stream's operator chain, that `actor` read version `version` of secret `name`, and
+    wait for Kafka to take it: a read that cannot be audited does not happen."""
     note = AuditNote(
         action="secret_read",
         tenant=tenant,
@@ -650,12 +654,16 @@ async def audit_read(
         reason=reason,
         at=time.time_ns(),
     )
-    producer = bus.producer()
-    await producer.start()
-    try:
-        await producer.send_and_wait(topics.audit, msgspec.msgpack.encode(note), key=note.key)
-    finally:
-        await producer.stop()
+    value = seal_note(note, key)
+    await write_chained(
+        bus,
+        topics,
+        tenant,
+        env,
+        trust=trust,
+        signer=key,
+        build=lambda: [(topics.audit, note.key, value)],
+    )
 
 
 async def wait_for_fleet(

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
-from configbus.bus import CONTENT_TYPE, AdminAPI, ProducerAPI, TopicNames
+from configbus.bus import CONTENT_TYPE, AdminAPI, Headers, ProducerAPI, TopicNames
+from configbus.chain import PUBLISHER_CHAIN_KEY, ChainHead, chain_records
 from configbus.crypto import SigningKey
 from configbus.errors import BusError, LimitError, RefusedError, TreeError
 from configbus.events import Cause, EventKind, build_body, now_ns, seal
@@ -69,6 +70,9 @@ Stage = Callable[[Stream, ResolvedConfig, "Change"], bool | str]
 # headers (content-type, traceparent). Generous, so "fits" means fits.
 RECORD_OVERHEAD = 512
 STORE_TIMEOUT_S = 2.0  # a Redis that does not answer delays store changes, not file edits
+# The audit topic's own settings on top of cleanup.policy=delete: its records never
+# expire (an audit trail must not). `configbus restore` creates it the same way.
+AUDIT_TOPIC_CONFIGS = {"retention.ms": "-1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,9 @@ class Publisher:
         self._refusals: dict[Stream, str] = {}  # logged once per reason
         self.stage: Stage | None = None
         self.settled: Callable[[Stream], None] | None = None  # resolves to what Kafka has
+        # The head of our audit chain (configbus/chain.py): recovery sets it from the
+        # state topic; it moves only when a transaction that carried links commits.
+        self.chain = ChainHead(topics.transactional_id)
 
     async def publish(
         self, streams: Iterable[Stream], change: Change, *, release: bool = False
@@ -404,12 +411,27 @@ class Publisher:
         one transaction, and wait until Kafka acknowledged them all. Raises `BusError`."""
         await self._ensure_topics([tenant])
         headers = (("content-type", CONTENT_TYPE),)
+        chained, chain = self._chained([(*record, headers) for record in records])
         async with self.producer.transaction():
             sent = [
-                await self.producer.send(topic, value, key=key, headers=headers)
-                for topic, key, value in records
+                await self.producer.send(topic, value, key=key, headers=record_headers)
+                for topic, key, value, record_headers in chained
             ]
             await asyncio.gather(*sent)
+        self.chain = chain
+
+    def _chained(
+        self, records: Sequence[tuple[str, bytes, bytes, Headers]]
+    ) -> tuple[list[tuple[str, bytes, bytes, Headers]], ChainHead]:
+        """`records` with a link on each audit record, then our chain's new head for
+        the state topic; and that head, ours once the transaction commits."""
+        return chain_records(
+            self.chain,
+            self.key,
+            records,
+            audit_topic=self.topics.audit,
+            head_at=(self.topics.state, PUBLISHER_CHAIN_KEY),
+        )
 
     def _with_secrets_now(
         self, stream: Stream, config: ResolvedConfig, store_layer: Layer | None
@@ -543,25 +565,35 @@ class Publisher:
         started = time.perf_counter()
         spans = [self._span(item) for item in batch]
         try:
+            records: list[tuple[str, bytes, bytes, Headers]] = []
+            owners: list[_Prepared | None] = []
+            for item, span in zip(batch, spans, strict=True):
+                tenant, env = item.stream
+                headers = headers_with_context(
+                    (("content-type", CONTENT_TYPE),), trace.set_span_in_context(span)
+                )
+                stream_key = self.topics.audit_key(tenant, env)
+                for topic, key, value in (
+                    (self.topics.tenant_topic(tenant), self.topics.record_key(env), item.value),
+                    (self.topics.audit, stream_key, item.value),
+                    (self.topics.state, stream_key, item.head),
+                    *item.extra,
+                ):
+                    records.append((topic, key, value, headers))
+                    owners.append(item)
+            chained, chain = self._chained(records)
+            owners += [None] * (len(chained) - len(owners))  # the chain's head: no event's
             async with self.producer.transaction():
-                sent: list[tuple[_Prepared, Awaitable[None]]] = []
-                for item, span in zip(batch, spans, strict=True):
-                    tenant, env = item.stream
-                    headers = headers_with_context(
-                        (("content-type", CONTENT_TYPE),), trace.set_span_in_context(span)
-                    )
-                    stream_key = self.topics.audit_key(tenant, env)
-                    for topic, key, value in (
-                        (self.topics.tenant_topic(tenant), self.topics.record_key(env), item.value),
-                        (self.topics.audit, stream_key, item.value),
-                        (self.topics.state, stream_key, item.head),
-                        *item.extra,
-                    ):
-                        try:
-                            ack = await self.producer.send(topic, value, key=key, headers=headers)
-                        except RefusedError as exc:
-                            raise _Refused([item], f"kafka refused the event: {exc}") from exc
-                        sent.append((item, ack))
+                sent: list[tuple[_Prepared | None, Awaitable[None]]] = []
+                for owner, (topic, key, value, headers) in zip(owners, chained, strict=True):
+                    try:
+                        ack = await self.producer.send(topic, value, key=key, headers=headers)
+                    except RefusedError as exc:
+                        raise _Refused(
+                            [owner] if owner is not None else list(batch),
+                            f"kafka refused the event: {exc}",
+                        ) from exc
+                    sent.append((owner, ack))
                 # Commit only what Kafka acknowledged, every record of it.
                 results = await asyncio.gather(*(ack for _, ack in sent), return_exceptions=True)
                 refused = {
@@ -570,7 +602,9 @@ class Publisher:
                     if isinstance(result, RefusedError)
                 }
                 if refused:
-                    items = [item for item, _ in refused.values()]
+                    items = [item for item, _ in refused.values() if item is not None]
+                    if len(items) < len(refused):  # the chain's head: the whole batch's
+                        items = list(batch)
                     first = next(iter(refused.values()))[1]
                     raise _Refused(items, f"kafka refused the event: {first}") from first
                 for result in results:
@@ -582,6 +616,7 @@ class Publisher:
                 span.set_status(StatusCode.ERROR, exc.__class__.__name__)
                 span.end()
             raise
+        self.chain = chain
         for span in spans:
             span.end()
         committed = time.perf_counter()
@@ -624,7 +659,9 @@ class Publisher:
         if missing:
             await self.admin.ensure_topics(missing - {self.topics.audit}, compact=True)
             if self.topics.audit in missing:
-                await self.admin.ensure_topics([self.topics.audit], compact=False)
+                await self.admin.ensure_topics(
+                    [self.topics.audit], compact=False, configs=AUDIT_TOPIC_CONFIGS
+                )
             await self.producer.track_topics(missing)
             self._known_topics |= missing
 

@@ -52,6 +52,7 @@ from typing import Any
 import watchfiles
 
 from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Bus, KafkaBus
+from configbus.chain import ChainHead
 from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
 from configbus.crypto.keys import check_kid, load_private_key
 from configbus.errors import (
@@ -354,6 +355,7 @@ class Daemon:
     async def _recover(self) -> None:
         recovery = await recover(self.bus, self.settings.topics, self.trust)
         self.publisher.states = recovery.states
+        self.publisher.chain = recovery.chain or ChainHead(self.settings.topics.transactional_id)
         self.publisher.forget_topics()
         (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
 

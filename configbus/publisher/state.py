@@ -30,6 +30,7 @@ from typing import Final, TypeVar
 import msgspec
 
 from configbus.bus import SNAPSHOT_CHANNEL, Bus, TopicNames
+from configbus.chain import PUBLISHER_CHAIN_KEY, ChainHead, open_link
 from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.crypto.trust import KEY_EXPIRED, KEY_NOT_YET_VALID, KEY_REVOKED
 from configbus.errors import VerificationError
@@ -143,6 +144,7 @@ class Recovery:
     states: dict[Stream, StreamState] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> records
     from_state_only: int = 0  # streams whose newest version survives only as a head
+    chain: ChainHead | None = None  # the head of the publisher's audit chain
 
     def summary(self) -> str:
         versions = sum(state.version for state in self.states.values())
@@ -175,7 +177,9 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
             continue
         try:
             if record.topic == topics.state:
-                if record.key != WRITER_KEY:
+                if record.key == PUBLISHER_CHAIN_KEY:
+                    recovery.chain = _chain_head(record.value, trust, topics)
+                elif record.key != WRITER_KEY:
                     head = _head(record.key, record.value, trust)
                     known = heads.get((head.tenant, head.env))
                     if known is None or head.version > known.version:
@@ -221,6 +225,17 @@ def _floor(
     version = claimed_version(value)
     if channel == SNAPSHOT_CHANNEL and 0 < version <= MAX_VERSION:
         floors[(tenant, env)] = max(version, floors.get((tenant, env), 0))
+
+
+def _chain_head(value: bytes, trust: TrustStore, topics: TopicNames) -> ChainHead:
+    """The publisher's audit chain head from its state record: a link a publisher key
+    signed for the chain of these topics' transactional id."""
+    link, trusted = open_link(value, trust)
+    if trusted.role != PUBLISHER or link.chain != topics.transactional_id:
+        raise VerificationError(
+            "untrusted_scope", f"a chain head of {shown(link.chain)} signed by {trusted.role}"
+        )
+    return ChainHead.of(value, link)
 
 
 def _head(key: bytes, value: bytes, trust: TrustStore) -> StreamHead:

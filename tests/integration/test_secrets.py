@@ -20,10 +20,10 @@ import yaml
 from helpers import Setup, call_main, started, subscriber_settings, topic_options, wait_until
 
 from configbus.bus import Producer, read_to_end
-from configbus.crypto import LocalKeyProvider
+from configbus.crypto import OPERATOR, LocalKeyProvider, SigningKey, TrustedKey, generate_keypair
 from configbus.crypto.secrets import SecretReader
 from configbus.errors import SecretError
-from configbus.events import Ack
+from configbus.events import Ack, open_note
 from configbus.ops.secrets import StoreBook, TreeBook, fleet_has, set_secret
 from configbus.publisher import Daemon
 from configbus.store import TenantStore
@@ -64,6 +64,17 @@ def setup(tmp_path: Path, kafka_bootstrap: str, redis_db_url: str) -> Setup:
 def keys(tmp_path: Path) -> dict[str, dict[str, str]]:
     """Each tenant's KEKs: the operator's file holds them all, a service only its own."""
     return {TENANT: {"ar-1": kek()}, OTHER: {"ha-1": kek()}, "nimbus-fm": {"nf-1": kek()}}
+
+
+def operator_of(setup: Setup, tmp_path: Path) -> Path:
+    """An operator key of the test's stream ("oncall"), added to the trust file: it
+    signs the audit note of a secret's read. Its key file."""
+    private, _ = generate_keypair("oncall", tmp_path / "operators")
+    public = SigningKey.load(private, "oncall").public
+    entry = TrustedKey(public, frozenset({TENANT}), frozenset({ENV}), OPERATOR, 3600)
+    setup.trust = setup.trust.with_key(entry)
+    setup.trust_path.write_text(setup.trust.dump(), encoding="utf-8")
+    return private
 
 
 def operator_keys(tmp_path: Path, keys: dict[str, dict[str, str]]) -> Path:
@@ -182,9 +193,11 @@ async def test_a_service_reads_a_secret_and_its_plaintext_is_nowhere_else(
             ("rollout", "status", TENANT, ENV, "--trust", setup.trust_path, *topic_options(setup)),
         ):
             assert await run(*args) == 0, outputs[-1]
+        oncall = operator_of(setup, tmp_path)
         code, shown, err = await call_main(
             capsys, "secret", "get", TENANT, ENV, NAME, "--root", setup.root, "--keys", keyfile,
-            "--reason", "INC-2 check the password", *topic_options(setup),
+            "--reason", "INC-2 check the password", "--trust", setup.trust_path,
+            "--key", oncall, *topic_options(setup),
         )  # fmt: skip
         assert (code, shown) == (0, second)  # its purpose: printed on request, and audited
         outputs.append(err)
@@ -196,8 +209,8 @@ async def test_a_service_reads_a_secret_and_its_plaintext_is_nowhere_else(
 
     topics = [*setup.tenant_topics(), setup.topics.audit, setup.topics.acks, setup.topics.state]
     on_the_bus = [r.value or b"" async for r in read_to_end(setup.kafka, topics)]
-    notes = [msgspec.msgpack.decode(v) for v in on_the_bus if b"secret_read" in v]
-    assert [(n["action"], n["subject"], n["version"]) for n in notes] == [("secret_read", NAME, 2)]
+    notes = [open_note(v, setup.trust)[0] for v in on_the_bus if b"secret_read" in v]
+    assert [(n.action, n.subject, n.version) for n in notes] == [("secret_read", NAME, 2)]
     exported = spans.get_finished_spans()  # type: ignore[attr-defined]
     assert exported, "no spans were exported"
     span_text = "\n".join(

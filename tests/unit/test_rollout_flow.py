@@ -378,8 +378,8 @@ async def test_operators_arm_promote_and_abort_with_signed_commands(
             tag = fleet.candidates()[-1].body.rollout if fleet.candidates() else None
             fields.setdefault("rollout", tag.id if tag is not None else "")
         await send_command(
-            world.bus, world.topics, *AURORA, Command(action=action, **fields), key=key,
-            cause=Cause(actor=key.kid, reason=f"CHG-1 {action}"),
+            world.bus, world.topics, *AURORA, Command(action=action, **fields),
+            key=key, trust=world.trust, cause=Cause(actor=key.kid, reason=f"CHG-1 {action}"),
         )  # fmt: skip
 
     plan = Plan.build("canary", "1,50%,100%", "1h", {"zone": "a"})
@@ -510,7 +510,7 @@ async def test_an_aborted_change_stays_held_across_reconciles_until_the_tree_cha
     plan = Plan.build("canary", "1,100%", "1h")
     await send_command(
         world.bus, world.topics, *AURORA, Command(action="start", plan=plan.to_dict()),
-        key=operator, cause=Cause(actor="oncall", reason="CHG-2"),
+        key=operator, trust=world.trust, cause=Cause(actor="oncall", reason="CHG-2"),
     )  # fmt: skip
     await eventually(lambda: "armed" in fleet.daemon_log, "the daemon to arm the stream")
     change_pool(world, 250, 260)
@@ -599,7 +599,7 @@ async def test_a_promote_naming_another_rollout_is_not_acted_on(
 
     await send_command(
         world.bus, world.topics, *AURORA, Command(action="promote", rollout="0ld0ne"),
-        key=operator, cause=Cause(actor="oncall", reason="CHG-9 replayed"),
+        key=operator, trust=world.trust, cause=Cause(actor="oncall", reason="CHG-9 replayed"),
     )  # fmt: skip
 
     await eventually(lambda: "names rollout 0ld0ne" in fleet.daemon_log, "the refusal logged")
@@ -638,7 +638,7 @@ async def test_a_restart_during_an_armed_rollout_does_not_publish_the_candidate(
     plan = Plan.build("canary", "1,100%", "1h")
     await send_command(
         world.bus, world.topics, *AURORA, Command(action="start", plan=plan.to_dict()),
-        key=operator, cause=Cause(actor="oncall", reason="CHG-3"),
+        key=operator, trust=world.trust, cause=Cause(actor="oncall", reason="CHG-3"),
     )  # fmt: skip
     await eventually(lambda: "armed" in fleet.daemon_log, "the daemon to arm the stream")
     change_pool(world, 250, 260)

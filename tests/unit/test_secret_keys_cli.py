@@ -14,14 +14,15 @@ import shutil
 import stat
 from pathlib import Path
 
-import msgspec
 import pytest
 import yaml
 
-from configbus.bus import MemoryBus
+from configbus.bus import MemoryBus, TopicNames
+from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.crypto.secrets import LocalKeyProvider, SealedSecret, data_key_of
+from configbus.crypto.trust import OPERATOR, TrustedKey
 from configbus.errors import SecretError
-from configbus.events import AuditNote
+from configbus.events import AuditNote, open_note
 from configbus.ops.secrets import TreeBook, set_secret
 from configbus.tree.tree import EnvironmentTree
 
@@ -403,25 +404,48 @@ def bus(monkeypatch: pytest.MonkeyPatch) -> MemoryBus:
     """The bus `secret get` writes its audit note to, in place of Kafka."""
     memory = MemoryBus()
     memory.create_topic(AUDIT)
-    monkeypatch.setattr("configbus.bus.KafkaBus", lambda settings: memory)
+    memory.create_topic(TopicNames.build().tenant_topic("aurora-records"), compact=True)
+    monkeypatch.setattr("configbus.cli_override.KafkaBus", lambda settings: memory)
     return memory
 
 
-def notes(bus: MemoryBus) -> list[AuditNote]:
-    return [msgspec.msgpack.decode(r.value or b"", type=AuditNote) for r in bus.records(AUDIT)]
+@pytest.fixture
+def trust(tmp_path: Path) -> TrustStore:
+    """tmp_path/trust.yml: "oncall", an operator of aurora-records/prod (its key in
+    tmp_path/oncall.key), whose key signs the audit note."""
+    oncall, _ = generate_keypair("oncall", tmp_path)
+    entry = TrustedKey(
+        SigningKey.load(oncall, "oncall").public,
+        frozenset({"aurora-records"}),
+        frozenset({"prod"}),
+        OPERATOR,
+        3600,
+    )
+    store = TrustStore.of().with_key(entry)
+    store.save(tmp_path / "trust.yml")
+    return store
 
 
-KAFKA = ("--bootstrap-servers", "unused:9092", "--audit-topic", AUDIT)
+def notes(bus: MemoryBus, trust: TrustStore) -> list[AuditNote]:
+    return [open_note(r.value or b"", trust)[0] for r in bus.records(AUDIT)]
+
+
+@pytest.fixture
+def kafka(tmp_path: Path, trust: TrustStore) -> tuple[str | Path, ...]:
+    return (
+        "--bootstrap-servers", "unused:9092", "--audit-topic", AUDIT,
+        "--trust", tmp_path / "trust.yml", "--key", tmp_path / "oncall.key",
+    )  # fmt: skip
 
 
 @pytest.mark.usefixtures("sealed")
 def test_get_prints_the_value_once_its_audit_note_is_written(
-    cli: Cli, root: Path, earlier: Path, bus: MemoryBus
+    cli: Cli, root: Path, earlier: Path, bus: MemoryBus, kafka: tuple[str, ...], trust: TrustStore
 ) -> None:
-    code, out, err = cli(*GET, "--actor", "alice", *KAFKA, "--root", root, "--keys", earlier)
+    code, out, err = cli(*GET, "--actor", "alice", *kafka, "--root", root, "--keys", earlier)
 
     assert (code, out, err) == (0, VALUE.decode(), "")
-    (note,) = notes(bus)
+    (note,) = notes(bus, trust)
     assert (note.action, note.tenant, note.env, note.subject) == (
         "secret_read", "aurora-records", "prod", NAME,
     )  # fmt: skip
@@ -431,25 +455,40 @@ def test_get_prints_the_value_once_its_audit_note_is_written(
 
 @pytest.mark.usefixtures("sealed")
 def test_get_of_an_older_version_prints_it_and_audits_that_version(
-    cli: Cli, root: Path, earlier: Path, bus: MemoryBus
+    cli: Cli, root: Path, earlier: Path, bus: MemoryBus, kafka: tuple[str, ...], trust: TrustStore
 ) -> None:
     provider = LocalKeyProvider.from_file(earlier)
     asyncio.run(set_secret(TreeBook(root), provider, "aurora-records", "prod", NAME, b"newer"))
 
-    code, out, _ = cli(*GET, "--version", "1", *KAFKA, "--root", root, "--keys", earlier)
+    code, out, _ = cli(*GET, "--version", "1", *kafka, "--root", root, "--keys", earlier)
 
     assert (code, out) == (0, VALUE.decode())
-    assert [note.version for note in notes(bus)] == [1]
+    assert [note.version for note in notes(bus, trust)] == [1]
 
 
 @pytest.mark.usefixtures("sealed")
 def test_get_whose_audit_note_cannot_be_written_prints_no_value(
-    cli: Cli, root: Path, earlier: Path, bus: MemoryBus
+    cli: Cli, root: Path, earlier: Path, bus: MemoryBus, kafka: tuple[str, ...]
 ) -> None:
     bus.down = True
 
-    code, out, err = cli(*GET, *KAFKA, "--root", root, "--keys", earlier)
+    code, out, err = cli(*GET, *kafka, "--root", root, "--keys", earlier)
 
     assert (code, out) == (1, "")
     assert err.splitlines() == ["configbus: bus unreachable"]
+    assert VALUE.decode() not in cli.said
+
+
+@pytest.mark.usefixtures("sealed", "bus", "trust")
+def test_get_without_an_operator_key_prints_no_value(
+    cli: Cli, root: Path, earlier: Path, tmp_path: Path
+) -> None:
+    """The audit note is signed: without a key to sign it there is no read."""
+    kafka = ("--bootstrap-servers", "unused:9092", "--trust", tmp_path / "trust.yml")
+    code, out, err = cli(*GET, *kafka, "--root", root, "--keys", earlier)
+
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "configbus: give --key (your operator key) or set CONFIGBUS_OPERATOR_KEY"
+    ]
     assert VALUE.decode() not in cli.said

@@ -1,0 +1,174 @@
+"""Writing to a stream's operator audit chain: what operators (and the publisher, for
+an expiry) write about one stream, linked into one chain (configbus/chain.py).
+
+Every writer of a stream's operator records (overrides, rollout commands, compliance
+waivers, notes such as a secret's value being read) uses the stream's transactional id
+(`stream_writer_id`). Starting its producer fences every other writer of the stream;
+then it reads the chain's head (the tenant topic's ``<env>/chain`` record), and writes
+its records, their links and the new head in one transaction. A writer fenced before it
+commits reads the head again and retries, so the chain stays a line.
+
+    await write_chained(bus, topics, tenant, env, trust=trust, signer=key,
+                        build=lambda: [(topics.audit, note_key, note_value)])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
+
+from configbus.bus import (
+    CHAIN_CHANNEL,
+    CONTENT_TYPE,
+    Bus,
+    Headers,
+    ProducerAPI,
+    ReaderAPI,
+    TopicNames,
+)
+from configbus.chain import ChainHead, chain_records, open_link
+from configbus.crypto import SigningKey, TrustStore
+from configbus.errors import ConfigBusError, FencedError, VerificationError
+
+__all__ = [
+    "as_stream_writer",
+    "linked",
+    "read_stream_head",
+    "send_linked",
+    "stream_chain",
+    "stream_writer_id",
+    "write_chained",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_HEAD_READ_BACK: Final = 16  # newer head records that do not verify are skipped
+Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
+
+
+def stream_writer_id(topics: TopicNames, tenant: str, env: str) -> str:
+    """The transactional id of every writer of the stream's operator records, and the
+    name of their audit chain."""
+    return f"configbus-override.{topics.prefix}{tenant}.{env}"
+
+
+def stream_chain(topics: TopicNames, tenant: str, env: str) -> ChainHead:
+    """The stream's operator chain before its first link."""
+    return ChainHead(stream_writer_id(topics, tenant, env), stream=f"{tenant}/{env}")
+
+
+async def read_stream_head(
+    reader: ReaderAPI, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> ChainHead:
+    """The head of the stream's operator chain, from `reader` (started on its tenant
+    topic): the newest ``<env>/chain`` record that is a link of this chain, signed by a
+    key trusted for the stream. Anyone who can write the topic can write junk there;
+    it is skipped, never believed."""
+    empty = stream_chain(topics, tenant, env)
+    records = await reader.recent(topics.record_key(env, CHAIN_CHANNEL), limit=_HEAD_READ_BACK)
+    for record in reversed(records):
+        where = f"{tenant}/{env}: the chain head at offset {record.offset}"
+        try:
+            link, trusted = open_link(record.value or b"", trust)
+        except VerificationError as exc:
+            log.warning("%s is skipped: %s", where, exc)
+            continue
+        ours = link.chain == empty.chain and link.stream == empty.stream
+        if ours and trusted.covers(tenant, env):
+            return ChainHead.of(record.value or b"", link)
+        log.warning("%s is skipped: a link of another chain, or by a key out of scope", where)
+    return empty
+
+
+def linked(
+    head: ChainHead,
+    signer: SigningKey,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    records: Sequence[Outgoing],
+    headers: Headers = (("content-type", CONTENT_TYPE),),
+) -> tuple[list[tuple[str, bytes, bytes, Headers]], ChainHead]:
+    """`records` with their links and the stream's new chain head record."""
+    return chain_records(
+        head,
+        signer,
+        [(*record, headers) for record in records],
+        audit_topic=topics.audit,
+        head_at=(topics.tenant_topic(tenant), topics.record_key(env, CHAIN_CHANNEL)),
+    )
+
+
+async def send_linked(
+    producer: ProducerAPI,
+    records: Sequence[tuple[str, bytes, bytes, Headers]],
+) -> None:
+    """Send `records` in one transaction and wait until Kafka has every one."""
+    async with producer.transaction():
+        acks = [
+            await producer.send(topic, value, key=key, headers=headers)
+            for topic, key, value, headers in records
+        ]
+        for ack in acks:
+            await ack
+
+
+async def write_chained(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    *,
+    trust: TrustStore,
+    signer: SigningKey,
+    build: Callable[[], Sequence[Outgoing]],
+    attempts: int = 3,
+) -> None:
+    """Write the records `build` returns (made again on each attempt) as the stream's
+    operator writer: fenced, linked into the chain, in one transaction. Raises
+    `ConfigBusError` (`FencedError` when other writers kept going first)."""
+
+    async def once(producer: ProducerAPI, reader: ReaderAPI) -> None:
+        head = await read_stream_head(reader, topics, tenant, env, trust)
+        records, _ = linked(head, signer, topics, tenant, env, build())
+        await send_linked(producer, records)
+
+    await as_stream_writer(bus, topics, tenant, env, once, attempts=attempts)
+
+
+async def as_stream_writer(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    work: Callable[[ProducerAPI, ReaderAPI], Awaitable[_T]],
+    *,
+    attempts: int = 3,
+) -> _T:
+    """Run `work(producer, reader)` as the stream's operator writer: the producer has
+    fenced every other writer of the stream before `work` reads anything; a `work`
+    fenced by a newer writer runs again, up to `attempts` times."""
+    producer = bus.producer(transactional_id=stream_writer_id(topics, tenant, env))
+    try:
+        await producer.start()
+        for attempt in range(attempts):
+            topic = topics.tenant_topic(tenant)
+            reader = bus.reader(topic)
+            try:
+                if not await reader.start():
+                    raise ConfigBusError(
+                        f"{topic} does not exist: nothing was ever published for tenant {tenant}"
+                    )
+                return await work(producer, reader)
+            except FencedError:
+                if attempt == attempts - 1:
+                    raise
+                log.info("%s/%s: another operator writer went first; reading again", tenant, env)
+                await producer.restart()
+            finally:
+                await reader.stop()
+        raise AssertionError("unreachable")
+    finally:
+        await producer.stop()
