@@ -27,6 +27,7 @@ from configbus.errors import (
 )
 
 if TYPE_CHECKING:
+    from configbus.compliance import ComplianceChecker
     from configbus.secrets_manager import SecretsManager
     from configbus.subscriber import ConfigSubscriber, Snapshot, SyncSubscriber
     from configbus.tree import (
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 # Imported on first use: `import configbus` (and so every `configbus` command) does not
 # pay for the SDK's and the tree's dependencies until they are asked for.
 _LAZY = {
+    "ComplianceChecker": "configbus.compliance",
     "ConfigSubscriber": "configbus.subscriber",
     "Snapshot": "configbus.subscriber",
     "SyncSubscriber": "configbus.subscriber",
@@ -69,6 +71,7 @@ __all__ = [
     "ActiveWriterError",
     "AuthorizationError",
     "BusError",
+    "ComplianceChecker",
     "ConfigBusError",
     "ConfigSubscriber",
     "EnvironmentConfigManager",

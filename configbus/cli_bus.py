@@ -67,7 +67,8 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-def register(commands: Any, root: argparse.ArgumentParser) -> None:
+def kafka_options() -> argparse.ArgumentParser:
+    """The options naming the Kafka cluster and topics, as a parent parser."""
     kafka = argparse.ArgumentParser(add_help=False)
     kafka.add_argument(
         "--bootstrap-servers", metavar="HOSTS", help="Kafka (default $CONFIGBUS_BOOTSTRAP_SERVERS)"
@@ -77,6 +78,11 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     )
     kafka.add_argument("--audit-topic", metavar="T", help="default configbus.audit")
     kafka.add_argument("--acks-topic", metavar="T", help="default configbus.acks")
+    return kafka
+
+
+def register(commands: Any, root: argparse.ArgumentParser) -> None:
+    kafka = kafka_options()
     redis_url = argparse.ArgumentParser(add_help=False)
     redis_url.add_argument("--redis", metavar="URL", help="Redis (default $CONFIGBUS_REDIS_URL)")
 
@@ -108,6 +114,12 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     )
     publisher.add_argument(
         "--secret-interval", type=float, metavar="SECONDS", help="look at the secrets every (60)"
+    )
+    publisher.add_argument(
+        "--gate-envs",
+        metavar="ENVS",
+        help="environments whose changes must pass every blocking compliance rule or hold "
+        "a waiver (prod; none: no gate; default $CONFIGBUS_GATE_ENVS)",
     )
     publisher.add_argument("--log-level", default="INFO")
 
@@ -242,6 +254,7 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         trust=args.trust,
         secret_keys=args.secret_keys,
         secret_interval=args.secret_interval,
+        gate_envs=args.gate_envs,
     )
 
 

@@ -34,6 +34,7 @@ from configbus.bus.topics import (
     OVERRIDE_CHANNEL,
     ROLLOUT_CHANNEL,
     SNAPSHOT_CHANNEL,
+    WAIVER_CHANNEL,
 )
 from configbus.crypto import PUBLISHER, SigningKey, TrustStore
 from configbus.crypto.trust import TrustedKey
@@ -84,6 +85,7 @@ class EventKind(enum.StrEnum):
     ROLLBACK = "rollback"  # old content republished as a new version
     CANDIDATE = "candidate"  # a staged version, for the instances its rollout selects
     COMMAND = "command"  # an operator's rollout command (start, promote, abort)
+    WAIVER = "waiver"  # an operator's waiver of one compliance rule for a stream, expiring
 
     @property
     def channel(self) -> str:
@@ -95,6 +97,7 @@ _CHANNELS: Final = {
     EventKind.OVERRIDE: OVERRIDE_CHANNEL,
     EventKind.CANDIDATE: CANDIDATE_CHANNEL,
     EventKind.COMMAND: ROLLOUT_CHANNEL,
+    EventKind.WAIVER: WAIVER_CHANNEL,
 }
 RANK_SPACE: Final = 2**63  # ranks are in [0, RANK_SPACE); `below=RANK_SPACE` selects all
 
@@ -429,11 +432,12 @@ def open_envelope(
 def _check_role(kid: str, trusted: TrustedKey, body: EventBody) -> None:
     """Whether the key's role may sign this event: snapshots, rollbacks and candidates
     only a publisher key; overrides an operator key too, within its max_ttl, or a
-    publisher key (which publishes their expiry); rollout commands either, within the
-    same limits (a command expires: an old one found later starts nothing)."""
+    publisher key (which publishes their expiry); rollout commands and compliance
+    waivers either, within the same limits (both expire: an old one found later does
+    nothing)."""
     if body.kind is EventKind.CANDIDATE and body.rollout is None:
         raise VerificationError("malformed", "a candidate without its rollout")
-    if body.kind not in (EventKind.OVERRIDE, EventKind.COMMAND):
+    if body.kind not in (EventKind.OVERRIDE, EventKind.COMMAND, EventKind.WAIVER):
         if trusted.role != PUBLISHER:
             raise VerificationError(
                 "untrusted_scope", f"key {kid!r} is an {trusted.role} key: it signs overrides only"

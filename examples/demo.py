@@ -29,6 +29,8 @@
    with `configbus override set`, signed by an operator key: every instance applies it
    with the daemon down. At its expiry each instance returns to the published value by
    its own clock, the daemon still down.
+6a. `configbus audit verify`: every step above left signed records in the audit trail,
+   each linked to the one before it in its writer's chain; none is missing or moved.
 7. Secured mode only (below): a service principal is refused another tenant's stream.
 
 With ``--agent`` (``make demo-agent``) the three services follow the stream through
@@ -332,6 +334,7 @@ class Demo:
         self.canary_rolls_back(new_value, applies[0]["version"])
         self.rotate_secret()
         self.emergency_override(url, new_value)
+        self.audit_trail()
         if self.secure:
             self.refused_read()
 
@@ -714,6 +717,16 @@ class Demo:
         say(f"\nafter {OVERRIDE_TTL_S}s the override expired; each instance dropped it by its own")
         say("clock, with the daemon still down:")
         say(f"GET {url}\n  {json.dumps(body)}")
+
+    def audit_trail(self) -> None:
+        """Every step above is in the audit trail, each record signed and linked to the
+        one before it in its writer's chain: `configbus audit verify` walks them (as the
+        broker's admin on a secured bus: the trail is every tenant's)."""
+        say("\n$ configbus audit verify        # every record signed, linked, none missing")
+        output = self.configbus("audit", "verify", role="admin").strip()
+        if not output.startswith("ok: "):
+            raise DemoError(f"the audit trail does not verify: {output}")
+        say(f"  {output}")
 
     def refused_read(self) -> None:
         """Secured mode: the tenant's service principal, with its client certificate,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 CONTENT_TYPE = b"application/vnd.configbus.event+msgpack; v=1"  # §2.5
-KINDS = frozenset({"snapshot", "override", "rollback", "candidate", "command"})  # §5
+KINDS = frozenset({"snapshot", "override", "rollback", "candidate", "command", "waiver"})  # §5
 BODY_FIELDS: dict[str, type] = {  # §5: the required body fields and their msgpack types
     "schema": int,
     "tenant": str,
@@ -133,6 +133,70 @@ def decode_and_verify(
     except ValueError as exc:
         raise WireError("malformed", f"config is not JSON: {exc}") from None
     return {"kid": kid, "body": body, "config_json": config_json, "config": config}
+
+
+def chain_findings(
+    records: list[tuple[bytes | None, bytes | None, Mapping[str, bytes]]],
+    public_keys: Mapping[str, bytes | str],
+) -> list[tuple[str, int]]:
+    """§2.6 over audit records in offset order, as (key, value, headers): the
+    findings (kind, index) of links that do not verify (forged), whose digest is not
+    their record's (altered; still followed), missing (unchained), and of the chains'
+    numbering (dropped, reordered, duplicate, broken). Heads and scopes are left out."""
+    findings: list[tuple[str, int]] = []
+    chains: dict[str, tuple[int, str]] = {}  # chain -> (last seq, last link hash)
+    missing: dict[str, dict[int, int]] = {}  # chain -> {seq: index that skipped it}
+    for index, (key, value, headers) in enumerate(records):
+        sealed = headers.get("configbus-chain")
+        if sealed is None:
+            findings.append(("unchained", index))
+            continue
+        envelope = _unpack(sealed, "link envelope")
+        kid = envelope.get("kid")
+        pem = public_keys.get(kid) if isinstance(kid, str) else None
+        if pem is None:
+            findings.append(("forged", index))
+            continue
+        verifier = load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
+        assert isinstance(verifier, Ed25519PublicKey)
+        try:
+            verifier.verify(envelope["sig"], envelope["body"])
+        except InvalidSignature:
+            findings.append(("forged", index))
+            continue
+        link = _need(
+            _unpack(envelope["body"], "link"),
+            {"type": str, "chain": str, "seq": int, "prev": str, "digest": str, "at": int},
+            "link",
+        )
+        digest = hashlib.sha256()
+        for part in (key or b"", value or b""):
+            digest.update(len(part).to_bytes(8, "big") + part)
+        if digest.hexdigest() != link["digest"]:
+            findings.append(("altered", index))
+        chain, seq = link["chain"], link["seq"]
+        this = hashlib.sha256(sealed).hexdigest()
+        gaps = missing.setdefault(chain, {})
+        if chain not in chains:
+            if seq > 1:
+                findings.append(("dropped", index))
+            chains[chain] = (seq, this)
+            continue
+        last, last_hash = chains[chain]
+        if seq in gaps:
+            del gaps[seq]
+            findings.append(("reordered", index))
+        elif seq <= last:
+            findings.append(("duplicate", index))
+        else:
+            if seq > last + 1:
+                gaps.update(dict.fromkeys(range(last + 1, seq), index))
+            elif link["prev"] != last_hash:
+                findings.append(("broken", index))
+            chains[chain] = (seq, this)
+    for gaps in missing.values():
+        findings += sorted({("dropped", index) for index in gaps.values()}, key=lambda f: f[1])
+    return findings
 
 
 def rank(rollout_id: str, instance: str) -> int:

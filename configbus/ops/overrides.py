@@ -38,6 +38,7 @@ from configbus.bus import (
     ReaderAPI,
     TopicNames,
 )
+from configbus.chain import ChainHead
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, LimitError, VerificationError
 from configbus.events import (
@@ -56,6 +57,8 @@ from configbus.events import (
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.ops.trail import (
     as_stream_writer,
+    head_from,
+    head_key,
     linked,
     read_stream_head,
     send_linked,
@@ -305,6 +308,7 @@ class _Current:
     state: OverrideState | None  # the latest record that verifies
     skipped: tuple[str, ...] = ()  # newer records that do not, and why
     topic_exists: bool = True
+    chain: ChainHead | None = None  # the stream's operator audit chain's head
 
 
 async def read_overrides(
@@ -340,7 +344,9 @@ async def _read(
 async def _read_from(
     reader: ReaderAPI, topics: TopicNames, tenant: str, env: str, trust: TrustStore, limits: Limits
 ) -> _Current:
-    records = await reader.recent(topics.record_key(env, OVERRIDE_CHANNEL), limit=_READ_BACK)
+    key, head = topics.record_key(env, OVERRIDE_CHANNEL), head_key(topics, env)
+    found = await reader.recent_keys((key, head), limit=_READ_BACK)  # one read back
+    records, chain = found[key], head_from(found[head], topics, tenant, env, trust)
     skipped: list[str] = []
     claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
     for claimed, record in claims:
@@ -357,8 +363,8 @@ async def _read_from(
         except VerificationError as exc:
             skipped.append(f"a record claiming v{claimed} at offset {record.offset}: {exc}")
             continue
-        return _Current(state, tuple(skipped))
-    return _Current(None, tuple(skipped))
+        return _Current(state, tuple(skipped), chain=chain)
+    return _Current(None, tuple(skipped), chain=chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +455,7 @@ async def _write_once(
         raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
     _check_own(value, trust, tenant, env, limits, entries, key)
     topic = topics.tenant_topic(tenant)
-    head = await read_stream_head(reader, topics, tenant, env, trust)
+    head = current.chain or await read_stream_head(reader, topics, tenant, env, trust)
     with tracer.start_as_current_span(
         f"override {topic}",
         kind=trace.SpanKind.PRODUCER,

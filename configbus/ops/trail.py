@@ -25,6 +25,7 @@ from configbus.bus import (
     Headers,
     ProducerAPI,
     ReaderAPI,
+    Record,
     TopicNames,
 )
 from configbus.chain import ChainHead, chain_records, open_link
@@ -33,6 +34,8 @@ from configbus.errors import ConfigBusError, FencedError, VerificationError
 
 __all__ = [
     "as_stream_writer",
+    "head_from",
+    "head_key",
     "linked",
     "read_stream_head",
     "send_linked",
@@ -44,7 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_HEAD_READ_BACK: Final = 16  # newer head records that do not verify are skipped
+HEAD_READ_BACK: Final = 16  # newer head records that do not verify are skipped
 Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
 
 
@@ -63,11 +66,23 @@ async def read_stream_head(
     reader: ReaderAPI, topics: TopicNames, tenant: str, env: str, trust: TrustStore
 ) -> ChainHead:
     """The head of the stream's operator chain, from `reader` (started on its tenant
-    topic): the newest ``<env>/chain`` record that is a link of this chain, signed by a
-    key trusted for the stream. Anyone who can write the topic can write junk there;
-    it is skipped, never believed."""
+    topic). A writer that reads other keys too reads them in the same backward read
+    (`head_key`, `head_from`): a second read back costs a fetch wait."""
+    records = await reader.recent(head_key(topics, env), limit=HEAD_READ_BACK)
+    return head_from(records, topics, tenant, env, trust)
+
+
+def head_key(topics: TopicNames, env: str) -> bytes:
+    return topics.record_key(env, CHAIN_CHANNEL)
+
+
+def head_from(
+    records: Sequence[Record], topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> ChainHead:
+    """The newest of `records` (``<env>/chain`` records, oldest first) that is a link of
+    the stream's chain, signed by a key trusted for the stream. Anyone who can write the
+    topic can write junk there; it is skipped, never believed."""
     empty = stream_chain(topics, tenant, env)
-    records = await reader.recent(topics.record_key(env, CHAIN_CHANNEL), limit=_HEAD_READ_BACK)
     for record in reversed(records):
         where = f"{tenant}/{env}: the chain head at offset {record.offset}"
         try:

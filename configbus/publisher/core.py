@@ -45,7 +45,7 @@ from configbus.bus import CONTENT_TYPE, AdminAPI, Headers, ProducerAPI, TopicNam
 from configbus.chain import PUBLISHER_CHAIN_KEY, ChainHead, chain_records
 from configbus.crypto import SigningKey
 from configbus.errors import BusError, LimitError, RefusedError, TreeError
-from configbus.events import Cause, EventKind, build_body, now_ns, seal
+from configbus.events import AuditNote, Cause, EventKind, build_body, now_ns, seal, seal_note
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.publisher.state import MAX_VERSION, StreamHead, StreamState, seal_signed
 from configbus.store import TenantStore
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]  # (tenant, env)
 Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
+# The compliance gate: (stream, config) -> (a refusal or "", the waived rules it breaks)
+Gate = Callable[[tuple[str, str], ResolvedConfig], tuple[str, tuple[str, ...]]]
 # Takes a changed stream's config instead of publishing it (a staged rollout): True
 # when it did, False to publish it, or why it can be neither (the stream is refused).
 # Called while a round publishes: it must only take note, never send.
@@ -173,6 +175,9 @@ class Publisher:
         # The head of our audit chain (configbus/chain.py): recovery sets it from the
         # state topic; it moves only when a transaction that carried links commits.
         self.chain = ChainHead(topics.transactional_id)
+        # The compliance gate: what stops a changed config from being published (a
+        # refusal, "" for none), and the rules a waiver let through.
+        self.gate: Gate | None = None
 
     async def publish(
         self, streams: Iterable[Stream], change: Change, *, release: bool = False
@@ -289,6 +294,12 @@ class Publisher:
             report.unchanged_streams.append(stream)
             return None
         changed = state is None or state.config_hash != config.hash
+        waived: tuple[str, ...] = ()
+        if changed and self.gate is not None:
+            refusal, waived = self.gate(stream, config)
+            if refusal:
+                self._refuse(report, stream, refusal, code="compliance")
+                return None
         verdict = self.stage(stream, config, change) if changed and self.stage else False
         if isinstance(verdict, str):
             self._refuse(report, stream, verdict, code="needs_daemon")
@@ -297,6 +308,8 @@ class Publisher:
             report.staged.append(stream)
             return None
         prepared = self._sealed(stream, config, change)
+        if waived:
+            prepared = self._with_waiver_note(prepared, change, waived)
         log.debug(
             "%s/%s v%d prepared in %.2f ms",
             tenant,
@@ -305,6 +318,25 @@ class Publisher:
             (time.perf_counter() - started) * 1000,
         )
         return prepared
+
+    def _with_waiver_note(
+        self, prepared: _Prepared, change: Change, waived: tuple[str, ...]
+    ) -> _Prepared:
+        """`prepared` with an audit note, in the same transaction, naming the blocking
+        rules its config breaks that a waiver let through."""
+        tenant, env = prepared.stream
+        note = AuditNote(
+            action="waiver_used",
+            tenant=tenant,
+            env=env,
+            subject=",".join(waived),
+            version=prepared.version,
+            actor=change.cause.actor,
+            reason=f"v{prepared.version} published under waiver: {', '.join(waived)}",
+            at=now_ns(),
+        )
+        extra = (*prepared.extra, (self.topics.audit, note.key, seal_note(note, self.key)))
+        return dataclasses.replace(prepared, extra=extra)
 
     def _check_size(self, config: ResolvedConfig) -> None:
         if len(config.canonical_json) > self.limits.config_bytes:

@@ -51,8 +51,9 @@ from typing import Any
 
 import watchfiles
 
-from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, Bus, KafkaBus
+from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, WAIVER_CHANNEL, Bus, KafkaBus, Record
 from configbus.chain import ChainHead
+from configbus.compliance import gate as compliance_gate
 from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
 from configbus.crypto.keys import check_kid, load_private_key
 from configbus.errors import (
@@ -66,6 +67,7 @@ from configbus.errors import (
 )
 from configbus.events import Cause, now_ns
 from configbus.limits import DEFAULT_LIMITS
+from configbus.ops.waivers import WaiverBook
 from configbus.publisher.authors import Authors
 from configbus.publisher.core import Change, Outgoing, Publisher, PublishReport
 from configbus.publisher.overrides import OverrideKeeper
@@ -186,7 +188,7 @@ class Daemon:
             self.override_trust,
             actor=settings.actor,
             is_writer=lambda: self.active.is_set(),
-            on_record=lambda record: self.rollouts.received(record),
+            on_record=self._tenant_record,
             on_ack=lambda record: self.rollouts.observe(record),
         )
         self.rollouts = RolloutDriver(
@@ -208,6 +210,8 @@ class Daemon:
         self.rollouts.fleet.accept = lambda stream: stream in self.index.known
         self.publisher.stage = self.rollouts.stage
         self.publisher.settled = self.rollouts.settled
+        self.waivers = WaiverBook(settings.topics, self.override_trust)
+        self.publisher.gate = self._gate
         self.secrets = SecretKeeper(
             self.bus,
             settings.topics,
@@ -359,6 +363,40 @@ class Daemon:
         self.publisher.forget_topics()
         (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
 
+    def _tenant_record(self, record: Record) -> None:
+        """A tenant-topic record other than an override: a rollout's, or a waiver,
+        which has the stream looked at again (a change it held may pass now)."""
+        self.rollouts.received(record)
+        stream = self.waivers.received(record)
+        if stream is not None and self.active.is_set():
+            self._dirty.add([stream], self._change("compliance waiver", ()))
+
+    def _gate(self, stream: Stream, config: ResolvedConfig) -> tuple[str, tuple[str, ...]]:
+        """The compliance gate of a changed config: a refusal naming the blocking rules
+        it breaks that no waiver in force lifts, else ""; and the rules waived."""
+        tenant, env = stream
+        if env not in self.settings.gate_envs:
+            return "", ()
+        try:
+            regimes = self.tree.tenant(tenant).compliance
+            failed = compliance_gate(config.data, tenant=tenant, env=env, regimes=regimes)
+        except ConfigBusError as exc:  # a pack that does not load: nothing passes
+            return f"compliance gate: the rule packs do not load: {exc}", ()
+        waivers = self.waivers.active(stream, now_ns())
+        waived = tuple(f.rule for f in failed if f.rule in waivers)
+        blocking = [f for f in failed if f.rule not in waivers]
+        if not blocking:
+            return "", waived
+        shown_rules = "; ".join(
+            f"{f.rule} ({f.found or 'not set'}; expected {f.expected})" for f in blocking[:3]
+        )
+        more = f" and {len(blocking) - 3} more" if len(blocking) > 3 else ""
+        return (
+            f"compliance gate: {len(blocking)} blocking rule(s) fail: {shown_rules}{more} "
+            f"(fix the config, or `configbus compliance waive {tenant} {env} RULE`)",
+            waived,
+        )
+
     async def _recover_rollouts(self) -> None:
         """Read the staged rollouts and operators' rollout commands back from the tenant
         topics before the first round: a change staged, held after an abort or armed
@@ -369,8 +407,11 @@ class Daemon:
         if tenant_topics:  # none on a new cluster
             async with contextlib.aclosing(self.bus.read_to_end(tenant_topics)) as records:
                 async for record in records:
-                    if names.channel_of(record.key)[1] in wanted:
+                    channel = names.channel_of(record.key)[1]
+                    if channel in wanted:
                         self.rollouts.received(record)
+                    elif channel.startswith(f"{WAIVER_CHANNEL}/"):
+                        self.waivers.received(record)
         self.rollouts.recovered()
 
     async def claim_once(self, *, take_over: bool = False) -> None:

@@ -49,6 +49,9 @@ class PublisherSettings:
     # when one is due instead); and how often the secrets are looked at.
     secret_keys: Path | None = None
     secret_interval: float = 60.0
+    # Environments whose changes must pass every blocking compliance rule (or hold a
+    # waiver for it) to be published; see configbus/compliance/.
+    gate_envs: tuple[str, ...] = ("prod",)
 
     def __post_init__(self) -> None:
         """Refuse values no publisher can run with, wherever they came from (argument,
@@ -97,6 +100,7 @@ class PublisherSettings:
         trust: str | None = None,
         secret_keys: str | None = None,
         secret_interval: float | None = None,
+        gate_envs: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
         """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
@@ -129,4 +133,11 @@ class PublisherSettings:
             trust=Path(found) if (found := get(trust, "TRUST", None)) else None,
             secret_keys=Path(keys) if (keys := get(secret_keys, "SECRET_KEYS", None)) else None,
             secret_interval=get(secret_interval, "SECRET_INTERVAL", 60.0, _positive(float)),
+            gate_envs=_names(get(gate_envs, "GATE_ENVS", "prod")),
         )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of environments ("" or "none": none)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    return () if names == ("none",) else names

@@ -5,7 +5,8 @@ Layout (file names are the contract; see the README for the full rules)::
     <root>/schema.json                       JSON Schema of a resolved config (optional)
     <root>/<env>/<env>.yml                   an environment; may `extends:` a parent file
     <root>/<env>/overrides/<name>.yml        overrides a tenant may select for <env>
-    <root>/tenants/<tenant>/tenant.yml       the tenant: its environments and overrides
+    <root>/tenants/<tenant>/tenant.yml       the tenant: its environments and overrides,
+                                             and the compliance regimes it is held to
     <root>/tenants/<tenant>/<env>.yml        the tenant's own layer for <env>: optional,
                                              or required when tenant.yml says
                                              `layer: true` for <env>
@@ -47,7 +48,7 @@ TENANT_FILE: Final = "tenant.yml"
 SCHEMA_FILE: Final = "schema.json"
 TENANT_ID: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 ENV_ALIASES: Final = {"development": "dev", "production": "prod"}
-_TENANT_KEYS: Final = frozenset({"tenant", "name", "environments"})
+_TENANT_KEYS: Final = frozenset({"tenant", "name", "environments", "compliance"})
 _NO_SCHEMA: Final = SchemaValidator({}, SCHEMA_FILE)  # accepts any config
 
 
@@ -63,6 +64,9 @@ class TenantSpec:
     # environment -> how every change of the stream is rolled out (a staged rollout's
     # plan, `configbus.ops.rollouts.Plan`); environments without one publish at once
     rollouts: Mapping[str, Any] = field(default_factory=dict)
+    # the compliance regimes the tenant is held to (`compliance: [gdpr, soc2]`), besides
+    # the baseline every stream is; see configbus/compliance/
+    compliance: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,9 +609,20 @@ class EnvironmentTree:
                         f"(available: {', '.join(available) or 'none'})",
                     )
             declared[env] = tuple(str(s) for s in selected)
+        regimes = data.get("compliance", ())
+        for where, message in _regime_problems(regimes):
+            problem(("compliance", *where), message)
         if problems:
             raise TreeError(problems)
-        return TenantSpec(tenant_id, str(name), declared, source, frozenset(required), plans)
+        return TenantSpec(
+            tenant_id,
+            str(name),
+            declared,
+            source,
+            frozenset(required),
+            plans,
+            tuple(str(r) for r in regimes) if isinstance(regimes, tuple) else (),
+        )
 
     def _stray_tenant_layers(self, spec: TenantSpec) -> list[Problem]:
         tenant_dir = self.root / TENANTS_DIR / spec.id
@@ -624,6 +639,27 @@ class EnvironmentTree:
                     )
                 )
         return strays
+
+
+def _regime_problems(regimes: object) -> list[tuple[KeyPath, str]]:
+    """What is wrong with a tenant.yml `compliance:` list of regimes, by position."""
+    from configbus.compliance.packs import known_regimes  # above the tree; only its names
+
+    if not isinstance(regimes, tuple) or not all(isinstance(r, str) for r in regimes):
+        return [((), "must be a list of compliance regimes, such as [gdpr, soc2]")]
+    if not regimes:
+        return []
+    try:
+        known = known_regimes()
+    except TreeError as exc:  # a broken pack in CONFIGBUS_COMPLIANCE_PACKS
+        return [((), f"cannot tell the regimes: {exc.problems[0]}")]
+    found: list[tuple[KeyPath, str]] = []
+    for index, name in enumerate(regimes):
+        if name not in known:
+            found.append(((index,), f"unknown regime {name!r} (known: {', '.join(known)})"))
+        elif name in regimes[:index]:
+            found.append(((index,), f"regime {name!r} is listed twice"))
+    return found
 
 
 _ROLLOUT_KEYS: Final = frozenset({"strategy", "steps", "bake", "select", "step_timeout"})

@@ -8,11 +8,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from configbus.bus import TopicNames
 from configbus.bus.base import Record
+
+if TYPE_CHECKING:
+    from tests.wire_decoder import chain_findings
+else:
+    from wire_decoder import chain_findings
 from configbus.chain import CHAIN_HEADER, ChainHead, open_link, record_digest
 from configbus.crypto import SigningKey, generate_keypair
 from configbus.crypto.trust import OPERATOR, TrustedKey
@@ -26,6 +32,7 @@ from .helpers import eventually
 from .test_publisher import World
 
 AURORA = ("aurora-records", "prod")
+KIDS = ("unit", "oncall")  # the publisher's key and the operator's
 HELIX_LAYER = "tenants/helix-audio/prod.yml"
 
 
@@ -90,7 +97,14 @@ async def tampered(world: World, change: Callable[[list[Record]], list[Record]])
             await producer.send_and_wait(
                 "audit-copy", record.value or b"", key=record.key, headers=record.headers
             )
-    return await verify(world, "audit-copy")
+    report = await verify(world, "audit-copy")
+    # docs/wire-format.md §2.6 read by an independent decoder: the same findings, but
+    # for those that need the trust file's scopes or the chains' heads.
+    public = {kid: entry.key.pem() for kid in KIDS if (entry := world.trust.get(kid))}
+    independent = chain_findings([(r.key, r.value, dict(r.headers)) for r in records], public)
+    mine = [(f.kind, f.offset) for f in report.findings if f.offset >= 0]
+    assert sorted(independent) == sorted(mine)
+    return report
 
 
 def chain_of(record: Record, world: World) -> str:

@@ -15,6 +15,7 @@ PUBLIC = [
     "ActiveWriterError",
     "AuthorizationError",
     "BusError",
+    "ComplianceChecker",
     "ConfigBusError",
     "ConfigSubscriber",
     "EnvironmentConfigManager",
