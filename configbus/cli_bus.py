@@ -152,7 +152,15 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
-    from configbus import cli_acl, cli_audit, cli_ops, cli_override, cli_rollback, cli_secret
+    from configbus import (
+        cli_acl,
+        cli_audit,
+        cli_backup,
+        cli_ops,
+        cli_override,
+        cli_rollback,
+        cli_secret,
+    )
 
     cli_acl.register(commands, root, kafka)
     cli_ops.register(commands, kafka)
@@ -160,6 +168,7 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     cli_override.register(commands, kafka)
     cli_secret.register(commands, kafka)
     cli_rollback.register(commands, publisher)
+    cli_backup.register(commands, kafka)  # backup, restore
 
     tail = commands.add_parser(
         "tail", parents=[kafka], help="read a tenant's topic from the start and verify each event"

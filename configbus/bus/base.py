@@ -57,10 +57,17 @@ class ProducerAPI(Protocol):
     async def track_topics(self, topics: Iterable[str]) -> None: ...
     def transaction(self) -> AbstractAsyncContextManager[None]: ...
     async def send(
-        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timestamp_ms: int | None = None,
     ) -> Awaitable[None]:
         """Queue a record. The returned awaitable ends when the broker acknowledged it,
-        or raises `BusError` (`RefusedError` when no retry can succeed)."""
+        or raises `BusError` (`RefusedError` when no retry can succeed). `timestamp_ms`:
+        the record's timestamp (default: now); a restore keeps the original ones."""
 
     async def send_and_wait(
         self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()

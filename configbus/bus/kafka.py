@@ -475,11 +475,14 @@ class Producer:
         *,
         key: bytes | None = None,
         headers: Headers = (),
+        timestamp_ms: int | None = None,
     ) -> asyncio.Future[None]:
         """Queue a record; the returned future resolves when the broker has it, or
-        raises `BusError`."""
+        raises `BusError`. `timestamp_ms`: the record's timestamp (default: now)."""
         try:
-            future = await self._live.send(topic, value=value, key=key, headers=list(headers))
+            future = await self._live.send(
+                topic, value=value, key=key, headers=list(headers), timestamp_ms=timestamp_ms
+            )
         except KafkaError as exc:
             raise _bus_error(exc, f"sending to {topic}") from exc
         return asyncio.ensure_future(_acknowledged(future, topic))

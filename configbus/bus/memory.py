@@ -352,9 +352,16 @@ class MemoryProducer:
         self._end("committed")
 
     async def send(
-        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timestamp_ms: int | None = None,
     ) -> asyncio.Future[None]:
-        """Append a record; the returned future is already resolved (acks are instant)."""
+        """Append a record; the returned future is already resolved (acks are instant).
+        `timestamp_ms`: the record's timestamp (default: now)."""
         self._live("send")
         if self.transactional_id is not None and self._open is None:
             raise _fatal(f"sending to {topic}: not in a transaction")
@@ -365,7 +372,8 @@ class MemoryProducer:
         if error := self._refusal(found, key, value, headers):
             future.set_exception(error)
             return future
-        offset, now = found.next_offset, int(time.time() * 1000)
+        offset = found.next_offset
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         entry = _Entry(
             Record(topic, 0, offset, key, value, tuple(headers), now),
             "committed" if self._open is None else "open",

@@ -52,7 +52,6 @@ from typing import Any
 import watchfiles
 
 from configbus.bus import CANDIDATE_CHANNEL, ROLLOUT_CHANNEL, WAIVER_CHANNEL, Bus, KafkaBus, Record
-from configbus.chain import ChainHead
 from configbus.compliance import gate as compliance_gate
 from configbus.crypto import PUBLISHER, KeyProvider, LocalKeyProvider, SigningKey, TrustStore
 from configbus.crypto.keys import check_kid, load_private_key
@@ -357,9 +356,21 @@ class Daemon:
         return changes
 
     async def _recover(self) -> None:
+        """The versions and the audit chain's head from Kafka. What this daemon itself
+        committed is never forgotten: Kafka found with less (topics being restored, a
+        cluster wiped under it) would otherwise have versions start again below what
+        instances run, and a second chain start at link 1."""
         recovery = await recover(self.bus, self.settings.topics, self.trust)
+        known = self.publisher.states
+        for stream, state in known.items():
+            found = recovery.states.get(stream)
+            if found is None or found.version < state.version:
+                recovery.states[stream] = state
         self.publisher.states = recovery.states
-        self.publisher.chain = recovery.chain or ChainHead(self.settings.topics.transactional_id)
+        chain, ours = recovery.chain, self.publisher.chain
+        if chain is None or chain.seq < ours.seq:
+            chain = ours
+        self.publisher.chain = chain
         self.publisher.forget_topics()
         (log.warning if recovery.skipped else log.info)("%s", recovery.summary())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,7 +84,7 @@ async def rewritten(setup: Setup, change: Callable[[list[Record]], list[Record]]
     """A copy of the audit topic as `change` rewrites it, record by record with their
     keys and headers: its name."""
     records = [r async for r in read_to_end(setup.kafka, [setup.topics.audit])]
-    copy = f"{setup.topics.audit}-rewritten-{len(records)}-{id(change)}"
+    copy = f"{setup.topics.audit}-rewritten-{uuid.uuid4().hex[:8]}"
     async with Admin(setup.kafka) as admin:
         await admin.ensure_topics([copy], compact=False)
     async with Producer(setup.kafka) as producer:

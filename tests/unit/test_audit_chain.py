@@ -305,3 +305,19 @@ async def test_the_export_names_who_did_what_and_never_a_value(
     snapshots = [row for row in rows if row["kind"] == "snapshot"]
     assert all(row["config_hash"] and row["version"] >= 1 for row in snapshots)
     assert "config" not in EXPORT_FIELDS
+
+
+async def test_kafka_found_with_less_never_takes_back_what_the_daemon_committed(
+    world: World,
+) -> None:
+    """A cluster wiped (or being restored) under a running daemon: its next recovery
+    finds no versions and no chain head, and must not start either again from 1."""
+    async with world.daemon() as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        versions = {s: state.version for s, state in daemon.publisher.states.items()}
+        chain = daemon.publisher.chain
+        admin = world.bus.admin()
+        await admin.delete_topics(await admin.topics())
+        await daemon._recover()
+        assert {s: st.version for s, st in daemon.publisher.states.items()} == versions
+        assert daemon.publisher.chain == chain and chain.seq == len(versions)
