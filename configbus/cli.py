@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from configbus import __version__, cli_bus, cli_compliance, cli_keys, cli_waiver
+from configbus import __version__, cli_bus, cli_compliance, cli_keys, cli_release, cli_waiver
 from configbus.errors import (
     ConfigBusError,
     SettingsError,
@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_keys.register(commands)  # generate, rotate, retire, revoke, list
     cli_bus.register(commands, root)  # daemon, publish, tail, tenant
+    cli_release.register(commands, root)  # promote, migrate plan|apply
     compliance = cli_compliance.register(commands, root)  # check, report, rules
     cli_waiver.register(compliance, cli_bus.kafka_options())  # waive, waivers
     return parser

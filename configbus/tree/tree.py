@@ -10,6 +10,8 @@ Layout (file names are the contract; see the README for the full rules)::
     <root>/tenants/<tenant>/<env>.yml        the tenant's own layer for <env>: optional,
                                              or required when tenant.yml says
                                              `layer: true` for <env>
+    <root>/migrations/                       versioned migrations of the tree's keys
+                                             (configbus.tree.migrate): not layers
 
 A stream is a (tenant, environment) pair. Its layers, lowest first: the environment
 file's `extends:` ancestors, the environment file, the selected overrides in order,
@@ -44,6 +46,7 @@ from configbus.tree.yamlfile import ParsedFile, parse_yaml
 __all__ = ["ENV_ALIASES", "TENANT_ID", "CheckReport", "EnvironmentTree", "TenantSpec"]
 
 TENANTS_DIR: Final = "tenants"
+MIGRATIONS_DIR: Final = "migrations"  # versioned migrations (configbus.tree.migrate): no layers
 TENANT_FILE: Final = "tenant.yml"
 SCHEMA_FILE: Final = "schema.json"
 TENANT_ID: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
@@ -218,7 +221,7 @@ class EnvironmentTree:
         """Names of the environments: folders `<env>` holding `<env>/<env>.yml`."""
         found = []
         for name in self._listings.names(self._root):
-            if name.startswith((".", "_")) or name == TENANTS_DIR:
+            if name.startswith((".", "_")) or name in (TENANTS_DIR, MIGRATIONS_DIR):
                 continue
             if f"{name}.yml" in self._listings.names(os.path.join(self._root, name)):
                 found.append(name)
@@ -241,7 +244,7 @@ class EnvironmentTree:
         """Whether `name` is in `environments()`, looking at its own folder only."""
         return (
             not name.startswith((".", "_"))
-            and name != TENANTS_DIR
+            and name not in (TENANTS_DIR, MIGRATIONS_DIR)
             and name in self._listings.names(self._root)
             and f"{name}.yml" in self._listings.names(os.path.join(self._root, name))
         )
@@ -442,6 +445,8 @@ class EnvironmentTree:
         problems: list[Problem] = []
         files = 0
         for path in sorted(self.root.rglob("*.yml")):
+            if path.relative_to(self.root).parts[0] == MIGRATIONS_DIR:
+                continue  # migration files and their record are not layers
             files += 1
             try:
                 self._files.get(str(path))
