@@ -145,7 +145,7 @@ def chain_findings(
     numbering (dropped, reordered, duplicate, broken). Heads and scopes are left out."""
     findings: list[tuple[str, int]] = []
     chains: dict[str, tuple[int, str]] = {}  # chain -> (last seq, last link hash)
-    missing: dict[str, dict[int, int]] = {}  # chain -> {seq: index that skipped it}
+    gaps: dict[str, list[tuple[int, int, int]]] = {}  # chain -> [(first, last, index)]
     for index, (key, value, headers) in enumerate(records):
         sealed = headers.get("configbus-chain")
         if sealed is None:
@@ -176,26 +176,29 @@ def chain_findings(
             findings.append(("altered", index))
         chain, seq = link["chain"], link["seq"]
         this = hashlib.sha256(sealed).hexdigest()
-        gaps = missing.setdefault(chain, {})
+        open_gaps = gaps.setdefault(chain, [])
         if chain not in chains:
             if seq > 1:
                 findings.append(("dropped", index))
             chains[chain] = (seq, this)
             continue
         last, last_hash = chains[chain]
-        if seq in gaps:
-            del gaps[seq]
+        hole = next((g for g in open_gaps if g[0] <= seq <= g[1]), None)
+        if hole is not None:
+            open_gaps.remove(hole)
+            open_gaps += [g for g in ((hole[0], seq - 1, hole[2]), (seq + 1, hole[1], hole[2]))
+                          if g[0] <= g[1]]  # fmt: skip
             findings.append(("reordered", index))
         elif seq <= last:
             findings.append(("duplicate", index))
         else:
             if seq > last + 1:
-                gaps.update(dict.fromkeys(range(last + 1, seq), index))
+                open_gaps.append((last + 1, seq - 1, index))
             elif link["prev"] != last_hash:
                 findings.append(("broken", index))
             chains[chain] = (seq, this)
-    for gaps in missing.values():
-        findings += sorted({("dropped", index) for index in gaps.values()}, key=lambda f: f[1])
+    for open_gaps in gaps.values():
+        findings += [("dropped", index) for _, _, index in sorted(open_gaps)]
     return findings
 
 

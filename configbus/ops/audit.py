@@ -42,7 +42,8 @@ from configbus.chain import (
 )
 from configbus.crypto import PUBLISHER, TrustedKey, TrustStore
 from configbus.errors import VerificationError
-from configbus.events import open_note, peek_body, shown
+from configbus.events import CLOCK_SKEW_NS, now_ns, open_note, peek_body, shown
+from configbus.ops.trail import stream_writer_id
 
 __all__ = ["AuditReport", "ChainSummary", "Finding", "trail_rows", "verify_trail"]
 
@@ -140,7 +141,32 @@ class AuditReport:
 class _Walk:
     summary: ChainSummary
     hash: str  # the last link's
-    missing: dict[int, int] = field(default_factory=dict)  # link -> offset that skipped it
+    # links skipped so far, as [first, last, offset of the record that skipped them]:
+    # ranges, not one entry per link, so a jump of a billion costs nothing
+    missing: list[list[int]] = field(default_factory=list)
+
+    def fill(self, seq: int) -> bool:
+        """Take `seq` out of the missing ranges; whether it was missing."""
+        for index, (first, last, offset) in enumerate(self.missing):
+            if first <= seq <= last:
+                parts = [[first, seq - 1, offset], [seq + 1, last, offset]]
+                self.missing[index : index + 1] = [p for p in parts if p[0] <= p[1]]
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """What a deployment's chains are called: checked, not believed from the link."""
+
+    topics: TopicNames
+
+    def publisher(self) -> str:
+        return self.topics.transactional_id
+
+    def stream(self, stream: str) -> str:
+        tenant, _, env = stream.partition("/")
+        return stream_writer_id(self.topics, tenant, env)
 
 
 async def verify_trail(
@@ -148,23 +174,28 @@ async def verify_trail(
 ) -> AuditReport:
     """Walk the audit topic's chains and check every link, then each chain's end
     against the head its writer keeps. `since` (ns): check the records written from
-    then on, and the links between them (a chain may start anywhere then)."""
+    then on (by their signed links' times; a record without a verifying link is always
+    checked), and the links between them (a chain may start anywhere then)."""
     report = AuditReport(topics.audit, since=since)
+    names = _Names(topics)
     walks: dict[str, _Walk] = {}
+    now = now_ns()
     async for record in bus.read_to_end([topics.audit]):
-        if since is not None and record.timestamp_ms * 1_000_000 < since:
+        probe = AuditReport(topics.audit)
+        checked = _checked_link(record, trust, probe, names, now)
+        if since is not None and checked is not None and checked[0].at < since:
             continue
         report.records += 1
-        checked = _checked_link(record, trust, report)
+        for finding in probe.findings:
+            report.add(finding.kind, finding.offset, finding.chain, finding.message)
         if checked is not None:
-            _follow(walks, checked, record.offset, report, since is None)
+            _follow(walks, *checked, record.offset, report, since is None)
     for each in walks.values():
-        for start, end in _ranges(each.missing):
-            chain = each.summary.chain
-            offset = each.missing[start]
-            missing = f"{_links(start, end)} of {chain}"
+        chain = each.summary.chain
+        for first, last, offset in sorted(each.missing):
+            missing = f"{_links(first, last)} of {chain}"
             report.add("dropped", offset, chain, f"{missing} missing before this record")
-    async for chain, seq in _heads(bus, topics, trust, report):
+    async for chain, seq in _heads(bus, topics, trust, report, names):
         walk = walks.get(chain)
         last = walk.summary.last if walk is not None else 0
         if walk is not None:
@@ -181,9 +212,10 @@ async def verify_trail(
 
 
 def _checked_link(
-    record: Record, trust: TrustStore, report: AuditReport
-) -> tuple[ChainLink, bytes, int] | None:
-    """The record's link, if it verifies and fits the record; else a finding."""
+    record: Record, trust: TrustStore, report: AuditReport, names: _Names, now: int
+) -> tuple[ChainLink, bytes] | None:
+    """The record's link, when it verifies and is followed in its chain; every problem
+    as a finding in `report`."""
     sealed = record.header(CHAIN_HEADER)
     key = shown((record.key or b"").decode(errors="replace"), 80, quote=False)
     if sealed is None:
@@ -191,11 +223,11 @@ def _checked_link(
         return None
     try:
         link, trusted = open_link(sealed, trust)
+        if link.at > now + CLOCK_SKEW_NS:
+            raise VerificationError("issued_in_future", f"link {link.seq} is dated ahead")
     except VerificationError as exc:
         report.add("forged", record.offset, "", f"the record under {key}: {exc}")
         return None
-    # The link is genuine from here on: it is followed in its chain whatever else is
-    # wrong, so that one record tampered with is one finding, not a gap besides.
     if record_digest(record.key, record.value) != link.digest:
         report.add(
             "altered",
@@ -203,30 +235,30 @@ def _checked_link(
             link.chain,
             f"link {link.seq} of {link.chain} was made for another record than the one under {key}",
         )
-    else:
-        try:
-            _check_scope(link, trusted, record.key or b"")
-        except VerificationError as exc:
-            report.add("forged", record.offset, link.chain, f"the record under {key}: {exc}")
-    return link, sealed, record.timestamp_ms
+        return link, sealed  # the link is genuine: the record is the finding, not a gap
+    try:
+        _check_scope(link, trusted, record.key or b"", names)
+    except VerificationError as exc:
+        report.add("forged", record.offset, "", f"the record under {key}: {exc}")
+        return None
+    return link, sealed
 
 
-def _check_scope(link: ChainLink, trusted: TrustedKey, key: bytes) -> None:
+def _check_scope(link: ChainLink, trusted: TrustedKey, key: bytes, names: _Names) -> None:
     """A publisher key for the publisher's chain; for a stream's chain a key trusted
-    for that stream, on the stream's own records. The record's stream must be one the
-    key covers. Raises `VerificationError`."""
+    for that stream, linking that stream's own chain, on the stream's own records. The
+    record's stream must be one the key covers. Raises `VerificationError`."""
     stream = key.decode(errors="replace").removesuffix(NOTE_SUFFIX)
     tenant, _, env = stream.partition("/")
     kid = trusted.key.kid
     if link.stream:
-        if not link.chain.startswith(STREAM_CHAIN_PREFIX) or link.stream != stream:
-            raise VerificationError(
-                "wrong_stream",
-                f"a link of {shown(link.stream)}'s chain on {shown(stream)}'s record",
-            )
-    elif trusted.role != PUBLISHER or not link.chain.startswith(PUBLISHER_CHAIN_PREFIX):
+        if link.stream != stream or link.chain != names.stream(stream):
+            theirs, ours = shown(link.chain), shown(stream)
+            raise VerificationError("wrong_stream", f"a link of {theirs} on {ours}'s record")
+    elif trusted.role != PUBLISHER or link.chain != names.publisher():
         raise VerificationError(
-            "untrusted_scope", f"key {kid!r} ({trusted.role}) may not write the publisher's chain"
+            "untrusted_scope",
+            f"key {kid!r} ({trusted.role}) may not write chain {shown(link.chain)}",
         )
     if not trusted.covers(tenant, env):
         raise VerificationError(
@@ -236,12 +268,12 @@ def _check_scope(link: ChainLink, trusted: TrustedKey, key: bytes) -> None:
 
 def _follow(
     walks: dict[str, _Walk],
-    checked: tuple[ChainLink, bytes, int],
+    link: ChainLink,
+    sealed: bytes,
     offset: int,
     report: AuditReport,
     from_start: bool,
 ) -> None:
-    link, sealed, _ = checked
     chain, seq = link.chain, link.seq
     walk = walks.get(chain)
     if walk is None:
@@ -250,25 +282,19 @@ def _follow(
             ChainHead.of(sealed, link).hash,
         )
         if from_start and seq > 1:
-            report.add(
-                "dropped",
-                offset,
-                chain,
-                f"{chain} starts at link {seq}: {_links(1, seq - 1)} are missing",
-            )
+            missing = _links(1, seq - 1)
+            report.add("dropped", offset, chain, f"{chain} starts at link {seq}: {missing} missing")
         return
     summary = walk.summary
     summary.records += 1
-    if seq in walk.missing:
-        del walk.missing[seq]
-        report.add(
-            "reordered", offset, chain, f"link {seq} of {chain} comes after link {summary.last}"
-        )
+    if walk.fill(seq):
+        after = summary.last
+        report.add("reordered", offset, chain, f"link {seq} of {chain} comes after link {after}")
     elif seq <= summary.last:
         report.add("duplicate", offset, chain, f"link {seq} of {chain} appears again")
     else:
         if seq > summary.last + 1:
-            walk.missing.update(dict.fromkeys(range(summary.last + 1, seq), offset))
+            walk.missing.append([summary.last + 1, seq - 1, offset])
         elif link.prev != walk.hash:
             report.add(
                 "broken",
@@ -281,11 +307,12 @@ def _follow(
 
 
 async def _heads(
-    bus: Bus, topics: TopicNames, trust: TrustStore, report: AuditReport
+    bus: Bus, topics: TopicNames, trust: TrustStore, report: AuditReport, names: _Names
 ) -> AsyncIterator[tuple[str, int]]:
     """(chain, head link number) of every chain head kept beside the trail: the
-    publisher's on the state topic, each stream's on its tenant topic. A head that does
-    not verify is a finding."""
+    publisher's on the state topic, each stream's on its tenant topic; the highest that
+    verifies per chain. A head that does not verify, names another chain than the place
+    it sits in, or goes back below one before it, is a finding."""
     admin = bus.admin()
     await admin.start()
     try:
@@ -293,23 +320,36 @@ async def _heads(
     finally:
         await admin.stop()
     wanted = [t for t in existing if topics.tenant_of(t) is not None or t == topics.state]
-    heads: dict[tuple[str, bytes], Record] = {}
+    highest: dict[str, int] = {}
     async for record in bus.read_to_end(sorted(wanted)):
-        is_head = (
-            record.key == PUBLISHER_CHAIN_KEY
-            if record.topic == topics.state
-            else topics.channel_of(record.key)[1] == CHAIN_CHANNEL
-        )
-        if is_head and record.value is not None:
-            heads[(record.topic, record.key or b"")] = record  # the latest per key
-    for (topic, key), record in sorted(heads.items()):
+        if record.topic == topics.state:
+            if record.key != PUBLISHER_CHAIN_KEY:
+                continue
+            expected, role = names.publisher(), PUBLISHER
+        else:
+            env, channel = topics.channel_of(record.key)
+            if channel != CHAIN_CHANNEL:
+                continue
+            expected, role = names.stream(f"{topics.tenant_of(record.topic)}/{env}"), ""
+        where = shown(f"{record.topic}@{record.offset}", quote=False)
         try:
-            link, _ = open_link(record.value or b"", trust)
+            link, trusted = open_link(record.value or b"", trust)
+            if link.chain != expected or (role and trusted.role != role):
+                raise VerificationError("wrong_stream", f"a head of {shown(link.chain)}")
         except VerificationError as exc:
-            where = shown(f"{topic}/{key.decode(errors='replace')}", quote=False)
-            report.add("forged", -1, "", f"the chain head at {where}: {exc}")
+            report.add("forged", -1, expected, f"the chain head at {where}: {exc}")
             continue
-        yield link.chain, link.seq
+        known = highest.get(expected, 0)
+        if link.seq < known:
+            report.add(
+                "reordered",
+                -1,
+                expected,
+                f"the head of {expected} at {where} went back from link {known} to {link.seq}",
+            )
+        highest[expected] = max(known, link.seq)
+    for chain, seq in sorted(highest.items()):
+        yield chain, seq
 
 
 def _ranges(numbers: Iterable[int]) -> Iterable[tuple[int, int]]:
@@ -330,7 +370,11 @@ def _links(start: int, end: int) -> str:
 
 
 def _time(ns: int) -> str:
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds: as it is
+        return str(ns)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 EXPORT_FIELDS: Final = (
@@ -360,25 +404,31 @@ async def trail_rows(
 ) -> AsyncIterator[dict[str, Any]]:
     """Every audit record as a flat row (`EXPORT_FIELDS`), oldest first: who did what
     to which stream, when and why, and whether its link verifies. Never a config or
-    a secret: an event's row names its version and config hash."""
+    a secret: an event's row names its version and config hash. `since`: the rows of
+    records written from then on, by their signed links' times (a record without a
+    verifying link is always listed)."""
+    names = _Names(topics)
     async for record in bus.read_to_end([topics.audit]):
-        if since is not None and record.timestamp_ms * 1_000_000 < since:
+        row = _row(record, trust, names)
+        if since is not None and row["verified"] and row["at"] < since:
             continue
-        yield _row(record, trust)
+        del row["at"]
+        yield row
 
 
-def _row(record: Record, trust: TrustStore) -> dict[str, Any]:
+def _row(record: Record, trust: TrustStore, names: _Names) -> dict[str, Any]:
     key = (record.key or b"").decode(errors="replace")
     row: dict[str, Any] = dict.fromkeys(EXPORT_FIELDS, "")
     row.update(offset=record.offset, key=shown(key, 200, quote=False), verified=False)
     row["time"] = _time(record.timestamp_ms * 1_000_000)
     probe = AuditReport("")
-    checked = _checked_link(record, trust, probe)
+    checked = _checked_link(record, trust, probe, names, now_ns())
+    row["at"] = record.timestamp_ms * 1_000_000
     if checked is not None:
-        link, _, _ = checked
-        row.update(chain=link.chain, seq=link.seq, verified=True, time=_time(link.at))
-    else:
-        row["problem"] = str(probe.findings[0].message) if probe.findings else ""
+        link, _ = checked
+        row.update(chain=link.chain, seq=link.seq, time=_time(link.at), at=link.at)
+    row["verified"] = checked is not None and not probe.findings
+    row["problem"] = "; ".join(f"{f.kind}: {f.message}" for f in probe.findings)
     sealed = record.header(CHAIN_HEADER)
     if sealed is not None:
         row["signer"] = shown(signer_of(sealed), quote=False)

@@ -2,7 +2,8 @@
 although one blocking compliance rule fails.
 
 A waiver is a record of its own on the stream's tenant topic (key
-``<env>/waiver/<rule>``, so compaction keeps the latest per rule), an event of kind
+``<env>/waiver/<rule>/<set_at>``: one per waiver given, the newest per rule counts), an
+event of kind
 ``waiver`` signed by an operator key within its ``max_ttl``. Its config is the JSON of
 a `Waiver`; its ``expires_at`` ends it. Ending one early writes it again expiring now.
 It is written as the stream's operator writer, so it also goes to the audit topic,
@@ -69,11 +70,13 @@ class Waiver(msgspec.Struct, frozen=True, kw_only=True):
         return self.set_at <= now < self.expires_at
 
 
-def waiver_key(topics: TopicNames, env: str, rule: str) -> bytes:
-    """The record key of a stream's waiver of `rule` on its tenant topic."""
+def waiver_key(topics: TopicNames, env: str, rule: str, set_at: int) -> bytes:
+    """The record key of a stream's waiver of `rule` given at `set_at`: one key per
+    waiver given, so compaction never lets an old record take a newer one's place (a
+    waiver ended, then its first record copied back, stays ended)."""
     if not RULE_ID.fullmatch(rule):
         raise SettingsError(f"rule id {rule!r}: use a-z 0-9 . _ -, starting with a letter or digit")
-    return topics.record_key(env, f"{_PREFIX}{rule}")
+    return topics.record_key(env, f"{_PREFIX}{rule}/{set_at}")
 
 
 async def write_waiver(
@@ -92,8 +95,8 @@ async def write_waiver(
     """Waive `rule` for `tenant`/`env` for `for_s` seconds from now (0: end the waiver
     now), signed with the operator's `key`, on the tenant topic and the audit trail in
     one transaction. Raises `ConfigBusError`."""
-    record_key = waiver_key(topics, env, rule)
     now = now_ns()
+    record_key = waiver_key(topics, env, rule, now)
     waiver = Waiver(
         rule=rule, actor=actor, reason=reason, set_at=now, expires_at=now + int(for_s * 1e9)
     )
@@ -127,9 +130,9 @@ async def write_waiver(
 
 def parse_waiver(
     record: Record, topics: TopicNames, trust: TrustStore
-) -> tuple[Stream, Waiver] | None:
-    """The stream and waiver of a tenant-topic record, None when it is no waiver
-    record. Raises `VerificationError` for one that does not verify, or whose body
+) -> tuple[Stream, Waiver, str] | None:
+    """The stream, waiver and signing key id of a tenant-topic record, None when it is
+    no waiver record. Raises `VerificationError` for one that does not verify, or whose body
     names another rule than its key."""
     tenant = topics.tenant_of(record.topic)
     env, channel = topics.channel_of(record.key)
@@ -143,11 +146,11 @@ def parse_waiver(
         waiver = msgspec.json.decode(event.config_json, type=Waiver)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise VerificationError("malformed", f"not a waiver: {exc}") from None
-    if waiver.rule != channel.removeprefix(_PREFIX):
+    if f"{waiver.rule}/{waiver.set_at}" != channel.removeprefix(_PREFIX):
         raise VerificationError("malformed", f"a waiver of {shown(waiver.rule)} under {channel!r}")
     if waiver.expires_at != event.body.expires_at or waiver.set_at != event.body.issued_at:
         raise VerificationError("malformed", "a waiver whose times are not its event's")
-    return stream, waiver
+    return stream, waiver, event.kid
 
 
 @dataclass(slots=True)
@@ -156,8 +159,9 @@ class WaiverBook:
     record per (stream, rule)."""
 
     topics: TopicNames
-    trust: TrustStore  # operator keys too
+    trust: TrustStore  # operator keys too; the daemon replaces it when it reloads keys
     waivers: dict[Stream, dict[str, Waiver]] = field(default_factory=dict)
+    signers: dict[tuple[Stream, str], str] = field(default_factory=dict)  # -> key id
 
     def received(self, record: Record) -> Stream | None:
         """Learn from a tenant-topic record; the stream whose waivers changed, if any."""
@@ -169,17 +173,24 @@ class WaiverBook:
             return None
         if found is None:
             return None
-        stream, waiver = found
+        stream, waiver, kid = found
         held = self.waivers.setdefault(stream, {})
         known = held.get(waiver.rule)
         if known is not None and known.set_at >= waiver.set_at:
             return None  # an older record read again
         held[waiver.rule] = waiver
+        self.signers[(stream, waiver.rule)] = kid
         return stream
 
     def active(self, stream: Stream, now: int) -> dict[str, Waiver]:
-        """The waivers of `stream` in force at `now`, by rule."""
-        return {r: w for r, w in self.waivers.get(stream, {}).items() if w.in_force(now)}
+        """The waivers of `stream` in force at `now`, by rule, whose keys the trust
+        file (as it is now) still trusts: revoking a key ends what it waived."""
+        found = {}
+        for rule, waiver in self.waivers.get(stream, {}).items():
+            entry = self.trust.get(self.signers.get((stream, rule), ""))
+            if waiver.in_force(now) and entry is not None and not entry.revoked:
+                found[rule] = waiver
+        return found
 
 
 async def read_waivers(

@@ -280,12 +280,21 @@ async def test_a_link_moved_onto_another_stream_is_refused(world: World, tmp_pat
 
 
 async def test_since_checks_the_records_from_then_on(world: World, tmp_path: Path) -> None:
+    """By the signed links' times, not Kafka's timestamps (anyone producing a record
+    sets those): a forgery back-dated past --since is still checked."""
     await busy_trail(world, tmp_path)
     records = world.bus.records(world.topics.audit)
-    since = records[5].timestamp_ms * 1_000_000
+    times = [open_link(r.header(CHAIN_HEADER) or b"", world.trust)[0].at for r in records]
+    since = times[5]
     report = await verify_trail(world.bus, world.topics, world.trust, since=since)
     assert report.ok, report.findings
-    assert report.records == sum(1 for r in records if r.timestamp_ms * 1_000_000 >= since)
+    assert report.records == sum(1 for at in times if at >= since)
+
+    async with world.bus.producer() as producer:
+        value = world.forged(AURORA, 99, world.key)
+        await producer.send_and_wait(world.topics.audit, value, key=b"aurora-records/prod")
+    report = await verify_trail(world.bus, world.topics, world.trust, since=since)
+    assert [f.kind for f in report.findings] == ["unchained"]
 
 
 # -- export ---------------------------------------------------------------------------
@@ -321,3 +330,76 @@ async def test_kafka_found_with_less_never_takes_back_what_the_daemon_committed(
         await daemon._recover()
         assert {s: st.version for s, st in daemon.publisher.states.items()} == versions
         assert daemon.publisher.chain == chain and chain.seq == len(versions)
+
+
+async def test_a_key_cannot_link_into_a_chain_that_is_not_its_streams(
+    world: World, tmp_path: Path
+) -> None:
+    """helix's operator writes a helix record whose link names aurora's chain: forged,
+    and not followed (aurora's next genuine link is not blamed)."""
+    await busy_trail(world, tmp_path)
+    helix = SigningKey.load(generate_keypair("helix-op", tmp_path / "h")[0], "helix-op")
+    world.trust = world.trust.with_key(
+        TrustedKey(helix.public, frozenset({"helix-audio"}), frozenset({"prod"}), OPERATOR, 60)
+    )
+    aurora_chain = stream_writer_id(world.topics, *AURORA)
+
+    def cross(records: list[Record]) -> list[Record]:
+        value = world.forged(("helix-audio", "prod"), 5, helix)
+        head = ChainHead(aurora_chain, 3, stream="helix-audio/prod")
+        link, _ = head.link(b"helix-audio/prod", value, helix)
+        forged = Record("audit", 0, 0, b"helix-audio/prod", value, ((CHAIN_HEADER, link),), 0)
+        return [*records, forged]
+
+    report = await tampered(world, cross)
+    assert [f.kind for f in report.findings] == ["forged"]
+    assert aurora_chain in report.findings[0].message
+
+
+async def test_a_jump_of_a_billion_links_costs_nothing(world: World, tmp_path: Path) -> None:
+    await busy_trail(world, tmp_path)
+
+    def jump(records: list[Record]) -> list[Record]:
+        value = world.forged(AURORA, 99, world.key)
+        head = ChainHead(world.topics.transactional_id, 10**9, "ab" * 32)
+        link, _ = head.link(b"aurora-records/prod", value, world.key)
+        forged = Record("audit", 0, 0, b"aurora-records/prod", value, ((CHAIN_HEADER, link),), 0)
+        return [*records, forged]
+
+    report = await tampered(world, jump)
+    assert [f.kind for f in report.findings] == ["dropped"]
+
+
+async def test_heads_out_of_place_or_going_back_are_findings(world: World, tmp_path: Path) -> None:
+    operator = await busy_trail(world, tmp_path)
+    tenant_topic = world.topics.tenant_topic(AURORA[0])
+    heads = [r for r in world.bus.records(tenant_topic) if r.key == b"prod/chain"]
+    state = [r for r in world.bus.records(world.topics.state) if r.key == b"$chain"]
+    async with world.bus.producer() as producer:
+        # the publisher's genuine head, put where aurora's operator chain keeps its head
+        await producer.send_and_wait(tenant_topic, state[-1].value or b"", key=b"prod/chain")
+        # an older genuine head of aurora's chain, replayed after the newest
+        await producer.send_and_wait(tenant_topic, heads[0].value or b"", key=b"prod/chain")
+    report = await verify_trail(world.bus, world.topics, world.trust)
+    assert sorted(f.kind for f in report.findings) == ["forged", "reordered"]
+    assert report.chains[stream_writer_id(world.topics, *AURORA)].head == 3  # the highest
+    assert operator.kid == "oncall"
+
+
+async def test_the_export_marks_a_tampered_record_and_survives_any_timestamp(
+    world: World, tmp_path: Path
+) -> None:
+    await busy_trail(world, tmp_path)
+    old = world.bus.records(world.topics.audit)[2]
+    async with world.bus.producer() as producer:
+        value = world.forged(AURORA, 7, world.key)
+        await producer.send(world.topics.audit, value, key=old.key, headers=old.headers)
+        await (
+            await producer.send(
+                world.topics.audit, b"junk", key=b"x/y", timestamp_ms=300_000_000_000_000
+            )
+        )
+    rows = [row async for row in trail_rows(world.bus, world.topics, world.trust)]
+    altered, junk = rows[-2], rows[-1]
+    assert (altered["verified"], altered["problem"].split(":")[0]) == (False, "altered")
+    assert (junk["verified"], junk["time"]) == (False, "300000000000000000000")
