@@ -52,6 +52,11 @@ __all__ = ["register", "store_layers"]
 
 T = TypeVar("T")
 
+HTTP_HELP = (
+    "serve /healthz, /readyz and /metrics on HOST:PORT (:PORT: every interface; default "
+    "$CONFIGBUS_HTTP, else not served; docs/operations.md)"
+)
+
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed, unless Kafka is reached over TLS
@@ -126,6 +131,7 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     daemon = commands.add_parser(
         "daemon", parents=[publisher], help="watch the tree and stores; publish every change"
     )
+    daemon.add_argument("--http", metavar="ADDRESS", help=HTTP_HELP)
     daemon.set_defaults(func=_daemon)
     once = commands.add_parser(
         "publish", parents=[publisher], help="publish every changed stream once, then exit"
@@ -149,6 +155,7 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     agent.add_argument("--socket", metavar="PATH", help="default $CONFIGBUS_AGENT")
     agent.add_argument("--trust", metavar="FILE", help="default $CONFIGBUS_TRUST")
     agent.add_argument("--cache-dir", metavar="DIR", help="default $CONFIGBUS_CACHE_DIR")
+    agent.add_argument("--http", metavar="ADDRESS", help=HTTP_HELP)
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_agent)
 
@@ -169,6 +176,9 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     cli_secret.register(commands, kafka)
     cli_rollback.register(commands, publisher)
     cli_backup.register(commands, kafka)  # backup, restore
+    from configbus.cli_check import register as register_check  # check: the probes
+
+    register_check(commands)
 
     tail = commands.add_parser(
         "tail", parents=[kafka], help="read a tenant's topic from the start and verify each event"
@@ -264,6 +274,7 @@ def _settings(args: argparse.Namespace) -> PublisherSettings:
         secret_keys=args.secret_keys,
         secret_interval=args.secret_interval,
         gate_envs=args.gate_envs,
+        http=getattr(args, "http", None),  # the daemon's alone
     )
 
 
@@ -281,6 +292,7 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
 
     from configbus.agent import AgentSettings
     from configbus.agent.server import run as run_agent
+    from configbus.health import http_address
 
     kafka, topics = _kafka(args)
     socket_path = pick(args.socket, "CONFIGBUS_AGENT", "", str)
@@ -295,6 +307,7 @@ def _agent(args: argparse.Namespace, out: TextIO) -> int:
         cache_dir=Path(cache) if cache else None,
         topics=topics,
         trust_reload=pick(None, "CONFIGBUS_TRUST_RELOAD", 5.0, float),
+        http=http_address(pick(args.http, "CONFIGBUS_HTTP", "", str)),
     )
     configure(json_lines=True, level=args.log_level)
     configure_from_env()

@@ -53,10 +53,12 @@ async def supervise(
     name: str,
     body: Callable[[], Awaitable[None]],
     backoff: Backoff | None = None,
+    *,
+    on_failure: Callable[[Exception], None] | None = None,
 ) -> None:
     """Run `body()` until cancelled. When it returns, it is done; when it raises, the
-    error is logged (expected errors in one line, anything else with its traceback) and
-    `body()` runs again after a backoff delay."""
+    error is logged (expected errors in one line, anything else with its traceback),
+    `on_failure` is told (a metric), and `body()` runs again after a backoff delay."""
     backoff = backoff or Backoff()
     while True:
         try:
@@ -67,9 +69,13 @@ async def supervise(
         except ConfigBusError as exc:
             delay = backoff.delay()
             log.warning("%s failed, restarting in %.2fs: %s", name, delay, exc)
-        except Exception:
+            failure: Exception = exc
+        except Exception as exc:
             delay = backoff.delay()
             log.exception("%s failed unexpectedly, restarting in %.2fs", name, delay)
+            failure = exc
+        if on_failure is not None:
+            on_failure(failure)
         await asyncio.sleep(delay)
 
 

@@ -6,8 +6,18 @@ sets up the SDK from the standard ``OTEL_*`` variables for processes that have n
 telemetry set-up of their own (the daemon, the examples): ``OTEL_TRACES_EXPORTER``
 and ``OTEL_METRICS_EXPORTER`` = ``otlp`` (OTLP over HTTP, endpoint from
 ``OTEL_EXPORTER_OTLP_ENDPOINT``) or ``console``; nothing is exported when unset.
+``OTEL_METRICS_EXPORTER`` may also say ``prometheus`` (or ``otlp,prometheus``): the
+metrics are then served for Prometheus to scrape on ``OTEL_EXPORTER_PROMETHEUS_HOST``
+(localhost) and ``OTEL_EXPORTER_PROMETHEUS_PORT`` (9464), as the specification says,
+with the ``prometheus`` extra installed (``pip install 'configbus[prometheus]'``).
 ``OTEL_TRACES_EXPORTER=none`` installs the SDK's tracer provider without an exporter:
 spans get real trace ids, which still propagate and appear in acks, but go nowhere.
+
+A subscriber's metrics: ``configbus.events.applied`` and ``configbus.events.rejected``
+(by reason), ``configbus.apply.latency`` (ms, from the publisher's detection to the
+apply), and ``configbus.config.version`` (the version each subscriber runs, read when
+the metrics are collected: nothing on the apply path). Their attributes are the stream's
+tenant and env: a process follows a few streams, so these stay few.
 
 Trace context crosses Kafka in the W3C ``traceparent``/``tracestate`` record headers,
 which are not signed: they are observability, never trusted input.
@@ -16,11 +26,18 @@ which are not signed: they are observability, never trusted input.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from configbus.errors import SettingsError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricReader
 
 __all__ = [
     "applied_counter",
@@ -35,6 +52,8 @@ __all__ = [
     "trace_id_of",
     "tracer",
     "tracing",
+    "track_version",
+    "version_gauge",
 ]
 
 tracer: Final = trace.get_tracer("configbus")
@@ -57,6 +76,41 @@ published_counter: Final = meter.create_counter(
 failed_counter: Final = meter.create_counter(
     "configbus.publish.failed",
     description="Streams that could not be published as they are, by stream and reason",
+)
+
+
+class Versioned(Protocol):
+    """A subscriber, as the version gauge sees it."""
+
+    tenant: str
+    env: str
+
+    @property
+    def version(self) -> int: ...
+
+
+_versioned: Final[weakref.WeakSet[Versioned]] = weakref.WeakSet()
+
+
+def track_version(subscriber: Versioned, *, running: bool = True) -> None:
+    """Report `subscriber`'s version in ``configbus.config.version`` (while `running`;
+    a subscriber that is collected as garbage drops out by itself)."""
+    if running:
+        _versioned.add(subscriber)
+    else:
+        _versioned.discard(subscriber)
+
+
+def _observe_versions(options: CallbackOptions) -> Iterable[Observation]:
+    for subscriber in list(_versioned):
+        attributes = {"configbus.tenant": subscriber.tenant, "configbus.env": subscriber.env}
+        yield Observation(subscriber.version, attributes)
+
+
+version_gauge: Final = meter.create_observable_gauge(
+    "configbus.config.version",
+    callbacks=[_observe_versions],
+    description="The config version a subscriber runs (0 before its first)",
 )
 
 Headers = tuple[tuple[str, bytes], ...]
@@ -143,20 +197,59 @@ def configure_from_env() -> bool:
         trace.set_tracer_provider(provider)
     if metric_exporter not in ("", "none"):
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 
-        exporter: MetricExporter
-        if metric_exporter == "console":
-            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
-
-            exporter = ConsoleMetricExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
-            )
-
-            exporter = OTLPMetricExporter()
-        reader = PeriodicExportingMetricReader(exporter)
-        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+        readers = [_metric_reader(name) for name in _names(metric_exporter)]
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     _configured, _exporting = True, exporting
     return exporting
+
+
+def _names(text: str) -> list[str]:
+    """The exporters of a comma-separated ``OTEL_*_EXPORTER`` value, "none" left out."""
+    return [name for name in (part.strip() for part in text.split(",")) if name not in ("", "none")]
+
+
+def _metric_reader(name: str) -> MetricReader:
+    """The SDK metric reader of one ``OTEL_METRICS_EXPORTER`` name."""
+    from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+
+    if name == "prometheus":
+        return _prometheus_reader()
+    exporter: MetricExporter
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        exporter = ConsoleMetricExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter()
+    return PeriodicExportingMetricReader(exporter)
+
+
+def _prometheus_reader() -> MetricReader:
+    """OpenTelemetry's Prometheus reader, and prometheus_client's scrape server for it
+    (a daemon thread: it only reads what the SDK holds, which is thread-safe) on
+    ``OTEL_EXPORTER_PROMETHEUS_HOST``:``OTEL_EXPORTER_PROMETHEUS_PORT``."""
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    except ImportError:
+        raise SettingsError(
+            "OTEL_METRICS_EXPORTER=prometheus needs the prometheus extra: "
+            "pip install 'configbus[prometheus]'"
+        ) from None
+    from prometheus_client import start_http_server
+
+    host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or "localhost"
+    raw = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "").strip() or "9464"
+    if not raw.isdigit() or int(raw) > 65535:
+        raise SettingsError(f"OTEL_EXPORTER_PROMETHEUS_PORT={raw!r}: not a port")
+    reader = PrometheusMetricReader()
+    try:
+        start_http_server(int(raw), addr=host)
+    except OSError as exc:
+        raise SettingsError(
+            f"OTEL_EXPORTER_PROMETHEUS_HOST/PORT: cannot listen on {host}:{raw}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return reader

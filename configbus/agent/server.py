@@ -21,6 +21,9 @@ do (`trust_reload`), so a key added, retired or revoked there counts here too wi
 restart; a file that no longer loads leaves the last good one in force. When the keys
 it believes change, every stream catches up again, so a record refused under the old
 file (signed by a key it did not list yet) is handed out once the file lists it.
+
+With `settings.http` (``--http``), ``/healthz``, ``/readyz`` and ``/metrics`` are served
+on the agent's loop (configbus/agent/monitor.py says what they answer).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import re
 import signal
 import socket
 import stat
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,7 @@ from typing import Final
 
 import msgspec
 
+from configbus.agent.monitor import AgentMonitor
 from configbus.agent.protocol import (
     PROTOCOL_VERSION,
     Acks,
@@ -64,6 +69,7 @@ from configbus.crypto import TrustStore
 from configbus.crypto.trust import TrustFile
 from configbus.errors import BusError, ConfigBusError, SettingsError, VerificationError
 from configbus.events import Ack, VerifiedEvent, claimed_version, open_envelope, shown
+from configbus.health import HealthServer, parse_address
 from configbus.limits import DEFAULT_LIMITS, Limits
 from configbus.subscriber.acks import AckSender
 from configbus.supervise import Backoff, finish, supervise
@@ -103,10 +109,13 @@ class AgentSettings:
     topics: TopicNames = field(default_factory=TopicNames)
     limits: Limits = DEFAULT_LIMITS
     trust_reload: float = 5.0  # seconds between looks at the trust file (0: never)
+    http: str | None = None  # where /healthz, /readyz and /metrics are served (HOST:PORT)
 
     def __post_init__(self) -> None:
         if self.trust_reload < 0:
             raise SettingsError(f"trust_reload {self.trust_reload!r}: must not be negative")
+        if self.http is not None:
+            parse_address(self.http, "--http (CONFIGBUS_HTTP)")
         if len(os.fsencode(self.socket)) > 100:  # sun_path holds 108 bytes on Linux
             raise SettingsError(f"socket path {self.socket} is too long for a Unix socket")
 
@@ -186,6 +195,9 @@ class Agent:
         self._trust = settings.trust  # the trust file as last loaded
         self._trust_file: TrustFile | None = None
         self._trust_task: asyncio.Task[None] | None = None
+        self.refused: Counter[str] = Counter()  # records that did not verify, by reason
+        self.monitor = AgentMonitor(self)  # what /healthz, /readyz and /metrics say
+        self.http: HealthServer | None = None  # serving them, with settings.http
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -211,6 +223,14 @@ class Agent:
         self._cache_task = asyncio.create_task(self._write_caches(), name="configbus-agent-cache")
         self._reader_task = asyncio.create_task(self._read(), name="configbus-agent-reader")
         log.info("agent listening on %s (%d stream(s) from its cache)", path, len(self._streams))
+        if self.settings.http is not None and self.http is None:
+            try:
+                self.http = await HealthServer(
+                    self.settings.http, self.monitor, name="agent"
+                ).start()
+            except SettingsError:  # the port is taken: stop what runs, say so
+                await self.stop()
+                raise
         return self
 
     async def stop(self) -> None:
@@ -241,6 +261,9 @@ class Agent:
             self._acks = None
         with contextlib.suppress(FileNotFoundError):
             self.settings.socket.unlink()
+        http, self.http = self.http, None
+        if http is not None:
+            await http.stop()
 
     async def __aenter__(self) -> Agent:
         return await self.start()
@@ -251,6 +274,26 @@ class Agent:
     @property
     def clients(self) -> int:
         return sum(len(stream.clients) for stream in self._streams.values())
+
+    @property
+    def serving(self) -> bool:
+        """Whether the socket is served (between `start()` and `stop()`)."""
+        return self._server is not None
+
+    @property
+    def stream_count(self) -> int:
+        """Streams followed for services, or kept from the disk cache."""
+        return len(self._streams)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The agent's long-running tasks (for /healthz)."""
+        found = (self._reader_task, self._cache_task, self._trust_task)
+        return [task for task in found if task is not None]
+
+    def ack_counts(self) -> tuple[int, int]:
+        """Acks sent on to Kafka and dropped, so far."""
+        acks = self._acks
+        return (acks.sent, acks.dropped) if acks is not None else (0, 0)
 
     async def _watch_trust(self) -> None:
         while True:
@@ -360,6 +403,7 @@ class Agent:
                 await reader.start()
             except BusError as exc:
                 self.kafka_state = str(exc)
+                self.monitor.kafka_errors.labels(operation="connect").inc()
                 raise
             self._reader, self.kafka_state = reader, "connected"
             backoff.reset()
@@ -373,6 +417,11 @@ class Agent:
                     stream = self._streams.get((tenant, env))
                     if stream is not None and channel in CHANNELS:
                         self._received(stream, record, channel)
+        except BusError as exc:
+            if self._reader is reader:  # connected, then lost: not ready until back
+                self.kafka_state = str(exc)
+                self.monitor.kafka_errors.labels(operation="read").inc()
+            raise
         finally:
             self._reader = None
             with contextlib.suppress(Exception):
@@ -444,6 +493,7 @@ class Agent:
         except BusError as exc:
             stream.retry_at = asyncio.get_running_loop().time() + CATCH_UP_RETRY_S
             log.warning("%s/%s: could not catch up: %s", stream.tenant, stream.env, exc)
+            self.monitor.kafka_errors.labels(operation="catch_up").inc()
         finally:
             with contextlib.suppress(Exception):
                 await reader.stop()
@@ -473,6 +523,7 @@ class Agent:
             )
         except VerificationError as exc:
             log.warning("%s/%s: a record does not verify: %s", stream.tenant, stream.env, exc)
+            self.refused[exc.reason] += 1
             return None
 
     def _adopt(self, stream: _Stream, record: Record, channel: str, event: VerifiedEvent) -> bool:

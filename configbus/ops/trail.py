@@ -47,7 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-HEAD_READ_BACK: Final = 16  # newer head records that do not verify are skipped
+HEAD_READ_BACK: Final = 64  # newer head records that do not verify are skipped
 Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
 
 
@@ -79,11 +79,13 @@ def head_key(topics: TopicNames, env: str) -> bytes:
 def head_from(
     records: Sequence[Record], topics: TopicNames, tenant: str, env: str, trust: TrustStore
 ) -> ChainHead:
-    """The newest of `records` (``<env>/chain`` records, oldest first) that is a link of
-    the stream's chain, signed by a key trusted for the stream. Anyone who can write the
-    topic can write junk there; it is skipped, never believed."""
+    """The head among `records` (``<env>/chain`` records) that is a link of the stream's
+    chain, signed by a key trusted for the stream, with the highest number: anyone who
+    can write the topic can write junk there, or copy an older head back; neither is
+    believed over the genuine newest."""
     empty = stream_chain(topics, tenant, env)
-    for record in reversed(records):
+    best = empty
+    for record in records:
         where = f"{tenant}/{env}: the chain head at offset {record.offset}"
         try:
             link, trusted = open_link(record.value or b"", trust)
@@ -91,10 +93,11 @@ def head_from(
             log.warning("%s is skipped: %s", where, exc)
             continue
         ours = link.chain == empty.chain and link.stream == empty.stream
-        if ours and trusted.covers(tenant, env):
-            return ChainHead.of(record.value or b"", link)
-        log.warning("%s is skipped: a link of another chain, or by a key out of scope", where)
-    return empty
+        if not (ours and trusted.covers(tenant, env)):
+            log.warning("%s is skipped: a link of another chain, or by a key out of scope", where)
+        elif link.seq > best.seq:
+            best = ChainHead.of(record.value or b"", link)
+    return best
 
 
 def linked(

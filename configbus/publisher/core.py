@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
@@ -56,7 +57,7 @@ from configbus.tree.layer import Layer
 from configbus.tree.sealed import read_secrets_file, secrets_file
 from configbus.tree.values import attach_sealed
 
-__all__ = ["Change", "PublishReport", "Publisher", "StreamState"]
+__all__ = ["Change", "PublishObserver", "PublishReport", "Publisher", "StreamState"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ class Change:
 
     detected_at: int
     cause: Cause
+
+
+class PublishObserver(Protocol):
+    """Told what publication does, as it happens: the daemon's metrics
+    (configbus/publisher/monitor.py). Each call must be quick and must not raise."""
+
+    def committed(self, events: Sequence[tuple[Stream, int]]) -> None:
+        """Kafka committed these events, just now: each one's stream and detected_at."""
+
+    def refused(self, stream: Stream, code: str) -> None:
+        """`stream` cannot be published as it is, for the reason `code`."""
+
+    def store_failed(self, operation: str, exc: BaseException) -> None:
+        """Redis failed at `operation` (read: the store layers; cache: the events)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +193,7 @@ class Publisher:
         # The compliance gate: what stops a changed config from being published (a
         # refusal, "" for none), and the rules a waiver let through.
         self.gate: Gate | None = None
+        self.observer: PublishObserver | None = None  # metrics
 
     async def publish(
         self, streams: Iterable[Stream], change: Change, *, release: bool = False
@@ -228,6 +244,8 @@ class Publisher:
         tenant, env = stream
         report.failed[stream] = reason
         failed_counter.add(1, {"configbus.tenant": tenant, "configbus.env": env, "reason": code})
+        if self.observer is not None:
+            self.observer.refused(stream, code)
         if self._refusals.get(stream) == reason:
             return
         self._refusals[stream] = reason
@@ -429,8 +447,16 @@ class Publisher:
         Raises `BusError` when Kafka fails."""
         report = PublishReport(checked=1)
         self._check_size(config)
+        waived: tuple[str, ...] = ()
+        if self.gate is not None:  # a waiver may have ended while the rollout ran
+            refusal, waived = self.gate(stream, config)
+            if refusal:
+                self._refuse(report, stream, refusal, code="compliance")
+                return report
         prepared = self._sealed(stream, config, change)
         prepared = dataclasses.replace(prepared, extra=tuple(extra))
+        if waived:
+            prepared = self._with_waiver_note(prepared, change, waived)
         await self._ensure_topics([stream[0]])
         if await self._fits(prepared, report):
             await self._send_batch([prepared], report)
@@ -551,6 +577,8 @@ class Publisher:
                 layers = await self.store.layers(streams, problems=problems)
         except (BusError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {STORE_TIMEOUT_S:g}s"
+            if self.observer is not None:
+                self.observer.store_failed("read", exc)
             if not self._store_down:
                 log.warning("redis unreachable (%s): using the store values last read", reason)
             self._store_down = True
@@ -652,6 +680,8 @@ class Publisher:
         for span in spans:
             span.end()
         committed = time.perf_counter()
+        if self.observer is not None:
+            self.observer.committed([(item.stream, item.detected_at) for item in batch])
         cache: dict[Stream, bytes] = {}
         for item in batch:
             (tenant, env), version, config = item.stream, item.version, item.config
@@ -683,6 +713,8 @@ class Publisher:
                     await self.store.put_events(cache)
             except (BusError, TimeoutError) as exc:
                 log.warning("could not cache %d event(s) in redis: %s", len(cache), exc)
+                if self.observer is not None:
+                    self.observer.store_failed("cache", exc)
 
     async def _ensure_topics(self, tenants: Iterable[str]) -> None:
         shared = {self.topics.audit, self.topics.state}

@@ -17,6 +17,10 @@ that fails is logged and started again after a backoff; none dies silently):
 - the override keeper follows the streams' emergency overrides and, while this daemon
   is the writer, publishes each expiry (configbus/publisher/overrides.py).
 
+With `settings.http`, ``/healthz``, ``/readyz`` and ``/metrics`` are served on the same
+loop from the moment `start()` begins (configbus/publisher/monitor.py says what they
+answer; `http.port` is the port bound).
+
 One writer per cluster and topic prefix: the transactional id is derived from the
 topic prefix, so any two publishers of the same topics fence each other, and a daemon
 that sees another writer's heartbeats arrive stays on standby until they stop. A
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -65,10 +70,12 @@ from configbus.errors import (
     VerificationError,
 )
 from configbus.events import Cause, now_ns
+from configbus.health import HealthServer
 from configbus.limits import DEFAULT_LIMITS
 from configbus.ops.waivers import WaiverBook
 from configbus.publisher.authors import Authors
 from configbus.publisher.core import Change, Outgoing, Publisher, PublishReport
+from configbus.publisher.monitor import DaemonMonitor
 from configbus.publisher.overrides import OverrideKeeper
 from configbus.publisher.rollouts import RolloutDriver
 from configbus.publisher.secrets import SecretKeeper
@@ -210,7 +217,7 @@ class Daemon:
         self.publisher.stage = self.rollouts.stage
         self.publisher.settled = self.rollouts.settled
         self.waivers = WaiverBook(settings.topics, self.override_trust)
-        self.publisher.gate = self._gate
+        self.publisher.gate = self.rollouts.gate = self._gate
         self.secrets = SecretKeeper(
             self.bus,
             settings.topics,
@@ -234,6 +241,13 @@ class Daemon:
         self._writing = asyncio.Lock()  # one transaction at a time: publications, beats
         self._broken = False  # a publication failed: reconnect before the next
         self._reported: dict[Stream, str] = {}  # config hash last reported to the store
+        self._in_flight: dict[Stream, Change] = {}  # the worker's round, while it runs
+        self._later: set[Stream] = set()  # put back for later (Redis unreachable)
+        self._started_at = time.monotonic()
+        self._stopping = False
+        self.monitor = DaemonMonitor(self)  # what /healthz, /readyz and /metrics say
+        self.publisher.observer = self.monitor
+        self.http: HealthServer | None = None  # serving them, with settings.http
 
     def reload_keys(self) -> bool:
         """Read the signing key and the trust file again (SIGHUP): switch to the key
@@ -253,6 +267,7 @@ class Daemon:
         self.overrides.key, self.overrides.trust = key, self.override_trust
         self.rollouts.key, self.rollouts.trust = key, self.trust
         self.rollouts.operators = self.override_trust
+        self.waivers.trust = self.override_trust  # a waiver by a key now revoked ends
         self.secrets.trust = self.trust
         if key.kid != previous.kid:
             log.info("signing with key %s from now on (was %s)", key.kid, previous.kid)
@@ -260,6 +275,21 @@ class Daemon:
             log.info("keys reloaded; signing with %s", key.kid)
         self._dirty.add(self.index.streams, self._change(f"signing key {key.kid}", ()))
         return True
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` has begun."""
+        return self._stopping
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since this daemon was made."""
+        return time.monotonic() - self._started_at
+
+    def pending_streams(self) -> set[Stream]:
+        """Streams changed and not published yet: waiting for the worker, in the round
+        it runs, or put back for later (their store could not be read)."""
+        return set(self._dirty.changes) | set(self._in_flight) | self._later
 
     @property
     def fenced(self) -> bool:
@@ -272,10 +302,20 @@ class Daemon:
         watching. Returns once the first reconcile is queued. Cancellable."""
         if self._worker is not None:
             return self
+        if self.settings.http is not None and self.http is None:  # alive while connecting
+            server = HealthServer(self.settings.http, self.monitor, name="publisher")
+            self.http = await server.start()
         self.rollouts.driving = True  # before the first round: it may stage
-        await self._connect()
+        try:
+            await self._connect()
+        except BaseException:  # a start that fails for good (or is cancelled) serves nothing
+            http, self.http = self.http, None
+            if http is not None:
+                await http.stop()
+            raise
         self.index.rebuild()
         start = self._change("start", ())
+        self.monitor.reconcile_started(start)
         for stream, change in (await self._changes_at_start(self.index.streams, start)).items():
             self._dirty.add([stream], change)
         self._worker = self._spawn("publish", self._work)
@@ -294,7 +334,9 @@ class Daemon:
         return self
 
     def _spawn(self, name: str, body: Any, backoff: Backoff | None = None) -> asyncio.Task[None]:
-        return asyncio.create_task(supervise(f"publisher {name}", body, backoff), name=name)
+        failed = functools.partial(self.monitor.task_failed, name)
+        supervised = supervise(f"publisher {name}", body, backoff, on_failure=failed)
+        return asyncio.create_task(supervised, name=name)
 
     async def _connect(self, claim: Callable[[], Awaitable[None]] | None = None) -> None:
         """Connect, become the writer (`claim`, by default waiting on standby while
@@ -307,14 +349,14 @@ class Daemon:
                 await self.admin.ensure_topics([topics.acks, topics.state], compact=True)
                 await (claim or self._claim)()
                 await self._recover()
-                if self.rollouts.driving:  # a daemon, not a one-shot writer
-                    await self._recover_rollouts()
+                await self._recover_rollouts()
                 break
             except BusError as exc:
                 if not exc.retriable:
                     raise
                 delay = backoff.delay()
                 log.warning("waiting for kafka: %s (retry in %.1fs)", exc, delay)
+                self.monitor.kafka_failed("connect", exc)
                 await self.producer.stop()
                 await self.admin.stop()
                 await asyncio.sleep(delay)
@@ -325,6 +367,7 @@ class Daemon:
                 await self._store_beat()
             except BusError as exc:  # the store watcher keeps trying; files publish meanwhile
                 log.warning("redis unreachable at start: %s", exc)
+                self.monitor.redis_failed("connect", exc)
 
     async def _changes_at_start(
         self, streams: Iterable[Stream], start: Change
@@ -411,10 +454,12 @@ class Daemon:
     async def _recover_rollouts(self) -> None:
         """Read the staged rollouts and operators' rollout commands back from the tenant
         topics before the first round: a change staged, held after an abort or armed
-        by `rollout start` must not be published at once because this daemon is new."""
+        by `rollout start` must not be published at once because this daemon is new.
+        And the compliance waivers, which one-shot writers need too."""
         names = self.settings.topics
         tenant_topics = sorted(t for t in await self.admin.topics() if names.tenant_of(t))
-        wanted = (CANDIDATE_CHANNEL, ROLLOUT_CHANNEL)
+        # A one-shot writer stages nothing, but gates what it publishes: waivers only.
+        wanted = (CANDIDATE_CHANNEL, ROLLOUT_CHANNEL) if self.rollouts.driving else ()
         if tenant_topics:  # none on a new cluster
             async with contextlib.aclosing(self.bus.read_to_end(tenant_topics)) as records:
                 async for record in records:
@@ -423,7 +468,8 @@ class Daemon:
                         self.rollouts.received(record)
                     elif channel.startswith(f"{WAIVER_CHANNEL}/"):
                         self.waivers.received(record)
-        self.rollouts.recovered()
+        if self.rollouts.driving:
+            self.rollouts.recovered()
 
     async def claim_once(self, *, take_over: bool = False) -> None:
         """For a one-shot writer (`publish_once`, `configbus rollback`), instead of
@@ -457,6 +503,7 @@ class Daemon:
         `take_over`), then start the producer, which fences any other with our id."""
         waited = False
         while not take_over and (other := await self._live_writer()) is not None:
+            self.monitor.standing_by(other)
             if not waited:
                 log.warning("another publisher is active (%s): standing by", other)
                 waited = True
@@ -464,6 +511,7 @@ class Daemon:
             await self.producer.restart()
             await self._beat()
         self.active.set()
+        self.monitor.standing_by_for = ""
         if waited:
             log.info("taking over as the writer")
 
@@ -524,6 +572,7 @@ class Daemon:
             raise BusError(
                 f"heartbeat: kafka did not confirm within {self.settings.publish_timeout:g}s"
             ) from None
+        self.monitor.kafka_ok()
         if beat.interval > 0:
             await self._store_beat()
 
@@ -531,10 +580,14 @@ class Daemon:
         """Tell operators' tools through Redis that this daemon publishes (best effort)."""
         if self.store is None or not self.active.is_set():
             return
-        with contextlib.suppress(ConfigBusError, TimeoutError):
+        try:
             async with asyncio.timeout(1.0):
                 ttl = 3 * self.settings.heartbeat_interval
                 await self.store.publisher_heartbeat(self.writer, ttl)
+        except (ConfigBusError, TimeoutError) as exc:
+            self.monitor.redis_failed("heartbeat", exc)
+        else:
+            self.monitor.redis_ok()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -550,6 +603,7 @@ class Daemon:
                 # The producer may be unusable now: the worker reconnects before it
                 # publishes again (woken here, so it does not wait for a change).
                 log.warning("heartbeat failed: %s", exc)
+                self.monitor.kafka_failed("heartbeat", exc)
                 self._broken = True
                 self._dirty.event.set()
 
@@ -565,6 +619,7 @@ class Daemon:
     async def stop(self) -> None:
         """Stop watching, let the worker finish within the grace period, resign as the
         writer, disconnect. Safe to call twice, and after a cancelled start."""
+        self._stopping = True
         self._stop_watching.set()
         await finish(self._warming, "publisher warm-authors")
         tasks, self._tasks = self._tasks, []
@@ -595,6 +650,9 @@ class Daemon:
         await self.admin.stop()
         if self.store is not None:
             await self.store.stop()
+        http, self.http = self.http, None
+        if http is not None:
+            await http.stop()
         self.stopped.set()
 
     async def __aenter__(self) -> Daemon:
@@ -621,9 +679,11 @@ class Daemon:
                     await self._reconnect()
                 except BusError as exc:
                     log.warning("kafka still unreachable: %s", exc)
+                    self.monitor.kafka_failed("connect", exc)
                     await backoff.sleep()
                     continue
             taken = dirty.take()
+            self._in_flight, started = taken, time.perf_counter()
             try:
                 try:
                     async with asyncio.timeout(self.settings.publish_timeout), self._writing:
@@ -635,11 +695,14 @@ class Daemon:
                         f"kafka did not confirm within {self.settings.publish_timeout:g}s"
                     ) from None
             except Exception as exc:  # the worker must outlive any one failure
+                self._in_flight = {}
                 self._requeue(taken)
                 if isinstance(exc, FencedError):
                     self._fenced(exc)
                     continue
                 delay = backoff.delay()
+                if isinstance(exc, BusError):
+                    self.monitor.kafka_failed("publish", exc)
                 if isinstance(exc, ConfigBusError):
                     log.warning("publication failed, retrying in %.2fs: %s", delay, exc)
                 else:
@@ -648,8 +711,11 @@ class Daemon:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            self._in_flight = {}
+            self.monitor.round_done(taken, report, started)
             if report.pending:  # Redis unreachable for streams never read: later
                 retry = {s: taken[s] for s in report.pending if s in taken}
+                self._later |= retry.keys()
                 asyncio.get_running_loop().call_later(1.0, self._requeue, retry)
             if report.published or report.failed or report.pending:
                 log.info("publish: %s", report.summary())
@@ -658,34 +724,50 @@ class Daemon:
             if self._stop_watching.is_set() and not dirty.changes:
                 return
 
+    def _sound(self) -> None:
+        """Refuse to write while the last transaction's outcome is unknown: it may have
+        landed, and the versions and the audit chain must be read back first. The
+        worker is woken to reconnect; the caller tries again later."""
+        if self._broken:
+            self._dirty.event.set()
+            raise BusError("a transaction failed: reconnecting to Kafka first")
+
+    def _failed(self) -> None:
+        self._broken = True
+        self._dirty.event.set()  # the worker reconnects now, not at the next change
+
     async def _send_rollout(self, tenant: str, records: Sequence[Outgoing]) -> None:
         """A rollout's records, in one transaction, as the writer."""
+        self._sound()
         try:
             async with asyncio.timeout(self.settings.publish_timeout), self._writing:
                 await self.publisher.send_records(tenant, records)
         except TimeoutError:
-            self._broken = True
+            self._failed()
             raise BusError(
                 f"kafka did not confirm within {self.settings.publish_timeout:g}s"
             ) from None
         except FencedError as exc:
             self._fenced(exc)
             raise
-        except BusError:
-            self._broken = True
+        except BusError as exc:
+            self.monitor.kafka_failed("rollout", exc)
+            self._failed()
             raise
 
     async def _promote(
         self, stream: Stream, config: ResolvedConfig, change: Change, extra: Sequence[Outgoing]
     ) -> bool:
         """A rollout's candidate, published as the stream's next snapshot version."""
+        self._sound()
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                report = await self.publish_round(
-                    lambda publisher: publisher.publish_promoted(stream, config, change, extra)
-                )
+                with self.monitor.promoting(stream):
+                    report = await self.publish_round(
+                        lambda publisher: publisher.publish_promoted(stream, config, change, extra)
+                    )
         except TimeoutError:
-            self._broken = True
+            self._failed()
             raise BusError(
                 f"kafka did not confirm within {self.settings.publish_timeout:g}s"
             ) from None
@@ -694,6 +776,7 @@ class Daemon:
         return bool(report.published)
 
     def _requeue(self, taken: dict[Stream, Change]) -> None:
+        self._later -= taken.keys()
         for stream, change in taken.items():
             self._dirty.add([stream], change)
 
@@ -743,6 +826,7 @@ class Daemon:
                     self._reported.pop(stream, None)
         except Exception as exc:  # best effort: operators' tools say "not confirmed"
             log.debug("could not report publication status to redis: %s", exc)
+            self.monitor.redis_failed("report", exc)
 
     def _overrides_of(self, stream: Stream) -> list[dict[str, Any]]:
         """The stream's emergency overrides in effect, for operators' tools: what
@@ -805,7 +889,9 @@ class Daemon:
             self.index.rebuild()
             if self.store is not None:
                 self.store.forget()  # read every store again: a change may have gone unreported
-            self._dirty.add(self.index.streams, self._change("reconcile", ()))
+            change = self._change("reconcile", ())
+            self.monitor.reconcile_started(change)
+            self._dirty.add(self.index.streams, change)
 
 
 def _secret_keys(path: Path | None) -> KeyProvider | None:

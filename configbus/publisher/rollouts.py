@@ -46,7 +46,7 @@ from configbus.events import (
 )
 from configbus.ops.fleet import Fleet, Member
 from configbus.ops.rollouts import Command, Plan, Verdict, follows, judge, new_id, step_bound
-from configbus.publisher.core import Change, Outgoing
+from configbus.publisher.core import Change, Gate, Outgoing
 from configbus.publisher.state import StreamState
 from configbus.tree import EnvironmentTree, ResolvedConfig
 from configbus.tree.diff import changed_paths
@@ -113,6 +113,7 @@ class RolloutDriver:
     promote: Promote
     look_again: Callable[[Stream, Change | None], None]  # have the daemon resolve it again
     fleet: Fleet = field(default_factory=Fleet)  # the daemon gives it its tree's streams
+    gate: Gate | None = None  # the compliance gate, asked again before a promotion
     rollouts: dict[Stream, _Rollout] = field(default_factory=dict)
     decisions: int = 0  # candidate records published by this driver
     _armed: dict[Stream, _Arm] = field(default_factory=dict)
@@ -453,6 +454,10 @@ class RolloutDriver:
 
     async def _promote(self, stream: Stream, rollout: _Rollout, why: str, command_at: int) -> None:
         tenant, env = stream
+        refusal = self.gate(stream, rollout.config)[0] if self.gate is not None else ""
+        if refusal:  # a waiver that let the candidate be staged has ended since
+            await self._abort(stream, rollout, [f"at promotion, {refusal}"], command_at)
+            return
         fresh = msgspec.structs.replace(
             rollout.tag, state="promoted", below=0, command_at=command_at
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 from configbus.bus import KafkaSettings, TopicNames
 from configbus.errors import SettingsError
+from configbus.health import http_address, parse_address
 from configbus.options import pick
 
 __all__ = ["PublisherSettings"]
@@ -52,6 +53,9 @@ class PublisherSettings:
     # Environments whose changes must pass every blocking compliance rule (or hold a
     # waiver for it) to be published; see configbus/compliance/.
     gate_envs: tuple[str, ...] = ("prod",)
+    # Where /healthz, /readyz and /metrics are served (HOST:PORT, :PORT for every
+    # interface; port 0: any free one); None: not served (docs/operations.md).
+    http: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse values no publisher can run with, wherever they came from (argument,
@@ -79,6 +83,8 @@ class PublisherSettings:
         }.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise SettingsError(f"{name} {value!r}: must not be negative")
+        if self.http is not None:
+            parse_address(self.http, "--http (CONFIGBUS_HTTP)")
 
     @classmethod
     def build(
@@ -101,6 +107,7 @@ class PublisherSettings:
         secret_keys: str | None = None,
         secret_interval: float | None = None,
         gate_envs: str | None = None,
+        http: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PublisherSettings:
         """Settings from arguments, then ``CONFIGBUS_*`` variables, then defaults."""
@@ -134,6 +141,7 @@ class PublisherSettings:
             secret_keys=Path(keys) if (keys := get(secret_keys, "SECRET_KEYS", None)) else None,
             secret_interval=get(secret_interval, "SECRET_INTERVAL", 60.0, _positive(float)),
             gate_envs=_names(get(gate_envs, "GATE_ENVS", "prod")),
+            http=http_address(get(http, "HTTP", "")),
         )
 
 

@@ -177,8 +177,10 @@ async def recover(bus: Bus, topics: TopicNames, trust: TrustStore) -> Recovery:
             continue
         try:
             if record.topic == topics.state:
-                if record.key == PUBLISHER_CHAIN_KEY:
-                    recovery.chain = _chain_head(record.value, trust, topics)
+                if record.key == PUBLISHER_CHAIN_KEY:  # the highest: never an old one copied back
+                    chain = _chain_head(record.value, trust, topics)
+                    if recovery.chain is None or chain.seq > recovery.chain.seq:
+                        recovery.chain = chain
                 elif record.key != WRITER_KEY:
                     head = _head(record.key, record.value, trust)
                     known = heads.get((head.tenant, head.env))

@@ -99,6 +99,7 @@ from configbus.telemetry import (
     trace_id_of,
     tracer,
     tracing,
+    track_version,
 )
 from configbus.tree.diff import changed_paths
 from configbus.tree.resolved import ResolvedConfig
@@ -391,6 +392,7 @@ class ConfigSubscriber:
         self._changed = asyncio.Event()
         self._bootstrapped = asyncio.Event()
         self._started_at = time.time_ns()
+        track_version(self)  # configbus.config.version, read when metrics are collected
         if self.settings.trust.source is not None and self.settings.trust_reload > 0:
             self._trust_file = TrustFile.shared(self.settings.trust)
             await self._reload_trust()  # what the file says now, not when settings were made
@@ -464,6 +466,7 @@ class ConfigSubscriber:
         if self._state == "stopped":
             return
         self._state = "stopped"
+        track_version(self, running=False)
         if self._expiry is not None:
             self._expiry.cancel()
         await finish(self._expiring, f"{self.tenant}/{self.env} expiry")

@@ -12,7 +12,7 @@ import pytest
 
 from configbus.crypto import SigningKey, generate_keypair
 from configbus.crypto.trust import OPERATOR, TrustedKey
-from configbus.events import open_note
+from configbus.events import now_ns, open_note
 from configbus.ops.audit import verify_trail
 from configbus.ops.waivers import WaiverBook, read_waivers, write_waiver
 from configbus.publisher import Daemon
@@ -141,3 +141,59 @@ async def test_a_restarted_daemon_knows_the_waivers_before_its_first_round(
     async with world.daemon(trust=tmp_path / "trust.yml") as again:
         await eventually(again.ready.is_set, "the first round of the new daemon")
         assert world.versions(AURORA) == [1, 2]
+
+
+async def test_an_ended_waiver_stays_ended_when_its_first_record_is_copied_back(
+    world: World, tmp_path: Path
+) -> None:
+    """Someone who can write the tenant topic copies the waiver's record back after it
+    was ended: a record of its own, older than the end, which it does not replace."""
+    oncall = operator(world, tmp_path, "oncall")
+    async with world.daemon(trust=tmp_path / "trust.yml") as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+    await waive(world, oncall)
+    topic = world.topics.tenant_topic(AURORA[0])
+    (given,) = [r for r in world.bus.records(topic) if b"/waiver/" in (r.key or b"")]
+    await waive(world, oncall, for_s=0)  # ended
+    await world.put(topic, given.key or b"", given.value or b"")
+    world.bus.compact(topic)  # what the broker does: the latest record per key stays
+    weaken_backups(world)
+    async with world.daemon(trust=tmp_path / "trust.yml") as again:
+        await eventually(again.ready.is_set, "the first round of the new daemon")
+        assert world.versions(AURORA) == [1]
+        assert "compliance gate" in again.publisher._refusals[AURORA]
+
+
+async def test_revoking_the_operator_key_ends_its_waivers(world: World, tmp_path: Path) -> None:
+    oncall = operator(world, tmp_path, "oncall")
+    async with world.daemon(trust=tmp_path / "trust.yml") as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+        await waive(world, oncall)
+        await eventually(lambda: daemon.waivers.active(AURORA, now_ns()), "the waiver read")
+        entry = world.trust.get("oncall")
+        assert entry is not None
+        revoked = TrustedKey(entry.key, entry.tenants, entry.environments, OPERATOR, 7200,
+                             revoked=True)  # fmt: skip
+        world.trust.replaced(revoked).save(tmp_path / "trust.yml")
+        assert daemon.reload_keys()
+        assert daemon.waivers.active(AURORA, now_ns()) == {}
+        weaken_backups(world)
+        await daemon.publish_round(lambda p: p.publish([AURORA], now_change((), "unit", "again")))
+        assert world.versions(AURORA) == [1]
+
+
+async def test_publish_once_honours_the_waivers(world: World, tmp_path: Path) -> None:
+    oncall = operator(world, tmp_path, "oncall")
+    async with world.daemon(trust=tmp_path / "trust.yml") as daemon:
+        await eventually(daemon.ready.is_set, "the first publish round")
+    await waive(world, oncall)
+    weaken_backups(world)
+    once = Daemon(world.settings(trust=tmp_path / "trust.yml"), bus=world.bus)
+    await once.claim_once()
+    try:
+        report = await once.publish_round(
+            lambda p: p.publish([AURORA], now_change((), "unit", "once"))
+        )
+    finally:
+        await once.stop()
+    assert report.published == [(*AURORA, 2)]
