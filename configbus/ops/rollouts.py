@@ -54,7 +54,7 @@ from configbus.events import (
     seal,
 )
 from configbus.ops.fleet import Fleet, Member
-from configbus.ops.trail import write_chained
+from configbus.ops.trail import write_record
 from configbus.options import format_duration, parse_duration, parse_labels
 
 __all__ = [
@@ -396,17 +396,15 @@ async def send_command(
         issued_at=now,
     )
     value = seal(body, key)
-    await write_chained(
+    await write_record(
         bus,
         topics,
         tenant,
         env,
+        topics.record_key(env, ROLLOUT_CHANNEL),
+        value,
         trust=trust,
         signer=key,
-        build=lambda: [
-            (topics.tenant_topic(tenant), topics.record_key(env, ROLLOUT_CHANNEL), value),
-            (topics.audit, topics.audit_key(tenant, env), value),
-        ],
     )
     return now
 

@@ -42,6 +42,7 @@ __all__ = [
     "stream_chain",
     "stream_writer_id",
     "write_chained",
+    "write_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,33 @@ async def write_chained(
         await send_linked(producer, records)
 
     await as_stream_writer(bus, topics, tenant, env, once, attempts=attempts)
+
+
+async def write_record(
+    bus: Bus,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    record_key: bytes,
+    value: bytes,
+    *,
+    trust: TrustStore,
+    signer: SigningKey,
+) -> None:
+    """An operator's signed record of the stream: under `record_key` on its tenant topic
+    and on the audit topic, linked, in one transaction (`write_chained`)."""
+    await write_chained(
+        bus,
+        topics,
+        tenant,
+        env,
+        trust=trust,
+        signer=signer,
+        build=lambda: [
+            (topics.tenant_topic(tenant), record_key, value),
+            (topics.audit, topics.audit_key(tenant, env), value),
+        ],
+    )
 
 
 async def as_stream_writer(

@@ -40,7 +40,7 @@ from configbus.events import (
     seal,
     shown,
 )
-from configbus.ops.trail import write_chained
+from configbus.ops.trail import write_record
 
 __all__ = [
     "Waiver",
@@ -113,18 +113,7 @@ async def write_waiver(
     )
     value = seal(body, key)
     open_envelope(value, trust, stream=(tenant, env), channel=WAIVER_CHANNEL)  # as readers will
-    await write_chained(
-        bus,
-        topics,
-        tenant,
-        env,
-        trust=trust,
-        signer=key,
-        build=lambda: [
-            (topics.tenant_topic(tenant), record_key, value),
-            (topics.audit, topics.audit_key(tenant, env), value),
-        ],
-    )
+    await write_record(bus, topics, tenant, env, record_key, value, trust=trust, signer=key)
     return waiver
 
 
