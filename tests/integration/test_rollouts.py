@@ -299,11 +299,15 @@ async def test_a_healthy_candidate_is_promoted_step_by_step_until_every_instance
     widest: dict[int, int] = {}  # step -> the most instances seen on the candidate in it
 
     async def watch() -> bool:
+        # The instances are counted between two reads of the rollout's step, and only
+        # when both say the same: an instance that applied the next step between them
+        # would otherwise be counted in the step before.
         tags = await world.tags()
-        if tags and tags[-1].state == "running":
-            on = sum(1 for n in NAMES if (world.runs(n) or {}).get("candidate"))
+        on = sum(1 for n in NAMES if (world.runs(n) or {}).get("candidate"))
+        after = await world.tags()
+        if tags and after and tags[-1] == after[-1] and tags[-1].state == "running":
             widest[tags[-1].step] = max(widest.get(tags[-1].step, 0), on)
-        return bool(tags) and tags[-1].state == "promoted"
+        return bool(after) and after[-1].state == "promoted"
 
     world.change_pool(250, 260)
     await wait_until(watch, 90, what=f"the promotion; daemon log:\n{world.daemon_log()}")
