@@ -27,8 +27,9 @@ topics; every grant ALLOW, any host):
   written, there); Write, Describe on A (the override's audit record, a secret read's
   note); Read, Describe on K (`override set --wait`); Write, Describe on the
   transactional ids prefixed ``configbus-override.<P><tenant>.`` (one per stream).
-  Read on A only for an operator of every tenant ("*"): the audit topic holds every
-  tenant's configs.
+  Read on A, and Read, Describe on S, only for an operator of every tenant ("*"): the
+  audit topic holds every tenant's configs, and `configbus audit verify` checks the
+  publisher's chain head on S.
 
 "*" means every tenant of the tree, each granted by name. A tenant a principal names
 that the tree does not have gets nothing, with a note; so removing a tenant from the
@@ -234,8 +235,9 @@ def desired_acls(
             acls |= _grants(principal, TXN, txn, PREFIXED, (W, D))
         acls |= _grants(principal, TOPIC, topics.audit, LITERAL, (W, D))
         acls |= _grants(principal, TOPIC, topics.acks, LITERAL, (R, D))
-        if ALL_TENANTS in listed:
+        if ALL_TENANTS in listed:  # the trail, and the state topic's chain head with it
             acls |= _grants(principal, TOPIC, topics.audit, LITERAL, (R,))
+            acls |= _grants(principal, TOPIC, topics.state, LITERAL, (R, D))
     return acls, sorted(set(notes))
 
 

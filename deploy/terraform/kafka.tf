@@ -2,7 +2,7 @@
 # Regenerate after adding or removing a tenant, or changing a principal:
 #   python deploy/terraform/generate.py
 # Topics: configbus.tenant.<tenant> for 3 tenant(s), configbus.audit,
-# configbus.acks, configbus.tenant._state; 55 ACL binding(s).
+# configbus.acks, configbus.tenant._state; 57 ACL binding(s).
 
 locals {
   # tenant id => its topic
@@ -189,6 +189,13 @@ locals {
       resource_name = "configbus.audit"
       pattern       = "Literal"
     }
+    "User:oncall|*|Describe|Allow|Topic|configbus.tenant._state|Literal" = {
+      principal     = "User:oncall"
+      operation     = "Describe"
+      resource_type = "Topic"
+      resource_name = "configbus.tenant._state"
+      pattern       = "Literal"
+    }
     "User:oncall|*|Describe|Allow|Topic|configbus.tenant.aurora-records|Literal" = {
       principal     = "User:oncall"
       operation     = "Describe"
@@ -243,6 +250,13 @@ locals {
       operation     = "Read"
       resource_type = "Topic"
       resource_name = "configbus.audit"
+      pattern       = "Literal"
+    }
+    "User:oncall|*|Read|Allow|Topic|configbus.tenant._state|Literal" = {
+      principal     = "User:oncall"
+      operation     = "Read"
+      resource_type = "Topic"
+      resource_name = "configbus.tenant._state"
       pattern       = "Literal"
     }
     "User:oncall|*|Read|Allow|Topic|configbus.tenant.aurora-records|Literal" = {

@@ -258,6 +258,8 @@ def test_an_operator_overrides_its_tenants_and_reads_the_audit_only_for_all() ->
     )
     every, _ = desired_acls(Deployment(operators={"User:ops": ("*",)}), TENANTS, TOPICS)
     assert Acl(TOPIC, "cb.audit", LITERAL, "User:ops", R) in every
+    assert Acl(TOPIC, TOPICS.state, LITERAL, "User:ops", R) in every  # audit verify's heads
+    assert not {a for a in wanted if a.resource_name == TOPICS.state}
     assert len({a.resource_name for a in every if a.resource_type == TXN}) == len(TENANTS)
 
 
