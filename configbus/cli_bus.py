@@ -163,6 +163,7 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
         cli_acl,
         cli_audit,
         cli_backup,
+        cli_dashboard,
         cli_ops,
         cli_override,
         cli_rollback,
@@ -176,6 +177,7 @@ def register(commands: Any, root: argparse.ArgumentParser) -> None:
     cli_secret.register(commands, kafka)
     cli_rollback.register(commands, publisher)
     cli_backup.register(commands, kafka)  # backup, restore
+    cli_dashboard.register(commands, kafka)  # dashboard: the live page in the browser
     from configbus.cli_check import register as register_check  # check: the probes
 
     register_check(commands)
