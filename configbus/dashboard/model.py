@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 from configbus.bus import OVERRIDE_CHANNEL, PRESENCE_CHANNEL, SNAPSHOT_CHANNEL
 from configbus.events import Ack, RolloutTag, VerifiedEvent
 from configbus.ops.fleet import MAX_HEARTBEAT_MS, TTL_BEATS
@@ -201,6 +203,7 @@ class Model:
         stream.latest = max(stream.latest, number)
         _keep_newest(stream.versions, self.caps.history)
         _keep_newest(stream.samples, self.caps.history)
+        self._take_waiting(stream)
         self._changed(stream)
 
     def overrides(self, state: OverrideState) -> None:
@@ -309,21 +312,37 @@ class Model:
             self.dropped_streams += 1
             return None
         found = self._streams[key] = _Stream(key, clean(tenant, NAME), clean(env, NAME))
-        waiting = self._pending.pop(key, [])
-        self._pending_count -= len(waiting)
-        for ack, at in waiting:
-            self._apply(found, ack, at)
         return found
 
+    def _take_waiting(self, stream: _Stream) -> None:
+        """The acks that came before the stream's first version, now that its versions
+        bound what they may claim."""
+        waiting = self._pending.pop(stream.key, [])
+        self._pending_count -= len(waiting)
+        for ack, at in waiting:
+            self._apply(stream, ack, at)
+
     def _hold(self, key: Stream, ack: Ack, at: int) -> None:
+        """Keep an ack of a stream not seen yet, cut to what the model reads: acks are
+        unsigned, and anyone who can write the acks topic can send large ones."""
         if self._pending_count >= self.caps.pending:
             self.dropped_acks += 1
             return
-        self._pending.setdefault(key, []).append((ack, at))
+        kept = msgspec.structs.replace(
+            ack, reason=clean(ack.reason), health_note=clean(ack.health_note),
+            service=clean(ack.service, NAME), labels={}, signer_note="", trace_id="",
+            config_hash="",
+        )  # fmt: skip
+        self._pending.setdefault(key, []).append((kept, at))
         self._pending_count += 1
 
     def _apply(self, stream: _Stream, ack: Ack, at: int) -> bool:
-        """Take one ack into `stream`; whether anything changed."""
+        """Take one ack into `stream`; whether anything changed. Acks are not signed:
+        one claiming a version the stream has not published (yet) is not believed."""
+        snapshot = ack.channel in (SNAPSHOT_CHANNEL, PRESENCE_CHANNEL)  # its numbers
+        if snapshot and ack.version > stream.latest:
+            self.dropped_acks += 1
+            return False
         instance = stream.instances.get(ack.instance)
         if instance is None:
             if len(stream.instances) >= self.caps.instances:
@@ -361,6 +380,8 @@ class Model:
         """Detection to applied of an instance that got `ack.version` as a change (not
         at its start), in ms; the last `history` versions are kept."""
         if ack.startup or not 0 < ack.detected_at <= ack.applied_at:
+            return
+        if ack.version not in stream.versions:  # only versions the trail verified
             return
         samples = stream.samples
         if ack.version not in samples and self._too_old(samples, ack.version):

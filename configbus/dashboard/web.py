@@ -56,6 +56,10 @@ MAX_CLIENTS: Final = 16  # live pages at once
 CLIENT_QUEUE: Final = 64  # messages a live page may be behind before it is dropped
 INTERVAL_S: Final = 0.25  # at most four updates a second
 KEEPALIVE_S: Final = 15.0
+# A live page is closed after this long (its browser reconnects at once, and starts from
+# a fresh snapshot): an idle client cannot hold a slot for ever.
+LIFETIME_S: Final = 600.0
+SNAPSHOT_REUSE_S: Final = 1.0  # one snapshot serves every request within this long
 REFRESH_S: Final = 5.0  # every row looked at again: liveness and expiry move with time
 RETRY_MS: Final = 2000  # how soon a browser reconnects
 LINGER_S: Final = 1.0
@@ -156,12 +160,15 @@ class DashboardServer:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._reading: dict[asyncio.Task[Any], None] = {}  # still reading, oldest first
+        self._evicted: set[asyncio.Task[Any]] = set()  # cancelled to make room
         self._clients: set[_Client] = set()
         self._wake = asyncio.Event()
         self._sent: dict[str, str] = {}  # each row as last sent, by key
         self._totals = ""  # the totals as last sent
         self._status = ""  # the feed's status as last sent (sent again every refresh)
         self._broadcaster: asyncio.Task[None] | None = None
+        self._revision = 0  # model changes seen
+        self._snapshot: tuple[int, float, dict[str, Any]] | None = None  # the last made
 
     @property
     def port(self) -> int:
@@ -182,6 +189,7 @@ class DashboardServer:
 
     def changed(self) -> None:
         """The model changed: live pages get the change within `interval_s`."""
+        self._revision += 1
         self._wake.set()
 
     async def start(self) -> DashboardServer:
@@ -231,8 +239,18 @@ class DashboardServer:
 
     # -- the state --------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """The whole state: what a new page starts from, and ``/api/state``."""
-        return {**self.model.state(now_ns()), "feed": self.status()}
+        """The whole state: what a new page starts from, and ``/api/state``. Made at
+        most once per `SNAPSHOT_REUSE_S` (and on a change): a crowd of requests costs
+        one snapshot, however large the fleet."""
+        now = asyncio.get_running_loop().time()
+        cached = self._snapshot
+        if cached is None or cached[0] != self._revision or now - cached[1] > SNAPSHOT_REUSE_S:
+            cached = self._snapshot = (
+                self._revision,
+                now,
+                {**self.model.state(now_ns()), "feed": self.status()},
+            )
+        return cached[2]
 
     async def _broadcast(self) -> None:
         """Send what changed to every live page: at most one event per `interval_s`,
@@ -287,6 +305,7 @@ class DashboardServer:
                 return
             oldest = next(iter(self._reading))  # a slow sender makes room
             del self._reading[oldest]
+            self._evicted.add(oldest)
             oldest.cancel()
         self._connections.add(task)
         self._reading[task] = None
@@ -315,12 +334,15 @@ class DashboardServer:
             pass  # gone, or too slow
         except asyncio.CancelledError:  # evicted, or the server stops
             writer.transport.abort()
+            if task in self._evicted:  # our own doing: end quietly (asyncio would log
+                return  # a traceback per evicted connection, which anyone can cause)
             raise
         except Exception:  # never let a request end the server
             log.exception("%s: an HTTP request failed", self.name)
         finally:
             self._connections.discard(task)
             self._reading.pop(task, None)
+            self._evicted.discard(task)
             if clean:
                 writer.close()
             else:
@@ -399,6 +421,7 @@ class DashboardServer:
         client = _Client()
         self._clients.add(client)
         gone = asyncio.create_task(_until_closed(reader, client))
+        ends = asyncio.get_running_loop().time() + LIFETIME_S
         try:
             head = _head(
                 200,
@@ -418,6 +441,8 @@ class DashboardServer:
                     message = b": keepalive\n\n"
                 if message is None or client.behind:
                     return  # gone, or too far behind: its browser reconnects
+                if asyncio.get_running_loop().time() > ends:
+                    return  # its browser reconnects, and the slot turns over
                 writer.write(message)
                 await _drain(writer)
         finally:

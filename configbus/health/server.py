@@ -151,6 +151,7 @@ class HealthServer:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._reading: dict[asyncio.Task[Any], None] = {}  # still reading, oldest first
+        self._evicted: set[asyncio.Task[Any]] = set()  # cancelled to make room
 
     @property
     def port(self) -> int:
@@ -210,6 +211,7 @@ class HealthServer:
                 return
             oldest = next(iter(self._reading))  # a slow sender makes room for a new one
             del self._reading[oldest]
+            self._evicted.add(oldest)
             oldest.cancel()
         self._connections.add(task)
         self._reading[task] = None
@@ -225,12 +227,15 @@ class HealthServer:
             pass  # gone, or too slow: nothing more to say
         except asyncio.CancelledError:  # evicted, or the server stops
             writer.transport.abort()
+            if task in self._evicted:  # our own doing: end quietly (asyncio would log
+                return  # a traceback per evicted connection, which anyone can cause)
             raise
         except Exception:  # never let a request end the server, whatever it sent
             log.exception("%s: an HTTP request failed", self.name)
         finally:
             self._connections.discard(task)
             self._reading.pop(task, None)
+            self._evicted.discard(task)
             if clean:
                 writer.close()
             else:

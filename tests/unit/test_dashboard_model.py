@@ -408,3 +408,26 @@ async def test_a_topic_that_fails_is_read_again_after_a_backoff(tmp_path: Path) 
         assert any("injected failure: read" in error for error in failed.values())
         await eventually(lambda: not world.feed.status()["errors"], "the retry", timeout=5)
         await eventually(lambda: world.model.streams() == [(TENANT, ENV)], "acme/prod")
+
+
+async def test_forged_acks_claiming_versions_never_published_are_not_believed(
+    tmp_path: Path,
+) -> None:
+    """Acks are unsigned: one claiming version 2**62 must not put an instance at the
+    target for good, and samples of versions the trail never verified must not push
+    the real ones out of the history."""
+    world = World(tmp_path)
+    await world.publish(1, actor="publisher", reason="startup", paths=())
+    await world.publish(2, actor="alice", reason="INC-1")
+    await world.ack("i-1", 2, latency_ms=12.0)
+    for n in range(30):
+        await world.ack("i-1", 10**12 + n, latency_ms=1.0)
+    await world.ack("i-9", 2**62, latency_ms=1.0)
+    world.drain()
+    await world.publish(3, actor="alice", reason="INC-2")
+    await world.ack("i-2", 3, latency_ms=20.0)
+    world.drain()
+
+    row = world.row()
+    assert [(h["version"], h["samples"]) for h in row["history"]] == [(1, 0), (2, 1), (3, 1)]
+    assert row["instances"]["at_target"] == 1 and "i-9" not in str(row["instances"])

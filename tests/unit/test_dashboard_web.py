@@ -268,6 +268,28 @@ async def test_live_pages_are_limited(world: World) -> None:
         await eventually(lambda: server.clients == 0, "every page to go")
 
 
+async def test_an_idle_page_gives_its_slot_back_after_its_lifetime(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and never reads only ever gets keep-alives: without a
+    lifetime it would hold its slot for good, and a few such clients lock pages out."""
+    monkeypatch.setattr("configbus.dashboard.web.LIFETIME_S", 0.3)
+    async with DashboardServer(
+        "127.0.0.1:0", world.model, max_clients=1, keepalive_s=0.05
+    ) as server:
+        idle = await Events.open(server.port)
+        try:
+            await idle.event()
+            await eventually(lambda: server.clients == 0, "the idle page's slot back")
+            again = await Events.open(server.port)
+            try:
+                assert again.status == 200
+            finally:
+                again.close()
+        finally:
+            idle.close()
+
+
 async def test_a_page_that_falls_behind_is_dropped() -> None:
     client = _Client()
     for n in range(CLIENT_QUEUE):

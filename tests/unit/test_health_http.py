@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from configbus.cli_check import target_url
 from configbus.errors import SettingsError
 from configbus.health import Check, HealthServer, Verdict, local_url, parse_address
 from configbus.health import server as http
+
+from .helpers import eventually
 
 
 class Fake:
@@ -252,6 +255,26 @@ async def test_a_crowd_of_slow_senders_does_not_keep_a_probe_out(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+async def test_evicted_connections_end_without_a_logged_traceback(
+    served: tuple[HealthServer, Fake],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone can open idle connections: evicting them must not log an error each."""
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 2)
+    server, _ = served
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(12)]
+    try:
+        assert (await asyncio.wait_for(get(server.port, "/healthz"), 2))[0] == 200
+        await eventually(lambda: len(server._connections) <= 2, "the crowd evicted")
+        assert (await asyncio.wait_for(get(server.port, "/healthz"), 2))[0] == 200
+    finally:
+        for _, writer in idle:
+            writer.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_a_failing_check_is_a_500_and_the_server_goes_on(
