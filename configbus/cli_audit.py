@@ -13,12 +13,13 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import sys
 from typing import Any, TextIO
 
 from configbus.bus import Bus, KafkaBus, TopicNames
 from configbus.crypto import TrustStore
-from configbus.errors import SettingsError
+from configbus.errors import SettingsError, UnknownNameError
 from configbus.events import now_ns
 from configbus.options import parse_duration
 
@@ -61,7 +62,7 @@ def parse_since(text: str | None, now: int | None = None) -> int | None:
         return None
     try:
         return (now if now is not None else now_ns()) - parse_duration(text) * 1_000_000_000
-    except SettingsError:
+    except (SettingsError, ValueError):
         pass
     try:
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -107,6 +108,9 @@ def _export(args: argparse.Namespace, out: TextIO) -> int:
     since = parse_since(args.since)
     bus, topics, trust = _connect(args)
     if args.output:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder):
+            raise UnknownNameError(f"--output {args.output}: no folder {folder}")
         with open(args.output, "w", encoding="utf-8", newline="") as target:
             count = run_async(_write(bus, topics, trust, since, args.format, target))
         print(f"exported {count} audit records to {args.output}", file=sys.stderr)

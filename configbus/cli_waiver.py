@@ -57,7 +57,10 @@ def _waive(args: argparse.Namespace, out: TextIO) -> int:
         default_packs().rule(args.rule)
     except UnknownNameError as exc:
         raise UnknownNameError(f"{exc} (configbus compliance rules lists them)") from None
-    for_s = 0 if args.end else parse_duration(args.duration)
+    try:
+        for_s = 0 if args.end else parse_duration(args.duration)
+    except ValueError as exc:
+        raise UnknownNameError(f"--for {args.duration!r}: {exc}") from None
     bus, topics, trust, key = operator_signer(args)
     entry = trust.get(key.kid)
     if entry is not None and entry.max_ttl is not None and for_s > entry.max_ttl:

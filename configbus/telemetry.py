@@ -181,9 +181,9 @@ def configure_from_env() -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
         provider = TracerProvider(resource=resource)
-        if traces != "none":  # "none": real trace ids, no exporter
+        for name in _names(traces):  # "none" alone: real trace ids, no exporter
             span_exporter: SpanExporter
-            if traces == "console":
+            if name == "console":
                 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
                 span_exporter = ConsoleSpanExporter()

@@ -26,7 +26,7 @@ can be kept elsewhere and compared (``configbus audit verify --json``).
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -179,11 +179,14 @@ async def verify_trail(
     report = AuditReport(topics.audit, since=since)
     names = _Names(topics)
     walks: dict[str, _Walk] = {}
+    before: dict[str, int] = {}  # with `since`: each chain's last link before it
     now = now_ns()
     async for record in bus.read_to_end([topics.audit]):
         probe = AuditReport(topics.audit)
         checked = _checked_link(record, trust, probe, names, now)
         if since is not None and checked is not None and checked[0].at < since:
+            link = checked[0]
+            before[link.chain] = max(before.get(link.chain, 0), link.seq)
             continue
         report.records += 1
         for finding in probe.findings:
@@ -197,7 +200,8 @@ async def verify_trail(
             report.add("dropped", offset, chain, f"{missing} missing before this record")
     async for chain, seq in _heads(bus, topics, trust, report, names):
         walk = walks.get(chain)
-        last = walk.summary.last if walk is not None else 0
+        # A chain with no link since `since` ends where it was then.
+        last = walk.summary.last if walk is not None else before.get(chain, 0)
         if walk is not None:
             walk.summary.head = seq
         if seq > last:
@@ -350,19 +354,6 @@ async def _heads(
         highest[expected] = max(known, link.seq)
     for chain, seq in sorted(highest.items()):
         yield chain, seq
-
-
-def _ranges(numbers: Iterable[int]) -> Iterable[tuple[int, int]]:
-    start = end = None
-    for number in sorted(numbers):
-        if end is not None and number == end + 1:
-            end = number
-            continue
-        if start is not None and end is not None:
-            yield start, end
-        start = end = number
-    if start is not None and end is not None:
-        yield start, end
 
 
 def _links(start: int, end: int) -> str:

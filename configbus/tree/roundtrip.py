@@ -529,22 +529,23 @@ class YamlFile(TextFile):
     def _set_text(self, path: Path, value: LayerValue) -> str:
         entries = self._walk(path)
         if len(entries) == len(path):
-            return self._replace_text(entries[-1], value)
+            return self._replace_text(entries, value)
         rest = path[len(entries) :]
         nested: LayerValue = value
         for part in reversed(rest[1:]):
             nested = {str(part): nested}
         if entries and not isinstance(entries[-1].value, MappingNode):
             # a value or a !delete above the key: it becomes the mapping holding it
-            return self._replace_text(entries[-1], {str(rest[0]): nested})
+            return self._replace_text(entries, {str(rest[0]): nested})
         mapping = entries[-1].value if entries else self._root
         if isinstance(mapping, MappingNode) and mapping.flow_style:
             return self._insert_flow(mapping, f"{_key(rest[0])}: {_inline(nested, flow=True)}")
         return self._insert_text(path[: len(entries) + 1], self._layout.entry(rest[0], nested))
 
-    def _replace_text(self, entry: _Entry, value: LayerValue) -> str:
+    def _replace_text(self, entries: list[_Entry], value: LayerValue) -> str:
+        entry = entries[-1]
         old, key = entry.value, entry.key
-        self._refuse_shared(old, entry)
+        self._refuse_shared(old, entries)
         end = self._end(old, key)
         if entry.parent.flow_style:
             if _empty(old):
@@ -605,7 +606,7 @@ class YamlFile(TextFile):
 
     def _delete_text(self, entries: list[_Entry]) -> str:
         entry = entries[-1]
-        self._refuse_shared(entry.value, entry)
+        self._refuse_shared(entry.value, entries)
         mapping = entry.parent
         if mapping.flow_style:
             if len(mapping.value) == 1:
@@ -682,13 +683,16 @@ class YamlFile(TextFile):
             node = found.value
         return entries
 
-    def _refuse_shared(self, node: Any, entry: _Entry) -> None:
-        """Refuse to edit text that a YAML alias refers to: it stands elsewhere too."""
+    def _refuse_shared(self, node: Any, entries: list[_Entry]) -> None:
+        """Refuse to edit text that a YAML alias refers to: it stands elsewhere too. The
+        problem names the whole key and the line it is on."""
+        entry = entries[-1]
         shared = _shared_nodes(self._root)
         if any(id(n) in shared for n in _nodes(node)) or id(entry.parent) in shared:
-            raise self._problem(
-                (entry.key.value,), "is (or holds) a YAML anchor used elsewhere: edit by hand"
-            )
+            path = tuple(e.key.value for e in entries)
+            message = "is (or holds) a YAML anchor used elsewhere: edit by hand"
+            line = entry.key.start_mark.line + 1
+            raise TreeError([Problem(self.path, line, format_path(path) or None, message)])
 
     def _end(self, node: Any, key: Any = None) -> int:
         """Where the text of `node` (the value of `key`) ends: its last character,
