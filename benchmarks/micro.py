@@ -33,6 +33,8 @@ from harness import ENV, KEY, SAMPLE, TENANT, config_document, config_value
 from subscribe import config_of_size
 
 from configbus.bus import KafkaSettings, Record
+from configbus.chain import ChainHead, open_link, record_digest
+from configbus.compliance import gate
 from configbus.crypto import SigningKey, TrustStore, generate_keypair
 from configbus.events import Cause, EventBody, build_body, open_envelope, seal
 from configbus.subscriber import ConfigSubscriber, SubscriberSettings
@@ -125,6 +127,35 @@ def test_build_body_11kb(benchmark: Any) -> None:
 def test_seal_11kb(benchmark: Any, key: SigningKey) -> None:
     body = body_of(CONFIGS["11KB"](1), 1)
     benchmark(seal, body, key)
+
+
+def test_link_audit_record_11kb(benchmark: Any, key: SigningKey) -> None:
+    """What the audit chain adds to each published event: its signed link."""
+    value = seal(body_of(CONFIGS["11KB"](1), 1), key)
+    head = ChainHead("configbus-publisher.bench.")
+    benchmark(head.link, b"aurora-records/prod", value, key)
+
+
+def test_check_audit_link_11kb(benchmark: Any, key: SigningKey) -> None:
+    """What `configbus audit verify` does per record: the link's signature and digest."""
+    value = seal(body_of(CONFIGS["11KB"](1), 1), key)
+    sealed, _ = ChainHead("configbus-publisher.bench.").link(b"a/prod", value, key)
+    trust = TrustStore.of(key.public)
+
+    def check() -> bool:
+        link, _ = open_link(sealed, trust)
+        return link.digest == record_digest(b"a/prod", value)
+
+    assert benchmark(check)
+
+
+def test_compliance_gate_prod(benchmark: Any) -> None:
+    """The prod gate on one resolved config: every blocking rule of its tenant's regimes."""
+    tree = EnvironmentTree(SAMPLE)
+    config = tree.resolve("prod", "aurora-records")
+    regimes = tree.tenant("aurora-records").compliance
+    failed = benchmark(gate, config.data, tenant="aurora-records", env="prod", regimes=regimes)
+    assert failed == []
 
 
 def test_resolve_one_stream(benchmark: Any) -> None:
