@@ -63,6 +63,7 @@ from configbus.ops.trail import (
     read_stream_head,
     send_linked,
     stream_writer_id,
+    trail_head,
 )
 from configbus.telemetry import headers_with_context, tracer
 from configbus.tree.layer import Layer, LayerKind
@@ -309,6 +310,7 @@ class _Current:
     skipped: tuple[str, ...] = ()  # newer records that do not, and why
     topic_exists: bool = True
     chain: ChainHead | None = None  # the stream's operator audit chain's head
+    chain_lost: bool = False  # head records there, none of which verifies
 
 
 async def read_overrides(
@@ -347,6 +349,7 @@ async def _read_from(
     key, head = topics.record_key(env, OVERRIDE_CHANNEL), head_key(topics, env)
     found = await reader.recent_keys((key, head), limit=_READ_BACK)  # one read back
     records, chain = found[key], head_from(found[head], topics, tenant, env, trust)
+    lost = chain.seq == 0 and bool(found[head])
     skipped: list[str] = []
     claims = sorted(((claimed_version(r.value), r) for r in records), key=lambda c: -c[0])
     for claimed, record in claims:
@@ -363,8 +366,8 @@ async def _read_from(
         except VerificationError as exc:
             skipped.append(f"a record claiming v{claimed} at offset {record.offset}: {exc}")
             continue
-        return _Current(state, tuple(skipped), chain=chain)
-    return _Current(None, tuple(skipped), chain=chain)
+        return _Current(state, tuple(skipped), chain=chain, chain_lost=lost)
+    return _Current(None, tuple(skipped), chain=chain, chain_lost=lost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,13 +405,14 @@ async def write_overrides(
 
     async def once(producer: ProducerAPI, reader: ReaderAPI) -> OverrideWrite:
         return await _write_once(
-            reader, producer, topics, tenant, env, key, trust, change, cause, limits
+            bus, reader, producer, topics, tenant, env, key, trust, change, cause, limits
         )
 
     return await as_stream_writer(bus, topics, tenant, env, once, attempts=attempts)
 
 
 async def _write_once(
+    bus: Bus,
     reader: ReaderAPI,
     producer: ProducerAPI,
     topics: TopicNames,
@@ -455,7 +459,9 @@ async def _write_once(
         raise LimitError(f"the override set is {len(value)} bytes, over event_bytes")
     _check_own(value, trust, tenant, env, limits, entries, key)
     topic = topics.tenant_topic(tenant)
-    head = current.chain or await read_stream_head(reader, topics, tenant, env, trust)
+    head = current.chain or await read_stream_head(reader, topics, tenant, env, trust, bus=bus)
+    if current.chain_lost:
+        head = await trail_head(bus, topics, tenant, env, trust)
     with tracer.start_as_current_span(
         f"override {topic}",
         kind=trace.SpanKind.PRODUCER,

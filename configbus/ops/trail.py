@@ -28,7 +28,7 @@ from configbus.bus import (
     Record,
     TopicNames,
 )
-from configbus.chain import ChainHead, chain_records, open_link
+from configbus.chain import CHAIN_HEADER, ChainHead, chain_records, open_link, record_digest
 from configbus.crypto import SigningKey, TrustStore
 from configbus.errors import ConfigBusError, FencedError, VerificationError
 
@@ -41,6 +41,7 @@ __all__ = [
     "send_linked",
     "stream_chain",
     "stream_writer_id",
+    "trail_head",
     "write_chained",
     "write_record",
 ]
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 HEAD_READ_BACK: Final = 64  # newer head records that do not verify are skipped
+TRAIL_READ_BACK: Final = 1024  # the stream's audit records looked at for its chain
 Outgoing = tuple[str, bytes, bytes]  # (topic, key, value)
 
 
@@ -64,13 +66,56 @@ def stream_chain(topics: TopicNames, tenant: str, env: str) -> ChainHead:
 
 
 async def read_stream_head(
-    reader: ReaderAPI, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+    reader: ReaderAPI,
+    topics: TopicNames,
+    tenant: str,
+    env: str,
+    trust: TrustStore,
+    *,
+    bus: Bus | None = None,
 ) -> ChainHead:
     """The head of the stream's operator chain, from `reader` (started on its tenant
-    topic). A writer that reads other keys too reads them in the same backward read
-    (`head_key`, `head_from`): a second read back costs a fetch wait."""
+    topic); with `bus`, from the audit trail when no head record there verifies (see
+    `trail_head`). A writer that reads other keys too reads them in the same backward
+    read (`head_key`, `head_from`): a second read back costs a fetch wait."""
     records = await reader.recent(head_key(topics, env), limit=HEAD_READ_BACK)
-    return head_from(records, topics, tenant, env, trust)
+    head = head_from(records, topics, tenant, env, trust)
+    if head.seq == 0 and records and bus is not None:
+        head = await trail_head(bus, topics, tenant, env, trust)
+    return head
+
+
+async def trail_head(
+    bus: Bus, topics: TopicNames, tenant: str, env: str, trust: TrustStore
+) -> ChainHead:
+    """The stream chain's newest link among the stream's recent audit records: where
+    the chain stands when its head records on the tenant topic are junk (someone who
+    can write the topic wrote over the genuine one, and compaction kept theirs). Never
+    a link that does not verify, is of another chain, or is not its record's."""
+    empty = stream_chain(topics, tenant, env)
+    reader = bus.reader(topics.audit)
+    try:
+        if not await reader.start():
+            return empty
+        key = topics.audit_key(tenant, env)
+        found = await reader.recent_keys((key, key + b"/note"), limit=TRAIL_READ_BACK)
+    finally:
+        await reader.stop()
+    best = empty
+    for record in (record for records in found.values() for record in records):
+        sealed = record.header(CHAIN_HEADER)
+        try:
+            link, trusted = open_link(sealed or b"", trust)
+        except VerificationError:
+            continue
+        ours = link.chain == empty.chain and link.stream == empty.stream
+        genuine = ours and trusted.covers(tenant, env)
+        pinned = link.digest == record_digest(record.key, record.value)
+        if genuine and pinned and link.seq > best.seq:
+            best = ChainHead.of(sealed or b"", link)
+    log.warning("%s/%s: no chain head on the tenant topic verifies; the trail says link %d",
+                tenant, env, best.seq)  # fmt: skip
+    return best
 
 
 def head_key(topics: TopicNames, env: str) -> bytes:
@@ -150,7 +195,7 @@ async def write_chained(
     `ConfigBusError` (`FencedError` when other writers kept going first)."""
 
     async def once(producer: ProducerAPI, reader: ReaderAPI) -> None:
-        head = await read_stream_head(reader, topics, tenant, env, trust)
+        head = await read_stream_head(reader, topics, tenant, env, trust, bus=bus)
         records, _ = linked(head, signer, topics, tenant, env, build())
         await send_linked(producer, records)
 

@@ -403,3 +403,25 @@ async def test_the_export_marks_a_tampered_record_and_survives_any_timestamp(
     altered, junk = rows[-2], rows[-1]
     assert (altered["verified"], altered["problem"].split(":")[0]) == (False, "altered")
     assert (junk["verified"], junk["time"]) == (False, "300000000000000000000")
+
+
+async def test_junk_over_a_streams_chain_head_does_not_fork_the_chain(
+    world: World, tmp_path: Path
+) -> None:
+    """Someone who can write the tenant topic writes junk under `prod/chain` and
+    compaction keeps it: the next operator writer finds the chain's newest link in the
+    trail, and goes on from it rather than from link 1."""
+    operator = await busy_trail(world, tmp_path)  # aurora's chain: links 1-3
+    topic = world.topics.tenant_topic(AURORA[0])
+    await world.put(topic, b"prod/chain", b"junk")
+    world.bus.compact(topic)
+    assert [r.value for r in world.bus.records(topic) if r.key == b"prod/chain"] == [b"junk"]
+    await override(world, operator, "features.c", "INC-3")
+    await audit_read(
+        world.bus, world.topics, *AURORA, "db/password", 2, actor="oncall", reason="INC-3",
+        key=operator, trust=world.trust,
+    )  # fmt: skip
+    report = await verify_trail(world.bus, world.topics, world.trust)
+    assert report.chains[stream_writer_id(world.topics, *AURORA)].last == 5
+    # The junk itself is reported; the chain has no gap, no fork, no duplicate.
+    assert [(f.kind, f.offset) for f in report.findings] == [("forged", -1)]
