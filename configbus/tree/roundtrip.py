@@ -517,8 +517,8 @@ class YamlFile(TextFile):
         _model_set(expected, target, value)
         lines = self._entry_text(entries[-1], target[-1])
         removed = self._delete_text(entries[:cut])
-        as_written = self._with_text(removed, lambda: self._insert_text(target, lines))
         try:
+            as_written = self._with_text(removed, lambda: self._insert_text(target, lines))
             self._commit(as_written, expected, target)
         except TreeError:  # the text as written does not fit there (a flow mapping): render it
             rendered = self._with_text(removed, lambda: self._set_text(target, value))

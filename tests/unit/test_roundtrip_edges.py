@@ -368,12 +368,6 @@ def test_a_scalar_moves_into_a_flow_mapping(tmp_path: Path) -> None:
     assert doc.text == "b: {c: 1, e: 1}\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TreeError,
-    reason="bug: YamlFile.move's fallback to rendering the value inline is unreachable "
-    "for a block value: _insert_text refuses it before the try",
-)
 def test_a_block_mapping_moves_into_a_flow_mapping(tmp_path: Path) -> None:
     doc = yaml_file(tmp_path, "a:\n  x: 1\n  y: 2\nb: {c: 1}\n")
     assert doc.move(("a",), ("b", "e")) is True
