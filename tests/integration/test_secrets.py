@@ -374,6 +374,9 @@ async def test_rekey_rewrap_and_rotation_under_load_never_fail_a_reader(
     ))  # fmt: skip
     fleet = await subscribers(setup, tmp_path, provider, 3)
     await wait_for_secret_version(fleet, KEY, 1)
+    # The two secrets were set one after the other: the second may reach the fleet in
+    # a version of its own, after the first.
+    await wait_for_secret_version(fleet, "security.jwt.signing_key", 1)
     failures: list[str] = []
     reads = 0
     seen: set[str] = set()
