@@ -43,6 +43,7 @@ from configbus.health.server import (
     MAX_HEAD,
     MAX_HEADERS,
     WRITE_TIMEOUT_S,
+    linger,
     local_url,
     parse_address,
 )
@@ -328,7 +329,7 @@ class DashboardServer:
             self._reading.pop(task, None)
             await self._respond(writer, *reply, head_only=head_only)
             self._reading[task] = None  # evictable again while it lingers
-            await _linger(reader, writer)
+            await linger(reader, writer)
             clean = True
         except (ConnectionError, TimeoutError, OSError):
             pass  # gone, or too slow
@@ -415,7 +416,7 @@ class DashboardServer:
         if len(self._clients) >= self.max_clients:
             body = f"{self.max_clients} live pages already: try again later\n".encode()
             await self._respond(writer, 503, TEXT, body, head_only=False)
-            await _linger(reader, writer)
+            await linger(reader, writer)
             return
         self.requests += 1
         client = _Client()
@@ -496,19 +497,6 @@ async def _until_closed(reader: asyncio.StreamReader, client: _Client) -> None:
             left -= len(data)
     client.send(None)
     client.behind = client.behind or left <= 0
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Say the response is complete (FIN), then take what the client still sends for a
-    moment: closing with unread data resets the connection, and a reset can destroy
-    the response before the client reads it (as configbus/health/server.py)."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    left = 1024 * 1024
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LINGER_S):
-            while left > 0 and (data := await reader.read(min(left, 65536))):
-                left -= len(data)
 
 
 def _is_loopback(host: str) -> bool:

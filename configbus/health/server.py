@@ -221,7 +221,7 @@ class HealthServer:
             self._reading.pop(task, None)
             await self._respond(writer, status, content_type, body, head_only)
             self._reading[task] = None  # evictable again while it lingers
-            await _linger(reader, writer)
+            await linger(reader, writer)
             clean = True
         except (ConnectionError, TimeoutError, OSError):
             pass  # gone, or too slow: nothing more to say
@@ -316,7 +316,7 @@ class HealthServer:
             await writer.drain()
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Say the response is complete (FIN), then take what the client still sends (the
     rest of an oversized request, a body) for a moment: closing a connection with
     unread data resets it, and a reset can destroy the response before the client
